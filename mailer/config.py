@@ -1,0 +1,238 @@
+"""Every setting comes from the environment, read and validated here and nowhere else.
+
+Producers only need the broker and the default From; workers also need the relay settings,
+which `Settings.require_relay()` checks at start-up so a bad key fails the worker, not a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mailer.errors import ConfigError
+
+log = logging.getLogger("mailer.config")
+
+TLSMode = Literal["starttls", "tls", "none"]
+TLS_MODES: tuple[TLSMode, ...] = ("starttls", "tls", "none")
+STARTTLS_PORTS = (25, 587, 2525)
+IMPLICIT_TLS_PORTS = (465,)
+SENDGRID_KEY = re.compile(r"^SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}$")
+UNCERTAIN_POLICIES = ("retry", "hold")
+
+
+class Secret:
+    """A string that never shows itself in a repr, str, log line or exception."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret is not serialised; read it from the environment where needed")
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(name, f"must be 1 or 0, got {raw!r}")
+
+
+def _password(env: Mapping[str, str]) -> Secret:
+    name = "MAILER_SMTP_PASSWORD" if "MAILER_SMTP_PASSWORD" in env else "SENDGRID_API_KEY"
+    value = env.get(name, "").strip()
+    # Never echo the value: name the variable and the kind of character instead.
+    for ch in value:
+        if ch.isspace() or ord(ch) < 32 or ord(ch) == 127:
+            kind = "a line feed" if ch in "\r\n" else "whitespace or a control character"
+            raise ConfigError(
+                name,
+                f"the API key contains {kind} inside it; SMTP AUTH would fail "
+                "(surrounding whitespace is stripped, inner whitespace is not)",
+            )
+    return Secret(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = "redis://localhost:6379/0"
+    redis_url: str = "redis://localhost:6379/0"
+    smtp_host: str = "smtp.sendgrid.net"
+    smtp_port: int = 587
+    smtp_tls: TLSMode = "starttls"
+    smtp_username: str = "apikey"
+    smtp_password: Secret = field(default_factory=lambda: Secret(""))
+    smtp_ca_file: str | None = None
+    allow_insecure: bool = False
+    default_from: str | None = None
+    max_messages_per_connection: int = 5000
+    max_connections: int = 10000
+    worker_connections: int = 32
+    max_connections_per_host: int | None = None
+    visibility_timeout: int = 3600
+    metrics_port: int | None = None
+    smtp_timeout: float = 60.0
+    data_timeout: float = 600.0
+    session_max_age: float = 1800.0
+    session_idle_timeout: float = 45.0
+    lease_ttl: float = 60.0
+    lease_wait: float = 30.0
+    max_retries: int = 8
+    max_message_age: float = 86400.0
+    ledger_ttl: int = 7 * 86400
+    uncertain_policy: str = "hold"
+    hostname: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        broker = env.get("MAILER_BROKER_URL", "").strip() or cls.broker_url
+        if not broker.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("MAILER_BROKER_URL", f"must be a redis:// URL, got {broker!r}")
+        redis_url = env.get("MAILER_REDIS_URL", "").strip() or broker
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("MAILER_REDIS_URL", "must be a redis:// URL")
+
+        port = _int(env, "MAILER_SMTP_PORT", 587, 1, 65535)
+        assert port is not None
+        tls_raw = env.get("MAILER_SMTP_TLS", "").strip().lower()
+        if not tls_raw:
+            tls: TLSMode = "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
+        elif tls_raw in TLS_MODES:
+            tls = tls_raw  # type: ignore[assignment]
+        else:
+            raise ConfigError(
+                "MAILER_SMTP_TLS", f"unknown TLS mode {tls_raw!r}; use starttls, tls or none"
+            )
+        insecure = _flag(env, "MAILER_SMTP_ALLOW_INSECURE")
+        if tls == "none" and not insecure:
+            raise ConfigError(
+                "MAILER_SMTP_TLS",
+                "'none' sends the API key in clear text; it needs MAILER_SMTP_ALLOW_INSECURE=1 "
+                "(only for a local sink)",
+            )
+        ca_file = env.get("MAILER_SMTP_CA_FILE", "").strip() or None
+        if ca_file and not os.path.isfile(ca_file):
+            raise ConfigError("MAILER_SMTP_CA_FILE", f"no such file: {ca_file}")
+        host = env.get("MAILER_SMTP_HOST", "").strip() or cls.smtp_host
+        if any(ch.isspace() for ch in host):
+            raise ConfigError("MAILER_SMTP_HOST", f"not a host name: {host!r}")
+        default_from = env.get("MAILER_DEFAULT_FROM", "").strip() or None
+        policy = env.get("MAILER_UNCERTAIN_POLICY", "").strip().lower() or cls.uncertain_policy
+        if policy not in UNCERTAIN_POLICIES:
+            raise ConfigError("MAILER_UNCERTAIN_POLICY", "must be 'hold' or 'retry'")
+
+        max_per_conn = _int(env, "MAILER_MAX_MESSAGES_PER_CONNECTION", 5000, 1, 1_000_000)
+        max_conns = _int(env, "MAILER_MAX_CONNECTIONS", 10000, 1, 1_000_000)
+        worker_conns = _int(env, "MAILER_WORKER_CONNECTIONS", 32, 1, 10_000)
+        visibility = _int(env, "MAILER_VISIBILITY_TIMEOUT", 3600, 60, 7 * 86400)
+        lease_ttl = _float(env, "MAILER_LEASE_TTL", 60.0, 3.0, 3600.0)
+        assert max_per_conn and max_conns and worker_conns and visibility
+        settings = cls(
+            broker_url=broker,
+            redis_url=redis_url,
+            smtp_host=host,
+            smtp_port=port,
+            smtp_tls=tls,
+            smtp_username=env.get("MAILER_SMTP_USERNAME", "").strip() or "apikey",
+            smtp_password=_password(env),
+            smtp_ca_file=ca_file,
+            allow_insecure=insecure,
+            default_from=default_from,
+            max_messages_per_connection=max_per_conn,
+            max_connections=max_conns,
+            worker_connections=worker_conns,
+            max_connections_per_host=_int(env, "MAILER_MAX_CONNECTIONS_PER_HOST", None, 1, 1_000_000),
+            visibility_timeout=visibility,
+            metrics_port=_int(env, "MAILER_METRICS_PORT", None, 1, 65535),
+            smtp_timeout=_float(env, "MAILER_SMTP_TIMEOUT", 60.0, 0.1, 3600.0),
+            data_timeout=_float(env, "MAILER_DATA_TIMEOUT", 600.0, 0.1, 3600.0),
+            session_max_age=_float(env, "MAILER_SESSION_MAX_AGE", 1800.0, 1.0, 86400.0),
+            session_idle_timeout=_float(env, "MAILER_SESSION_IDLE_TIMEOUT", 45.0, 0.1, 3600.0),
+            lease_ttl=lease_ttl,
+            lease_wait=_float(env, "MAILER_LEASE_WAIT", 30.0, 0.0, 3600.0),
+            max_retries=_int(env, "MAILER_MAX_RETRIES", 8, 0, 1000) or 0,
+            max_message_age=_float(env, "MAILER_MAX_MESSAGE_AGE", 86400.0, 1.0, 30 * 86400.0),
+            ledger_ttl=_int(env, "MAILER_LEDGER_TTL", 7 * 86400, 60, 365 * 86400) or 0,
+            uncertain_policy=policy,
+            hostname=env.get("MAILER_HOSTNAME", "").strip() or socket.gethostname(),
+        )
+        return settings
+
+    def require_relay(self) -> Settings:
+        """Checks what a worker needs before it opens a single connection."""
+        if not self.smtp_password:
+            raise ConfigError(
+                "MAILER_SMTP_PASSWORD",
+                "no API key: set MAILER_SMTP_PASSWORD or SENDGRID_API_KEY",
+            )
+        if self.smtp_tls == "tls" and self.smtp_port in STARTTLS_PORTS:
+            log.warning("implicit TLS on port %d, which relays use for STARTTLS", self.smtp_port)
+        if self.smtp_tls == "starttls" and self.smtp_port in IMPLICIT_TLS_PORTS:
+            raise ConfigError("MAILER_SMTP_TLS", "port 465 takes implicit TLS ('tls'), not STARTTLS")
+        if self.smtp_host.endswith("sendgrid.net") and not SENDGRID_KEY.match(
+            self.smtp_password.reveal()
+        ):
+            log.warning(
+                "the API key does not look like a SendGrid key (69 characters, 'SG.' prefix)"
+            )
+        if self.lease_ttl < 3 * 1.0:
+            raise ConfigError("MAILER_LEASE_TTL", "must be at least 3 seconds")
+        return self
+
+    @property
+    def retry_countdown_max(self) -> int:
+        """Countdowns stay well below the visibility timeout, or Redis redelivers them early."""
+        return max(1, min(600, self.visibility_timeout // 4))

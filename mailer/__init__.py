@@ -1,0 +1,68 @@
+"""Enqueue email for the relay: `mailer.send(...)`, `mailer.send_many([...])`, `await mailer.asend(...)`.
+
+Importing this package starts nothing: the broker connection opens on the first send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from mailer.client import Mailer, default_mailer, reset_default_mailer
+from mailer.errors import ConfigError, InvalidMessage, MailerError, PublishError
+from mailer.message import Attachment, Message
+from mailer.smtpapi import SMTPAPIHeader
+
+__all__ = [
+    "Attachment",
+    "ConfigError",
+    "InvalidMessage",
+    "Mailer",
+    "MailerError",
+    "Message",
+    "PublishError",
+    "SMTPAPIHeader",
+    "asend",
+    "reset_default_mailer",
+    "send",
+    "send_many",
+]
+
+
+def send(
+    *,
+    to: str | Sequence[str],
+    subject: str,
+    text: str | None = None,
+    html: str | None = None,
+    from_addr: str | None = None,
+    cc: str | Sequence[str] | None = None,
+    bcc: str | Sequence[str] | None = None,
+    reply_to: str | Sequence[str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: Sequence[Any] | None = None,
+    smtpapi: SMTPAPIHeader | Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> str:
+    """Validates, renders and enqueues one message; returns its id (also its Message-ID's local part)."""
+    return default_mailer().send_message(
+        Message(
+            to=to, subject=subject, text=text, html=html, from_addr=from_addr, cc=cc, bcc=bcc,
+            reply_to=reply_to, headers=headers, attachments=attachments, smtpapi=smtpapi,
+            idempotency_key=idempotency_key,
+        )
+    )
+
+
+def send_many(messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
+    """Enqueues many messages in few broker round trips; ids come back in order."""
+    return default_mailer().send_many(messages)
+
+
+async def asend(**fields: Any) -> str:
+    """`send` for asyncio apps: never blocks the event loop."""
+    return await default_mailer().asend(**fields)
+
+
+async def asend_many(messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
+    return await default_mailer().asend_many(messages)

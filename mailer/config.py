@@ -133,6 +133,7 @@ class Settings:
     max_message_age: float = 86400.0
     ledger_ttl: int = 7 * 86400
     uncertain_policy: str = "hold"
+    circuit_probe_interval: float = 10.0
     hostname: str = field(default_factory=socket.gethostname)
 
     @classmethod
@@ -207,6 +208,7 @@ class Settings:
             max_message_age=_float(env, "MAILER_MAX_MESSAGE_AGE", 86400.0, 1.0, 30 * 86400.0),
             ledger_ttl=_int(env, "MAILER_LEDGER_TTL", 7 * 86400, 60, 365 * 86400) or 0,
             uncertain_policy=policy,
+            circuit_probe_interval=_float(env, "MAILER_CIRCUIT_PROBE_INTERVAL", 10.0, 0.1, 3600.0),
             hostname=env.get("MAILER_HOSTNAME", "").strip() or socket.gethostname(),
         )
         return settings

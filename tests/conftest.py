@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.redis_server import RedisServer
+from workers.devredis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,91 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+# ---- SMTP test server, relay environment, worker processes ---------------------------------
+
+import secrets  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from workers.devworker import WorkerProcess  # noqa: E402
+from workers.sink import SinkServer, TLSMaterial, make_tls_material  # noqa: E402
+
+API_KEY = "SG." + "k" * 22 + "." + "s" * 43
+
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterial:
+    return make_tls_material(Path(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def api_key() -> str:
+    """A fresh, realistic-looking key per test, so a leak check can search for it."""
+    return "SG." + secrets.token_urlsafe(16)[:22] + "." + secrets.token_urlsafe(32)[:43]
+
+
+@pytest.fixture
+def make_sink(tls_material: TLSMaterial) -> Iterator[Callable[..., SinkServer]]:
+    started: list[SinkServer] = []
+
+    def make(**kwargs: object) -> SinkServer:
+        kwargs.setdefault("tls_material", tls_material)
+        server = SinkServer(**kwargs).start()  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def relay_env(redis_url: str, sink: SinkServer, tls_material: TLSMaterial, key: str,
+              **extra: object) -> dict[str, str]:
+    """The environment a worker and a producer get in a test: everything real, nothing default."""
+    env = {
+        "MAILER_BROKER_URL": redis_url,
+        "MAILER_SMTP_HOST": "localhost",
+        "MAILER_SMTP_PORT": str(sink.port),
+        "MAILER_SMTP_TLS": sink.tls,
+        "MAILER_SMTP_CA_FILE": str(tls_material.ca_file),
+        "MAILER_SMTP_PASSWORD": key,
+        "MAILER_DEFAULT_FROM": "Sender <sender@example.com>",
+        "MAILER_SMTP_TIMEOUT": "10",
+        "MAILER_DATA_TIMEOUT": "10",
+        "MAILER_LEASE_TTL": "10",
+    }
+    if sink.tls == "none":
+        env["MAILER_SMTP_ALLOW_INSECURE"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts `python -m mailer worker` processes; stops (or kills) them at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], name: str = "w1", args: tuple[str, ...] = ()) -> WorkerProcess:
+        worker = WorkerProcess(env, name=f"{name}-{len(started)}", args=args).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(timeout=20)
+
+
+@pytest.fixture
+def producer_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, str]], None]:
+    """Points the in-test producer (`mailer.send`) at the test's broker."""
+    import mailer
+
+    def apply(env: dict[str, str]) -> None:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        mailer.reset_default_mailer()
+
+    yield apply  # type: ignore[misc]
+    mailer.reset_default_mailer()

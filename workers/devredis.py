@@ -1,4 +1,5 @@
-"""A throwaway `redis-server` on a free port in a temp dir: tests never touch a Redis they did not start."""
+"""A throwaway `redis-server` on a free port in a temp dir, for `mailer demo` and the tests
+(which must never touch a Redis they did not start)."""
 
 from __future__ import annotations
 

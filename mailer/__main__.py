@@ -1,0 +1,5 @@
+import sys
+
+from mailer.cli import main
+
+sys.exit(main())

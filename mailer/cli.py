@@ -1,0 +1,191 @@
+"""`mailer` command line: send, worker, status, failures, demo, sink, bench.
+
+Operator commands import the worker side lazily, inside the subcommand, so `import mailer`
+stays light for app code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mailer.config import Settings
+from mailer.errors import MailerError
+
+
+def _worker(args: argparse.Namespace, extra: list[str]) -> int:
+    settings = Settings.from_env().require_relay()
+    concurrency = args.concurrency or settings.worker_connections
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--queues", "mailer", "--task-events", "--loglevel", args.loglevel,
+        "--without-gossip", "--without-mingle",
+    ]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    argv += extra
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _send(args: argparse.Namespace) -> int:
+    import mailer
+
+    message_id = mailer.send(
+        to=args.to, subject=args.subject, text=args.text, html=args.html, from_addr=args.from_addr,
+        cc=args.cc or None, bcc=args.bcc or None, idempotency_key=args.idempotency_key,
+    )
+    print(message_id)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from workers.status import collect, render
+
+    data = collect(Settings.from_env())
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
+    return 0
+
+
+def _failures(args: argparse.Namespace) -> int:
+    import redis
+
+    from mailer.publish import Publisher
+    from workers.deadletters import DeadLetters
+
+    settings = Settings.from_env()
+    store = DeadLetters(redis.Redis.from_url(settings.redis_url))
+    if args.action == "list":
+        letters = store.list(limit=args.limit)
+        if args.json:
+            print(json.dumps([d.summary() for d in letters], indent=2))
+            return 0
+        print(f"{store.count()} dead letters")
+        for d in letters:
+            print(f"{d.id}  {d.kind:<10} {d.code or '-':>4}  attempts={d.attempts}  {d.subject[:40]!r}  {d.text[:60]}")
+        return 0
+    if args.action == "purge":
+        print(f"purged {store.purge()} dead letters")
+        return 0
+    ids: list[str] = args.ids or ([d.id for d in store.list(limit=1_000_000)] if args.all else [])
+    if not ids:
+        print("name message ids, or --all", file=sys.stderr)
+        return 2
+    publisher = Publisher(settings) if args.action == "retry" else None
+    missing = 0
+    for message_id in ids:
+        letter = store.get(message_id)
+        if letter is None:
+            print(f"{message_id}: no such dead letter", file=sys.stderr)
+            missing += 1
+            continue
+        if args.action == "show":
+            print(json.dumps(letter.summary(), indent=2))
+        else:
+            assert publisher is not None
+            from workers.ledger import PREFIX
+
+            # An operator's replay is a decision to send again, whatever the ledger recorded.
+            store.redis.delete(PREFIX + message_id)
+            publisher.send(letter.payload)
+            store.remove(message_id)
+            print(f"{message_id}: re-queued")
+    return 1 if missing else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mailer.demo import run_demo
+
+    return run_demo(count=args.count, per_connection=args.per_connection)
+
+
+def _sink(args: argparse.Namespace, extra: list[str]) -> int:
+    from workers import sink
+
+    sys.argv = ["mailer sink", *extra]
+    sink.main()
+    return 0
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    import runpy
+
+    path = os.path.join(os.getcwd(), "bench", "run.py")
+    if not os.path.exists(path):
+        print("run `mailer bench` from a checkout (bench/run.py)", file=sys.stderr)
+        return 2
+    sys.argv = [path, *extra]
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="start a Celery worker (extra args go to celery)")
+    p.add_argument("--concurrency", "-c", type=int, default=0,
+                   help="task threads (default MAILER_WORKER_CONNECTIONS)")
+    p.add_argument("--loglevel", "-l", default="INFO")
+    p.add_argument("--hostname", "-n", default="")
+
+    p = sub.add_parser("send", help="enqueue one message")
+    p.add_argument("--to", action="append", required=True)
+    p.add_argument("--subject", required=True)
+    p.add_argument("--text")
+    p.add_argument("--html")
+    p.add_argument("--from", dest="from_addr")
+    p.add_argument("--cc", action="append")
+    p.add_argument("--bcc", action="append")
+    p.add_argument("--idempotency-key")
+
+    p = sub.add_parser("status", help="leases, circuit breaker, queue and dead letters")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("failures", help="dead letters: list | show | retry | purge")
+    p.add_argument("action", choices=["list", "show", "retry", "purge"])
+    p.add_argument("ids", nargs="*")
+    p.add_argument("--all", action="store_true", help="with retry: every dead letter")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="send through a real worker; starts Redis and a sink if unset")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--per-connection", type=int, default=0,
+                   help="rotate sessions after this many messages (default from the environment)")
+
+    sub.add_parser("sink", help="run the development SMTP sink (args: see --help)")
+    sub.add_parser("bench", help="run the benchmarks in bench/ (from a checkout)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # worker/sink/bench pass unknown arguments through to the program they start.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("worker", "sink", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handlers: dict[str, Any] = {
+        "send": _send, "status": _status, "failures": _failures, "demo": _demo,
+    }
+    try:
+        if args.command == "worker":
+            return _worker(args, extra)
+        if args.command == "sink":
+            return _sink(args, extra)
+        if args.command == "bench":
+            return _bench(args, extra)
+        return int(handlers[args.command](args))
+    except MailerError as exc:
+        print(f"mailer: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

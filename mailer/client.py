@@ -1,0 +1,102 @@
+"""The producer: validate and render at enqueue time, then publish by task name.
+
+Rendering happens once, here, in the caller's process: a bad message is refused before it is
+accepted, and workers only move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from mailer.config import Settings
+from mailer.errors import InvalidMessage
+from mailer.message import Message, Rendered
+from mailer.publish import Publisher
+
+BATCH_SIZE = 100
+
+
+class Mailer:
+    """Holds the settings and one broker connection pool; safe to share between threads."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self._publisher: Publisher | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def publisher(self) -> Publisher:
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = Publisher(self.settings)
+            return self._publisher
+
+    def render(self, message: Message) -> Rendered:
+        return message.render(default_from=self.settings.default_from)
+
+    def send_message(self, message: Message) -> str:
+        rendered = self.render(message)
+        self.publisher.send(rendered.to_payload())
+        return rendered.id
+
+    def send(self, **fields: Any) -> str:
+        return self.send_message(Message(**fields))
+
+    def send_many(
+        self, messages: Iterable[Message | Mapping[str, Any]], *, batch_size: int = BATCH_SIZE
+    ) -> list[str]:
+        """Renders every message first (one bad message refuses the call, nothing published),
+        then publishes them as `mailer.send_batch` tasks over one broker connection."""
+        rendered: list[Rendered] = []
+        for index, item in enumerate(messages):
+            message = item if isinstance(item, Message) else Message(**item)
+            try:
+                rendered.append(self.render(message))
+            except InvalidMessage as exc:
+                raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
+        payloads = [r.to_payload() for r in rendered]
+        batches: list[Sequence[dict[str, Any]]] = [
+            payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)
+        ]
+        self.publisher.send_batches(batches)
+        return [r.id for r in rendered]
+
+    async def asend(self, **fields: Any) -> str:
+        """Renders in the caller's loop (cheap) and publishes from a worker thread."""
+        rendered = self.render(Message(**fields))
+        await asyncio.to_thread(self.publisher.send, rendered.to_payload())
+        return rendered.id
+
+    async def asend_many(self, messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
+        return await asyncio.to_thread(self.send_many, list(messages))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._publisher is not None:
+                self._publisher.close()
+                self._publisher = None
+
+
+_default: Mailer | None = None
+_default_lock = threading.Lock()
+
+
+def default_mailer() -> Mailer:
+    """The module-level mailer behind `mailer.send`, configured from the environment."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Mailer()
+        return _default
+
+
+def reset_default_mailer() -> None:
+    """Forget the default mailer (after the environment changed, e.g. in tests)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = None

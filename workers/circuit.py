@@ -1,0 +1,60 @@
+"""A fleet-wide circuit breaker for failures that no retry can fix: a bad or revoked API key,
+a relay that will not do TLS. While it is open every worker leaves queued messages waiting
+(without spending their retries); one probe per interval tries the relay, and a probe that
+authenticates closes it for everyone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+KEY = "mailer:circuit"
+PROBE_KEY = "mailer:circuit:probe"
+
+
+@dataclass(frozen=True)
+class CircuitState:
+    open: bool
+    reason: str = ""
+    since: float = 0.0
+
+
+class Circuit:
+    def __init__(self, client: redis.Redis, probe_interval: float = 10.0) -> None:
+        self.redis = client
+        self.probe_interval = probe_interval
+        self._cached: tuple[float, CircuitState] = (0.0, CircuitState(False))
+
+    def state(self, max_age: float = 0.5) -> CircuitState:
+        """Cached for half a second: one GET per process, not one per message."""
+        now = time.monotonic()
+        at, state = self._cached
+        if now - at < max_age:
+            return state
+        raw = self.redis.get(KEY)
+        if raw is None:
+            state = CircuitState(False)
+        else:
+            data = json.loads(raw)
+            state = CircuitState(True, str(data.get("reason", "")), float(data.get("since", 0)))
+        self._cached = (now, state)
+        return state
+
+    def trip(self, reason: str) -> None:
+        record = json.dumps({"reason": reason, "since": time.time()})
+        if self.redis.set(KEY, record, nx=True):
+            # The tripping attempt was itself a probe: the next one waits a full interval.
+            self.redis.set(PROBE_KEY, "1", px=int(self.probe_interval * 1000))
+        self._cached = (time.monotonic(), CircuitState(True, reason, time.time()))
+
+    def try_probe(self) -> bool:
+        """True for one caller in the fleet per probe interval."""
+        return bool(self.redis.set(PROBE_KEY, "1", nx=True, px=int(self.probe_interval * 1000)))
+
+    def reset(self) -> None:
+        self.redis.delete(KEY, PROBE_KEY)
+        self._cached = (time.monotonic(), CircuitState(False))

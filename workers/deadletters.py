@@ -1,0 +1,108 @@
+"""Messages we gave up on, kept in Redis with why, so an operator can list, read and replay them.
+
+The stored payload is the task payload (rendered message and envelope, no credentials); it
+lives only in Redis, never in Flower or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+RECORDS = "mailer:dead:records"
+INDEX = "mailer:dead:index"
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    kind: str  # permanent | expired | uncertain | recipients
+    code: int | None
+    text: str
+    attempts: int
+    first_at: float
+    failed_at: float
+    subject: str = ""
+    rcpt_to: list[str] = field(default_factory=list)
+    refused: dict[str, list[Any]] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DeadLetter:
+        return cls(**json.loads(raw))
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("payload")
+        return data
+
+
+def record(
+    payload: Mapping[str, Any],
+    *,
+    kind: str,
+    code: int | None,
+    text: str,
+    attempts: int,
+    refused: Mapping[str, tuple[int, str]] | None = None,
+) -> DeadLetter:
+    meta = payload.get("meta", {})
+    return DeadLetter(
+        id=str(payload["id"]),
+        kind=kind,
+        code=code,
+        text=text,
+        attempts=attempts,
+        first_at=float(meta.get("created_at", time.time())),
+        failed_at=time.time(),
+        subject=str(meta.get("subject", "")),
+        rcpt_to=list(payload.get("rcpt_to", [])),
+        refused={k: list(v) for k, v in (refused or {}).items()},
+        payload=dict(payload),
+    )
+
+
+class DeadLetters:
+    """Synchronous store (used from tasks' threads and the CLI)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def add(self, letter: DeadLetter) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(RECORDS, letter.id, letter.to_json())
+        pipe.zadd(INDEX, {letter.id: letter.failed_at})
+        pipe.execute()
+
+    def count(self) -> int:
+        return int(self.redis.zcard(INDEX))
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        ids = self.redis.zrevrange(INDEX, offset, offset + limit - 1)
+        if not ids:
+            return []
+        raws = self.redis.hmget(RECORDS, ids)
+        return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+
+    def get(self, message_id: str) -> DeadLetter | None:
+        raw = self.redis.hget(RECORDS, message_id)
+        return None if raw is None else DeadLetter.from_json(raw)
+
+    def remove(self, message_id: str) -> bool:
+        pipe = self.redis.pipeline()
+        pipe.hdel(RECORDS, message_id)
+        pipe.zrem(INDEX, message_id)
+        return bool(pipe.execute()[0])
+
+    def purge(self) -> int:
+        n = self.count()
+        self.redis.delete(RECORDS, INDEX)
+        return n

@@ -1,0 +1,215 @@
+"""The process's pool of SMTP sessions, owned by its one asyncio loop.
+
+Every open session holds one lease of the fleet-wide semaphore. A session that reaches the
+per-connection limit or its maximum age is rotated: QUIT, wait for the close, reconnect under
+the same lease (close-before-open keeps the fleet under the cap without lease churn). Idle
+sessions are closed and their leases released, so idle workers don't starve busy ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailer.config import Settings
+from workers.classify import Failure, Kind, Phase
+from workers.session import Delivered, Session
+
+log = logging.getLogger("mailer.pool")
+
+
+class LeaseLike(Protocol):
+    id: str
+    valid_until: float
+
+
+class Leases(Protocol):
+    """What the pool needs of the semaphore (see workers.semaphore)."""
+
+    async def acquire(self, deadline: float) -> LeaseLike | None: ...
+    async def release(self, lease: LeaseLike) -> None: ...
+
+
+@dataclass
+class PoolStats:
+    opened: int = 0
+    rotations: int = 0
+    closed_idle: int = 0
+    lease_waits: int = 0
+    fenced: int = 0
+
+
+class SessionPool:
+    """At most `settings.worker_connections` sessions, reused across tasks, LIFO so spares idle out."""
+
+    def __init__(self, settings: Settings, leases: Leases) -> None:
+        self.settings = settings
+        self.leases = leases
+        self.capacity = settings.worker_connections
+        self.stats = PoolStats()
+        self._idle: deque[Session] = deque()
+        self._busy: set[Session] = set()
+        self._opening = 0
+        self._spare_leases: list[LeaseLike] = []  # from rotations: reuse before acquiring
+        self._freed = asyncio.Condition()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: list[str],
+        body: bytes,
+        before_body: Callable[[], Awaitable[None]] | None = None,
+    ) -> Delivered:
+        session = await self._checkout()
+        try:
+            return await session.transaction(mail_from, rcpt_to, body, before_body)
+        finally:
+            await self._checkin(session)
+
+    async def _checkout(self) -> Session:
+        deadline = time.monotonic() + self.settings.lease_wait
+        while True:
+            if self._closing:
+                raise Failure(Kind.RECONNECT, None, "worker is shutting down", Phase.CONNECT)
+            now = time.monotonic()
+            while self._idle:
+                session = self._idle.pop()
+                if self._usable(session, now):
+                    self._busy.add(session)
+                    return session
+                await self._retire(session)
+            if self.open_sessions + self._opening < self.capacity:
+                return await self._open(deadline)
+            async with self._freed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), remaining)
+
+    def _usable(self, session: Session, now: float) -> bool:
+        lease = session.lease
+        margin = 1.0
+        return (
+            session.connected
+            and not session.due_for_rotation(now)
+            and session.idle_for(now) < self.settings.session_idle_timeout
+            and (lease is None or getattr(lease, "valid_until", 0.0) > now + margin)
+        )
+
+    async def _open(self, deadline: float) -> Session:
+        self._opening += 1
+        lease: LeaseLike | None = None
+        try:
+            lease = self._spare_leases.pop() if self._spare_leases else None
+            if lease is not None and lease.valid_until <= time.monotonic() + 1.0:
+                await self.leases.release(lease)
+                lease = None
+            if lease is None:
+                lease = await self.leases.acquire(deadline)
+            if lease is None:
+                self.stats.lease_waits += 1
+                raise Failure(Kind.NO_LEASE, None, "fleet connection cap reached", Phase.CONNECT)
+            session = Session(self.settings, lease)
+            await session.open()
+        except BaseException:
+            if lease is not None:
+                await self.leases.release(lease)
+            raise
+        finally:
+            self._opening -= 1
+        self.stats.opened += 1
+        self._busy.add(session)
+        return session
+
+    async def _checkin(self, session: Session) -> None:
+        self._busy.discard(session)
+        now = time.monotonic()
+        if session.connected and session.due_for_rotation(now):
+            self.stats.rotations += 1
+            await session.close()
+            if session.lease is not None:
+                self._spare_leases.append(session.lease)
+                session.lease = None
+        elif session.connected and not self._closing:
+            self._idle.append(session)
+        else:
+            await self._retire(session)
+        async with self._freed:
+            self._freed.notify()
+
+    async def _retire(self, session: Session) -> None:
+        """Closes the session (QUIT if it still can), then gives its lease back."""
+        if session.connected:
+            await session.close()
+        else:
+            session.abort()
+            await asyncio.sleep(0.01)  # let the kernel finish the abort before the slot frees
+        lease, session.lease = session.lease, None
+        if lease is not None:
+            await self.leases.release(lease)
+
+    def fence(self, lease_id: str) -> None:
+        """Our lease is gone (expired, lost, Redis emptied): stop using that socket now."""
+        for session in [*self._idle, *self._busy]:
+            if session.lease is not None and session.lease.id == lease_id:  # type: ignore[attr-defined]
+                self.stats.fenced += 1
+                log.warning("lease lost, aborting its connection", extra={"lease": lease_id})
+                session.lease = None
+                session.abort()
+        self._spare_leases = [x for x in self._spare_leases if x.id != lease_id]
+
+    async def _sweep(self) -> None:
+        """Closes idle and lease-expiring sessions; releases spare leases nobody took."""
+        interval = max(0.05, min(1.0, self.settings.session_idle_timeout / 4))
+        while not self._closing:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            keep: deque[Session] = deque()
+            stale: list[Session] = []
+            for session in self._idle:
+                (keep if self._usable(session, now) else stale).append(session)
+            self._idle = keep
+            for session in stale:
+                self.stats.closed_idle += 1
+                await self._retire(session)
+            if self._spare_leases and not self._opening:
+                spare, self._spare_leases = self._spare_leases, []
+                for lease in spare:
+                    await self.leases.release(lease)
+            if stale:
+                async with self._freed:
+                    self._freed.notify_all()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Waits for in-flight transactions, QUITs every session and releases every lease."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        sessions = [*self._idle, *self._busy]
+        self._idle.clear()
+        self._busy.clear()
+        await asyncio.gather(*(self._retire(s) for s in sessions), return_exceptions=True)
+        for lease in self._spare_leases:
+            await self.leases.release(lease)
+        self._spare_leases = []
+        async with self._freed:
+            self._freed.notify_all()

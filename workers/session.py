@@ -1,0 +1,204 @@
+"""One authenticated SMTP connection to the relay, carrying one transaction at a time.
+
+TLS is enforced before AUTH (STARTTLS required, or implicit TLS on 465), certificates are
+verified with TLS 1.2 at least. The transaction is written on aiosmtplib's protocol layer
+rather than `sendmail()` so we know exactly whether the DATA terminator left us: a failure
+before it is safe to retry, a failure after it is ambiguous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import aiosmtplib
+
+from mailer.config import Settings
+from workers.classify import Failure, Kind, Phase, by_code, classify
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+@lru_cache(maxsize=8)
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def wire_body(data: bytes) -> bytes:
+    """Dot-stuffs the rendered message and adds the terminator (RFC 5321 §4.5.2)."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
+@dataclass
+class Delivered:
+    reply: str
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+class Session:
+    """Counts every MAIL transaction so the pool can rotate it before the relay's limit."""
+
+    def __init__(self, settings: Settings, lease: object | None = None) -> None:
+        self.settings = settings
+        self.lease = lease
+        self.mail_count = 0
+        self.opened_at = 0.0
+        self.last_used = 0.0
+        self.broken = False
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.settings.smtp_host}:{self.settings.smtp_port} sent={self.mail_count}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected and not self.broken
+
+    async def open(self) -> None:
+        s = self.settings
+        implicit = s.smtp_tls == "tls"
+        starttls = s.smtp_tls == "starttls"
+        smtp = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            use_tls=implicit,
+            start_tls=starttls,  # True = required, never the opportunistic default (None)
+            tls_context=tls_context(s.smtp_ca_file) if s.smtp_tls != "none" else None,
+            timeout=s.smtp_timeout,
+        )
+        try:
+            await smtp.connect()
+            if s.smtp_tls != "none" and smtp.get_transport_info("sslcontext") is None:
+                raise Failure(Kind.TLS, None, "connection is not encrypted", Phase.CONNECT)
+            await smtp.login(s.smtp_username, s.smtp_password.reveal())
+        except BaseException as exc:
+            smtp.close()
+            raise classify(exc, Phase.CONNECT) from None
+        self._smtp = smtp
+        self.opened_at = self.last_used = time.monotonic()
+        self.broken = False
+
+    def due_for_rotation(self, now: float) -> bool:
+        s = self.settings
+        return (
+            self.mail_count >= s.max_messages_per_connection
+            or now - self.opened_at >= s.session_max_age
+        )
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_used
+
+    async def transaction(
+        self,
+        mail_from: str,
+        rcpt_to: list[str],
+        body: bytes,
+        before_body: Callable[[], Awaitable[None]] | None = None,
+    ) -> Delivered:
+        """MAIL, RCPT..., DATA; `body` is already dot-stuffed and terminated (see `wire_body`)."""
+        smtp = self._smtp
+        if smtp is None or not self.connected:
+            raise Failure(Kind.RECONNECT, None, "session is not connected", Phase.MAIL)
+        self.mail_count += 1  # every MAIL counts toward the relay's per-connection limit
+        self.last_used = time.monotonic()
+        phase = Phase.MAIL
+        try:
+            options = [f"SIZE={len(body)}"] if smtp.supports_extension("size") else []
+            reply = await smtp.execute_command(
+                b"MAIL", b"FROM:<" + mail_from.encode("ascii") + b">", *(o.encode() for o in options)
+            )
+            if reply.code != 250:
+                raise by_code(reply.code, reply.message, phase)
+            phase = Phase.RCPT
+            refused: dict[str, tuple[int, str]] = {}
+            for rcpt in rcpt_to:
+                reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("ascii") + b">")
+                if reply.code not in (250, 251):
+                    if reply.code == 421:
+                        raise by_code(reply.code, reply.message, phase)
+                    refused[rcpt] = (reply.code, reply.message)
+            if len(refused) == len(rcpt_to):
+                await self._reset()
+                codes = [c for c, _ in refused.values()]
+                kind = Kind.PERMANENT if all(c >= 500 for c in codes) else Kind.RETRY
+                raise Failure(kind, min(codes), "all recipients refused", phase, refused)
+            phase = Phase.DATA
+            reply = await smtp.execute_command(b"DATA")
+            if reply.code != 354:
+                raise by_code(reply.code, reply.message, phase)
+            if before_body is not None:
+                await before_body()
+            protocol = smtp.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost before the body")
+            protocol.write(body)
+            phase = Phase.REPLY
+            reply = await protocol.read_response(timeout=self.settings.data_timeout)
+            if reply.code == 421:
+                smtp.close()
+            if reply.code != 250:
+                raise by_code(reply.code, reply.message, phase)
+            return Delivered(reply.message, refused)
+        except Failure as failure:
+            if failure.kind in (Kind.RECONNECT, Kind.UNCERTAIN) or not smtp.is_connected:
+                self.broken = True
+            raise
+        except BaseException as exc:
+            self.broken = True
+            raise classify(exc, phase) from None
+        finally:
+            self.last_used = time.monotonic()
+
+    async def _reset(self) -> None:
+        if self._smtp is not None:
+            try:
+                await self._smtp.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                self.broken = True
+
+    async def close(self) -> None:
+        """QUIT, then wait for the server to close its end: only then is the slot free."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        protocol = smtp.protocol
+        try:
+            if smtp.is_connected and not self.broken:
+                # Not smtp.quit(): it closes our end at once; we let the relay hang up first.
+                await smtp.execute_command(b"QUIT", timeout=min(10.0, self.settings.smtp_timeout))
+                if protocol is not None:
+                    await _wait_lost(protocol, timeout=2.0)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            smtp.close()
+        if protocol is not None:
+            await _wait_lost(protocol, timeout=2.0)
+
+    def abort(self) -> None:
+        """Drops the socket at once: used when our lease is lost and we must stop sending."""
+        smtp, self._smtp = self._smtp, None
+        self.broken = True
+        if smtp is not None and smtp.transport is not None:
+            smtp.transport.abort()
+        if smtp is not None:
+            smtp.close()
+
+
+async def _wait_lost(protocol: asyncio.BaseProtocol, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not getattr(protocol, "_connection_lost", True) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)

@@ -1,4 +1,4 @@
-"""Enqueue email for the relay: `mailer.send(...)`, `mailer.send_many([...])`, `await mailer.asend(...)`.
+"""Enqueue email for the relay: `mailer.send`, `mailer.send_many`, `await mailer.asend`.
 
 Importing this package starts nothing: the broker connection opens on the first send.
 """
@@ -44,11 +44,20 @@ def send(
     smtpapi: SMTPAPIHeader | Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
 ) -> str:
-    """Validates, renders and enqueues one message; returns its id (also its Message-ID's local part)."""
+    """Validates, renders and enqueues one message; returns its id (the Message-ID's local part)."""
     return default_mailer().send_message(
         Message(
-            to=to, subject=subject, text=text, html=html, from_addr=from_addr, cc=cc, bcc=bcc,
-            reply_to=reply_to, headers=headers, attachments=attachments, smtpapi=smtpapi,
+            to=to,
+            subject=subject,
+            text=text,
+            html=html,
+            from_addr=from_addr,
+            cc=cc,
+            bcc=bcc,
+            reply_to=reply_to,
+            headers=headers,
+            attachments=attachments,
+            smtpapi=smtpapi,
             idempotency_key=idempotency_key,
         )
     )

@@ -21,10 +21,23 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
     settings = Settings.from_env().require_relay()
     concurrency = args.concurrency or settings.worker_connections
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--queues", "mailer", "--task-events", "--loglevel", args.loglevel,
-        "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        "mailer",
+        "--task-events",
+        "--loglevel",
+        args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
     ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
@@ -37,8 +50,14 @@ def _send(args: argparse.Namespace) -> int:
     import mailer
 
     message_id = mailer.send(
-        to=args.to, subject=args.subject, text=args.text, html=args.html, from_addr=args.from_addr,
-        cc=args.cc or None, bcc=args.bcc or None, idempotency_key=args.idempotency_key,
+        to=args.to,
+        subject=args.subject,
+        text=args.text,
+        html=args.html,
+        from_addr=args.from_addr,
+        cc=args.cc or None,
+        bcc=args.bcc or None,
+        idempotency_key=args.idempotency_key,
     )
     print(message_id)
     return 0
@@ -67,7 +86,10 @@ def _failures(args: argparse.Namespace) -> int:
             return 0
         print(f"{store.count()} dead letters")
         for d in letters:
-            print(f"{d.id}  {d.kind:<10} {d.code or '-':>4}  attempts={d.attempts}  {d.subject[:40]!r}  {d.text[:60]}")
+            print(
+                f"{d.id}  {d.kind:<10} {d.code or '-':>4}  attempts={d.attempts}  "
+                f"{d.subject[:40]!r}  {d.text[:60]}"
+            )
         return 0
     if args.action == "purge":
         print(f"purged {store.purge()} dead letters")
@@ -129,8 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="start a Celery worker (extra args go to celery)")
-    p.add_argument("--concurrency", "-c", type=int, default=0,
-                   help="task threads (default MAILER_WORKER_CONNECTIONS)")
+    p.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=0,
+        help="task threads (default MAILER_WORKER_CONNECTIONS)",
+    )
     p.add_argument("--loglevel", "-l", default="INFO")
     p.add_argument("--hostname", "-n", default="")
 
@@ -156,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="send through a real worker; starts Redis and a sink if unset")
     p.add_argument("--count", type=int, default=1000)
-    p.add_argument("--per-connection", type=int, default=0,
-                   help="rotate sessions after this many messages (default from the environment)")
+    p.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        help="rotate sessions after this many messages (default from the environment)",
+    )
 
     sub.add_parser("sink", help="run the development SMTP sink (args: see --help)")
     sub.add_parser("bench", help="run the benchmarks in bench/ (from a checkout)")
@@ -172,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in ("worker", "sink", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Any] = {
-        "send": _send, "status": _status, "failures": _failures, "demo": _demo,
+        "send": _send,
+        "status": _status,
+        "failures": _failures,
+        "demo": _demo,
     }
     try:
         if args.command == "worker":

@@ -152,7 +152,7 @@ class Settings:
         if not tls_raw:
             tls: TLSMode = "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
         elif tls_raw in TLS_MODES:
-            tls = tls_raw  # type: ignore[assignment]
+            tls = tls_raw
         else:
             raise ConfigError(
                 "MAILER_SMTP_TLS", f"unknown TLS mode {tls_raw!r}; use starttls, tls or none"
@@ -195,7 +195,9 @@ class Settings:
             max_messages_per_connection=max_per_conn,
             max_connections=max_conns,
             worker_connections=worker_conns,
-            max_connections_per_host=_int(env, "MAILER_MAX_CONNECTIONS_PER_HOST", None, 1, 1_000_000),
+            max_connections_per_host=_int(
+                env, "MAILER_MAX_CONNECTIONS_PER_HOST", None, 1, 1_000_000
+            ),
             visibility_timeout=visibility,
             metrics_port=_int(env, "MAILER_METRICS_PORT", None, 1, 65535),
             smtp_timeout=_float(env, "MAILER_SMTP_TIMEOUT", 60.0, 0.1, 3600.0),
@@ -223,7 +225,9 @@ class Settings:
         if self.smtp_tls == "tls" and self.smtp_port in STARTTLS_PORTS:
             log.warning("implicit TLS on port %d, which relays use for STARTTLS", self.smtp_port)
         if self.smtp_tls == "starttls" and self.smtp_port in IMPLICIT_TLS_PORTS:
-            raise ConfigError("MAILER_SMTP_TLS", "port 465 takes implicit TLS ('tls'), not STARTTLS")
+            raise ConfigError(
+                "MAILER_SMTP_TLS", "port 465 takes implicit TLS ('tls'), not STARTTLS"
+            )
         if self.smtp_host.endswith("sendgrid.net") and not SENDGRID_KEY.match(
             self.smtp_password.reveal()
         ):

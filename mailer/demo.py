@@ -51,13 +51,19 @@ def run_demo(count: int = 1000, per_connection: int = 0, timeout: float = 120.0)
         if not os.environ.get("MAILER_SMTP_HOST"):
             tls_dir = Path(tempfile.mkdtemp(prefix="mailer-demo-tls-"))
             key = "SG." + secrets.token_urlsafe(16)[:22] + "." + secrets.token_urlsafe(32)[:43]
-            sink = SinkServer(tls="starttls", auth=("apikey", key),
-                              tls_material=make_tls_material(tls_dir), record_data=False)
+            sink = SinkServer(
+                tls="starttls",
+                auth=("apikey", key),
+                tls_material=make_tls_material(tls_dir),
+                record_data=False,
+            )
             sink.start()
             stack.callback(sink.stop)
             env.update(
-                MAILER_SMTP_HOST="localhost", MAILER_SMTP_PORT=str(sink.port),
-                MAILER_SMTP_TLS="starttls", MAILER_SMTP_CA_FILE=str(tls_dir / "ca.pem"),
+                MAILER_SMTP_HOST="localhost",
+                MAILER_SMTP_PORT=str(sink.port),
+                MAILER_SMTP_TLS="starttls",
+                MAILER_SMTP_CA_FILE=str(tls_dir / "ca.pem"),
                 MAILER_SMTP_PASSWORD=key,
             )
             print(f"relay:  local SMTP sink at localhost:{sink.port} (STARTTLS, AUTH apikey)")
@@ -74,13 +80,16 @@ def run_demo(count: int = 1000, per_connection: int = 0, timeout: float = 120.0)
         worker = WorkerProcess(env, name="demo")
         worker.start()
         stack.callback(worker.stop)
-        print(f"worker: pid {worker.pid}, up to {settings.worker_connections} SMTP sessions, "
-              f"rotating every {settings.max_messages_per_connection} messages")
+        print(
+            f"worker: pid {worker.pid}, up to {settings.worker_connections} SMTP sessions, "
+            f"rotating every {settings.max_messages_per_connection} messages"
+        )
 
         started = time.monotonic()
         ids = [
-            mailer.send(to=f"user{i}@example.com", subject=f"Demo message {i}",
-                        text=f"Hello number {i}.\n")
+            mailer.send(
+                to=f"user{i}@example.com", subject=f"Demo message {i}", text=f"Hello number {i}.\n"
+            )
             for i in range(count)
         ]
         enqueued = time.monotonic() - started
@@ -102,8 +111,10 @@ def run_demo(count: int = 1000, per_connection: int = 0, timeout: float = 120.0)
             sessions = sink.sessions
             ids_seen = sink.message_ids()
             duplicates = sum(n - 1 for n in ids_seen.values() if n > 1)
-            print(f"sessions:   {len(sessions)} opened, most messages on one session: "
-                  f"{max((s.mail_count for s in sessions), default=0)}")
+            print(
+                f"sessions:   {len(sessions)} opened, most messages on one session: "
+                f"{max((s.mail_count for s in sessions), default=0)}"
+            )
             print(f"duplicates: {duplicates}")
         print(f"elapsed:    {elapsed:.2f}s, {delivered / elapsed:.0f} messages/s end to end")
         mailer.reset_default_mailer()

@@ -21,7 +21,12 @@ QUEUE = "mailer"
 SEND_TASK = "mailer.send"
 BATCH_TASK = "mailer.send_batch"
 
-PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 5,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -63,7 +68,8 @@ def describe(payload: Mapping[str, Any]) -> str:
     meta = payload.get("meta", {})
     to = list(meta.get("to") or payload.get("rcpt_to", []))
     shown = to[:5] + ([f"... +{len(to) - 5}"] if len(to) > 5 else [])
-    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {str(meta.get('subject', ''))[:80]!r}}}"
+    subject = str(meta.get("subject", ""))[:80]
+    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {subject!r}}}"
 
 
 def describe_batch(payloads: Sequence[Mapping[str, Any]]) -> str:
@@ -89,10 +95,17 @@ class Publisher:
     def send_batches(self, batches: Iterable[Sequence[Mapping[str, Any]]]) -> None:
         with self.app.producer_or_acquire() as producer:
             for batch in batches:
-                self._publish(BATCH_TASK, ([dict(p) for p in batch],), describe_batch(batch), None, producer)
+                self._publish(
+                    BATCH_TASK, ([dict(p) for p in batch],), describe_batch(batch), None, producer
+                )
 
     def _publish(
-        self, name: str, args: tuple[Any, ...], argsrepr: str, countdown: float | None, producer: Any = None
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        argsrepr: str,
+        countdown: float | None,
+        producer: Any = None,
     ) -> None:
         try:
             self.app.send_task(

@@ -64,8 +64,9 @@ def make_sink(tls_material: TLSMaterial) -> Iterator[Callable[..., SinkServer]]:
         server.stop()
 
 
-def relay_env(redis_url: str, sink: SinkServer, tls_material: TLSMaterial, key: str,
-              **extra: object) -> dict[str, str]:
+def relay_env(
+    redis_url: str, sink: SinkServer, tls_material: TLSMaterial, key: str, **extra: object
+) -> dict[str, str]:
     """The environment a worker and a producer get in a test: everything real, nothing default."""
     env = {
         "MAILER_BROKER_URL": redis_url,

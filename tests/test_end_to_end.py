@@ -29,7 +29,9 @@ def _send(n: int, tag: str) -> dict[str, bytes]:
     sent: dict[str, bytes] = {}
     client = default_mailer()
     for i in range(n):
-        message = mailer.Message(to=f"user{i}@example.com", subject=f"{tag} {i}", text=f"body {i}\n")
+        message = mailer.Message(
+            to=f"user{i}@example.com", subject=f"{tag} {i}", text=f"body {i}\n"
+        )
         rendered = client.render(message)
         client.publisher.send(rendered.to_payload())
         sent[rendered.id] = rendered.data
@@ -37,16 +39,22 @@ def _send(n: int, tag: str) -> dict[str, bytes]:
 
 
 def test_thousand_messages_arrive_exactly_once_with_bytes_intact(
-    redis_url: str, make_sink: Callable[..., SinkServer], tls_material: TLSMaterial,
-    api_key: str, workers: Callable[..., WorkerProcess], producer_env: Callable[[dict[str, str]], None],
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     sink = make_sink(tls="starttls", auth=("apikey", api_key))
     env = relay_env(redis_url, sink, tls_material, api_key, MAILER_WORKER_CONNECTIONS=8)
     producer_env(env)
     worker = workers(env)
 
-    ids = [mailer.send(to=f"user{i}@example.com", subject=f"hello {i}", text=f"body {i}\n")
-           for i in range(500)]
+    ids = [
+        mailer.send(to=f"user{i}@example.com", subject=f"hello {i}", text=f"body {i}\n")
+        for i in range(500)
+    ]
     sent = _send(500, "again")
     assert sink.wait_for(1000, timeout=120), f"only {len(sink.received)} arrived"
     time.sleep(0.5)  # anything extra (a duplicate) would arrive now
@@ -56,7 +64,7 @@ def test_thousand_messages_arrive_exactly_once_with_bytes_intact(
     assert len(all_ids) == 1000
     assert set(counts) == all_ids
     assert max(counts.values()) == 1, "a message arrived twice"
-    by_id = {(r.message_id or '').split('@')[0]: r for r in sink.received}
+    by_id = {(r.message_id or "").split("@")[0]: r for r in sink.received}
     for message_id, data in sent.items():
         received = by_id[message_id].data
         assert received.rstrip(b"\r\n") == data.rstrip(b"\r\n"), "rendered bytes were altered"
@@ -68,20 +76,32 @@ def test_thousand_messages_arrive_exactly_once_with_bytes_intact(
 
 
 def test_sessions_rotate_before_the_limit_and_are_reused_across_tasks(
-    redis_url: str, make_sink: Callable[..., SinkServer], tls_material: TLSMaterial,
-    api_key: str, workers: Callable[..., WorkerProcess], producer_env: Callable[[dict[str, str]], None],
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False)
     pool_size = 8
-    env = relay_env(redis_url, sink, tls_material, api_key,
-                    MAILER_MAX_MESSAGES_PER_CONNECTION=100, MAILER_WORKER_CONNECTIONS=pool_size)
+    env = relay_env(
+        redis_url,
+        sink,
+        tls_material,
+        api_key,
+        MAILER_MAX_MESSAGES_PER_CONNECTION=100,
+        MAILER_WORKER_CONNECTIONS=pool_size,
+    )
     producer_env(env)
     workers(env)
     _send(1000, "rotate")
     assert sink.wait_for(1000, timeout=120)
 
     sessions = [s for s in sink.sessions if s.mail_count]
-    print(f"sessions used: {len(sessions)}, most MAIL on one: {max(s.mail_count for s in sessions)}")
+    print(
+        f"sessions used: {len(sessions)}, most MAIL on one: {max(s.mail_count for s in sessions)}"
+    )
     assert max(s.mail_count for s in sessions) <= 100
     # Reused across tasks: about 1000/100 rotations plus the pool's own size, never one per task.
     assert len(sessions) <= 1000 // 100 + 2 * pool_size
@@ -91,8 +111,12 @@ def test_sessions_rotate_before_the_limit_and_are_reused_across_tasks(
 
 
 def test_port_465_implicit_tls(
-    redis_url: str, make_sink: Callable[..., SinkServer], tls_material: TLSMaterial,
-    api_key: str, workers: Callable[..., WorkerProcess], producer_env: Callable[[dict[str, str]], None],
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     sink = make_sink(tls="tls", auth=("apikey", api_key))
     env = relay_env(redis_url, sink, tls_material, api_key)
@@ -114,8 +138,12 @@ def _wait_dead_letters_or_retries(worker: WorkerProcess, needle: str, timeout: f
 
 
 def test_server_without_starttls_gets_no_auth_and_no_message_and_nothing_is_lost(
-    redis_url: str, make_sink: Callable[..., SinkServer], tls_material: TLSMaterial,
-    api_key: str, workers: Callable[..., WorkerProcess], producer_env: Callable[[dict[str, str]], None],
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     plain = make_sink(tls="starttls", offer_starttls=False, auth=("apikey", api_key))
     env = relay_env(redis_url, plain, tls_material, api_key)
@@ -138,8 +166,12 @@ def test_server_without_starttls_gets_no_auth_and_no_message_and_nothing_is_lost
 
 
 def test_wrong_key_names_535_without_the_key_and_loses_nothing(
-    redis_url: str, make_sink: Callable[..., SinkServer], tls_material: TLSMaterial,
-    api_key: str, workers: Callable[..., WorkerProcess], producer_env: Callable[[dict[str, str]], None],
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     sink = make_sink(tls="starttls", auth=("apikey", api_key))
     wrong = "SG." + "w" * 22 + "." + "x" * 43
@@ -166,12 +198,17 @@ def test_wrong_key_names_535_without_the_key_and_loses_nothing(
     [
         ({"to": "not an address", "subject": "s", "text": "x"}, "to"),
         ({"to": "a@example.com", "subject": "bad\r\nBcc: x@evil.com", "text": "x"}, "subject"),
-        ({"to": "a@example.com", "subject": "s", "text": "x", "headers": {"X-Tag": "a\nb"}}, "headers"),
+        (
+            {"to": "a@example.com", "subject": "s", "text": "x", "headers": {"X-Tag": "a\nb"}},
+            "headers",
+        ),
     ],
 )
 def test_bad_input_is_refused_at_enqueue_naming_the_field_with_nothing_published(
-    redis_url: str, producer_env: Callable[[dict[str, str]], None],
-    fields: dict[str, object], field: str,
+    redis_url: str,
+    producer_env: Callable[[dict[str, str]], None],
+    fields: dict[str, object],
+    field: str,
 ) -> None:
     producer_env({"MAILER_BROKER_URL": redis_url, "MAILER_DEFAULT_FROM": "s@example.com"})
     with pytest.raises(mailer.InvalidMessage) as info:

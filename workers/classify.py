@@ -83,9 +83,16 @@ def classify(exc: BaseException, phase: Phase) -> Failure:
         worst = min(codes) if kind is Kind.RETRY else max(codes)
         return Failure(kind, worst, "all recipients refused", phase, refused)
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Failure(Kind.TLS, None, f"certificate verification failed: {exc.verify_message}", phase)
+        return Failure(
+            Kind.TLS, None, f"certificate verification failed: {exc.verify_message}", phase
+        )
     if isinstance(exc, aiosmtplib.SMTPException) and "STARTTLS" in str(exc).upper():
-        return Failure(Kind.TLS, None, "relay does not offer STARTTLS; refusing to authenticate in clear", phase)
+        return Failure(
+            Kind.TLS,
+            None,
+            "relay does not offer STARTTLS; refusing to authenticate in clear",
+            phase,
+        )
     if isinstance(exc, aiosmtplib.SMTPException) and "AUTH" in str(exc).upper():
         return Failure(Kind.AUTH, None, _text(exc), phase)
     timeout = isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError)

@@ -86,7 +86,7 @@ class DeadLetters:
         return int(self.redis.zcard(INDEX))
 
     def list(self, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
-        ids = self.redis.zrevrange(INDEX, offset, offset + limit - 1)
+        ids: list[bytes] = self.redis.zrevrange(INDEX, offset, offset + limit - 1)  # type: ignore[assignment]
         if not ids:
             return []
         raws = self.redis.hmget(RECORDS, ids)

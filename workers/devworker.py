@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 
 
 class WorkerProcess:
-    def __init__(self, env: Mapping[str, str], *, name: str = "w1", args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, env: Mapping[str, str], *, name: str = "w1", args: Sequence[str] = ()
+    ) -> None:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.name = name
         self.args = list(args)
@@ -32,9 +34,21 @@ class WorkerProcess:
         return "".join(self.lines)
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
-        argv = [sys.executable, "-m", "mailer", "worker", "--hostname", f"{self.name}@%h", *self.args]
+        argv = [
+            sys.executable,
+            "-m",
+            "mailer",
+            "worker",
+            "--hostname",
+            f"{self.name}@%h",
+            *self.args,
+        ]
         self.proc = subprocess.Popen(
-            argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()

@@ -46,7 +46,7 @@ class PoolStats:
 
 
 class SessionPool:
-    """At most `settings.worker_connections` sessions, reused across tasks, LIFO so spares idle out."""
+    """Up to `worker_connections` sessions, reused across tasks; LIFO so spares idle out."""
 
     def __init__(self, settings: Settings, leases: Leases) -> None:
         self.settings = settings
@@ -98,7 +98,9 @@ class SessionPool:
             async with self._freed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
+                    raise Failure(
+                        Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), remaining)
 
@@ -167,7 +169,7 @@ class SessionPool:
     def fence(self, lease_id: str) -> None:
         """Our lease is gone (expired, lost, Redis emptied): stop using that socket now."""
         for session in [*self._idle, *self._busy]:
-            if session.lease is not None and session.lease.id == lease_id:  # type: ignore[attr-defined]
+            if session.lease is not None and session.lease.id == lease_id:
                 self.stats.fenced += 1
                 log.warning("lease lost, aborting its connection", extra={"lease": lease_id})
                 session.lease = None

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,14 +92,18 @@ class Runtime:
         self.pool.fence(lease.id)
 
     def deliver(self, payload: Mapping[str, Any]) -> Result:
-        timeout = self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
+        timeout = (
+            self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
+        )
         return self.loop.run(self.adeliver(payload), timeout=timeout)
 
-    def deliver_many(self, payloads: list[Mapping[str, Any]]) -> list[Result | Failure]:
+    def deliver_many(self, payloads: Sequence[Mapping[str, Any]]) -> list[Result | Failure]:
         import asyncio
 
         async def all_of() -> list[Result | Failure]:
-            results = await asyncio.gather(*(self.adeliver(p) for p in payloads), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self.adeliver(p) for p in payloads), return_exceptions=True
+            )
             out: list[Result | Failure] = []
             for r in results:
                 if isinstance(r, Result | Failure):
@@ -108,7 +112,9 @@ class Runtime:
                     out.append(Failure(Kind.RECONNECT, None, f"{type(r).__name__}", Phase.CONNECT))
             return out
 
-        timeout = self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
+        timeout = (
+            self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
+        )
         return self.loop.run(all_of(), timeout=timeout + 30)
 
     async def adeliver(self, payload: Mapping[str, Any]) -> Result:

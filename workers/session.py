@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any, cast
 
 import aiosmtplib
 
@@ -51,7 +52,7 @@ class Delivered:
 class Session:
     """Counts every MAIL transaction so the pool can rotate it before the relay's limit."""
 
-    def __init__(self, settings: Settings, lease: object | None = None) -> None:
+    def __init__(self, settings: Settings, lease: Any = None) -> None:
         self.settings = settings
         self.lease = lease
         self.mail_count = 0
@@ -61,7 +62,9 @@ class Session:
         self._smtp: aiosmtplib.SMTP | None = None
 
     def __repr__(self) -> str:
-        return f"<Session {self.settings.smtp_host}:{self.settings.smtp_port} sent={self.mail_count}>"
+        return (
+            f"<Session {self.settings.smtp_host}:{self.settings.smtp_port} sent={self.mail_count}>"
+        )
 
     @property
     def connected(self) -> bool:
@@ -118,7 +121,9 @@ class Session:
         try:
             options = [f"SIZE={len(body)}"] if smtp.supports_extension("size") else []
             reply = await smtp.execute_command(
-                b"MAIL", b"FROM:<" + mail_from.encode("ascii") + b">", *(o.encode() for o in options)
+                b"MAIL",
+                b"FROM:<" + mail_from.encode("ascii") + b">",
+                *(o.encode() for o in options),
             )
             if reply.code != 250:
                 raise by_code(reply.code, reply.message, phase)
@@ -181,7 +186,7 @@ class Session:
                 await smtp.execute_command(b"QUIT", timeout=min(10.0, self.settings.smtp_timeout))
                 if protocol is not None:
                     await _wait_lost(protocol, timeout=2.0)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
             pass
         finally:
             smtp.close()
@@ -193,7 +198,7 @@ class Session:
         smtp, self._smtp = self._smtp, None
         self.broken = True
         if smtp is not None and smtp.transport is not None:
-            smtp.transport.abort()
+            cast(asyncio.Transport, smtp.transport).abort()
         if smtp is not None:
             smtp.close()
 

@@ -36,7 +36,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     circuit = Circuit(state).state(max_age=0)
     data = {
         "broker": redact_url(settings.broker_url),
-        "queue": {"name": QUEUE, "waiting": int(sync.llen(QUEUE)), "unacked": int(sync.hlen("unacked"))},
+        "queue": {
+            "name": QUEUE,
+            "waiting": int(sync.llen(QUEUE)),
+            "unacked": int(sync.hlen("unacked")),
+        },
         "leases": asyncio.run(_leases(settings)),
         "circuit": {"open": circuit.open, "reason": circuit.reason, "since": circuit.since},
         "dead_letters": DeadLetters(state).count(),
@@ -49,13 +53,17 @@ def collect(settings: Settings) -> dict[str, Any]:
 def render(data: dict[str, Any]) -> str:
     lines = [f"broker        {data['broker']}"]
     q = data["queue"]
-    lines.append(f"queue         {q['name']}: {q['waiting']} waiting, {q['unacked']} delivered unacked")
+    lines.append(
+        f"queue         {q['name']}: {q['waiting']} waiting, {q['unacked']} delivered unacked"
+    )
     circuit = data["circuit"]
     lines.append("circuit       " + (f"OPEN: {circuit['reason']}" if circuit["open"] else "closed"))
     lines.append(f"dead letters  {data['dead_letters']}")
     for name, limit in sorted(data["leases"].get("limits", {}).items()):
-        lines.append(f"leases {name:<7} {limit.get('held', 0)}/{limit.get('cap', '?')} held, "
-                     f"oldest {limit.get('oldest_age_s') or 0:.1f}s")
+        lines.append(
+            f"leases {name:<7} {limit.get('held', 0)}/{limit.get('cap', '?')} held, "
+            f"oldest {limit.get('oldest_age_s') or 0:.1f}s"
+        )
         for host, n in sorted(limit.get("hosts", {}).items()):
             lines.append(f"  host {host:<30} {n}")
         for proc, n in sorted(limit.get("processes", {}).items()):

@@ -1,4 +1,4 @@
-"""The two tasks: `mailer.send` (one message) and `mailer.send_batch` (many, each with its own fate).
+"""Two tasks: `mailer.send` (one message), `mailer.send_batch` (many, each with its own fate).
 
 Retries go through Celery's own `retry`, so Flower shows RETRY, the count and the SMTP reason;
 reprs are passed again on every retry (Celery drops them otherwise, celery#6086). Our own
@@ -48,8 +48,13 @@ def _countdown(failure: Failure, attempts: int) -> float:
     return backoff(attempts)
 
 
-def _dead(payload: Mapping[str, Any], kind: str, failure: Failure | None, attempts: int,
-          result: Result | None = None) -> None:
+def _dead(
+    payload: Mapping[str, Any],
+    kind: str,
+    failure: Failure | None,
+    attempts: int,
+    result: Result | None = None,
+) -> None:
     letter = deadletters.record(
         payload,
         kind=kind,
@@ -59,7 +64,9 @@ def _dead(payload: Mapping[str, Any], kind: str, failure: Failure | None, attemp
         refused=failure.refused if failure else (result.refused if result else None),
     )
     runtime().dead.add(letter)
-    log.warning("message dead-lettered", extra={"message_id": letter.id, "kind": kind, "code": letter.code})
+    log.warning(
+        "message dead-lettered", extra={"message_id": letter.id, "kind": kind, "code": letter.code}
+    )
 
 
 def _expired(payload: Mapping[str, Any], attempts: int) -> bool:
@@ -119,7 +126,13 @@ def send(self: Task, payload: dict[str, Any], attempts: int = 0) -> dict[str, An
 
     wait = _circuit_wait(self)
     if wait is not None:
-        raise retry(wait, attempts, Failure(Kind.AUTH, None, "circuit open: " + runtime().circuit.state().reason, Phase.CONNECT))
+        raise retry(
+            wait,
+            attempts,
+            Failure(
+                Kind.AUTH, None, "circuit open: " + runtime().circuit.state().reason, Phase.CONNECT
+            ),
+        )
     try:
         result = runtime().deliver(payload)
     except Failure as failure:
@@ -154,8 +167,12 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
             status = verdict
             if verdict == "retry":
                 send.apply_async(
-                    args=(payload,), kwargs={"attempts": attempts}, countdown=countdown, queue=QUEUE,
-                    argsrepr=describe(payload), kwargsrepr=repr({"attempts": attempts}),
+                    args=(payload,),
+                    kwargs={"attempts": attempts},
+                    countdown=countdown,
+                    queue=QUEUE,
+                    argsrepr=describe(payload),
+                    kwargsrepr=repr({"attempts": attempts}),
                 )
             elif verdict == "held":
                 _dead(payload, "uncertain", outcome, attempts)
@@ -163,4 +180,3 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
                 _dead(payload, "permanent" if verdict == "dead" else "expired", outcome, attempts)
         counts[status] = counts.get(status, 0) + 1
     return counts
-

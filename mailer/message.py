@@ -16,7 +16,6 @@ The wire payload (`Rendered.to_payload()`) is small, JSON-able and carries no se
 from __future__ import annotations
 
 import base64
-import json
 import math
 import mimetypes
 import re
@@ -26,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy as email_policy
-from email.headerregistry import Address, BaseHeader, HeaderRegistry
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.utils import format_datetime
 from functools import lru_cache
@@ -34,12 +33,11 @@ from typing import Any
 
 from mailer.errors import InvalidMessage
 from mailer.smtpapi import (
-    HEADER_NAME as SMTPAPI_HEADER,
-)
-from mailer.smtpapi import (
+    HEADER_NAME,
     MAX_UNIQUE_ARGS_BYTES,
     SMTPAPIHeader,
     fold_header_value,
+    header_json,
     parse_mailbox,
     unique_args_size,
 )
@@ -76,10 +74,10 @@ class _HeaderRegistry(HeaderRegistry):
         return super().__getitem__(name)
 
 
-# Normal headers go through the email package: RFC 2047 for non-ASCII, lines of 78.
-POLICY = email_policy.SMTP.clone(
-    max_line_length=78, cte_type="7bit", header_factory=_HeaderRegistry()
-)
+# The email package writes the MIME structure (and structured extra headers with non-ASCII
+# values); the top-level headers are written by this module, exactly.
+_REGISTRY = _HeaderRegistry()
+POLICY = email_policy.SMTP.clone(max_line_length=78, cte_type="7bit", header_factory=_REGISTRY)
 
 # Headers the message owns; `headers=` may not set them (X-SMTPAPI goes through smtpapi=).
 RESERVED_HEADERS = frozenset(
@@ -106,7 +104,7 @@ _CONTENT_ID = re.compile(r"[!-;=?-~]+")  # printable ASCII without space, '<' or
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _ENVELOPE_ADDRESS = re.compile(r"[!-~]+@[!-~]+")
 _NOT_7BIT = re.compile(r"[^\t\n\r\x20-\x7e]")
-_LONG_LINE = re.compile(r"[^\r\n]{%d}" % (MAX_LINE + 1))  # noqa: UP031
+_LONG_LINE = re.compile(f"[^\r\n]{{{MAX_LINE + 1}}}")
 _BAD_OUTPUT = re.compile(rb"[^\r\n]{%d}|\r(?!\n)|(?<!\r)\n" % (MAX_LINE + 1))
 _HIGH_BYTES = bytes(range(128, 256))
 _COMPRESSED_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2"}
@@ -276,9 +274,29 @@ def _display(name: str, addr: str) -> str:
     return str(Address(display_name=name, addr_spec=addr))
 
 
-def _address(name: str, addr: str) -> Address:
-    local, _, domain = addr.rpartition("@")
-    return Address(display_name=name, username=local, domain=domain)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PHRASE = re.compile(f"{_ATEXT}(?: {_ATEXT})*")
+
+
+def _mailbox(name: str, addr: str) -> str:
+    """One mailbox as header text. The display name is written so that RFC 5322/2047 readers
+    get it back exactly: single-spaced atoms as they are, other ASCII as a quoted-string (which
+    keeps every blank), non-ASCII as encoded-words. ("=?" in names is refused earlier.)"""
+    if not name:
+        return addr
+    if not name.isascii():
+        phrase = _encoded_words(name)
+    elif _PLAIN_PHRASE.fullmatch(name):
+        phrase = name
+    else:
+        phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{phrase} <{addr}>"
+
+
+def _address_header(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
+    value = ", ".join(_mailbox(*mailbox) for mailbox in mailboxes)
+    # Cannot fail: no token is longer than a 256-character name or a 254-character address.
+    return f"{name}: {fold_header_value(name, value)}\r\n"
 
 
 def _check_header_text(field: str, value: object, what: str = "") -> str:
@@ -296,9 +314,10 @@ def _check_header_text(field: str, value: object, what: str = "") -> str:
 
 
 def _encoded_words(text: str) -> str:
-    """`text` as RFC 2047 base64 encoded-words, one per folded line, each line ≤ 78 octets.
+    """`text` as RFC 2047 base64 encoded-words of at most 68 characters, separated by spaces
+    (fold points).
 
-    Decoders join adjacent encoded-words and drop the folding between them, so every
+    Decoders join adjacent encoded-words and drop the whitespace between them, so every
     character comes back, leading spaces and literal "=?" sequences included."""
     words: list[str] = []
     chunk: list[str] = []
@@ -310,11 +329,22 @@ def _encoded_words(text: str) -> str:
             chunk, size = [], 0
         chunk.append(ch)
         size += n
-    if chunk:
+    if chunk or not words:
         words.append("".join(chunk))
-    return "\r\n ".join(
+    return " ".join(
         "=?utf-8?b?" + base64.b64encode(w.encode("utf-8")).decode("ascii") + "?=" for w in words
     )
+
+
+def _subject_header(subject: str) -> str:
+    """The Subject line(s), exact: the email package's folding can lose blanks (a fold right
+    after "Subject:" comes back as a leading space) and lets literal "=?...?=" decode."""
+    if subject.isascii() and "=?" not in subject and subject[:1] not in (" ", "\t"):
+        try:
+            return f"Subject: {fold_header_value('Subject', subject)}\r\n"
+        except InvalidMessage:
+            pass  # a word too long for one line: encoded-words can be split anywhere
+    return f"Subject: {fold_header_value('Subject', _encoded_words(subject))}\r\n"
 
 
 def _body_cte(field: str, text: str) -> str:
@@ -418,7 +448,11 @@ class _Renderer:
                 # Sent exactly as given, folded at its own spaces; never encoded.
                 out.append(f"{name}: {fold_header_value(name, value, field=field)}\r\n")
                 continue
-            try:
+            if issubclass(_REGISTRY[name], UnstructuredHeader):
+                # Free text: all of it as encoded-words, so it decodes back exactly.
+                out.append(f"{name}: {fold_header_value(name, _encoded_words(value))}\r\n")
+                continue
+            try:  # a structured header (Sender, Resent-*...): the email package knows its syntax
                 folded = POLICY.header_factory(name, value).fold(policy=POLICY)
             except Exception as exc:  # the email package's parsers raise a variety of errors
                 raise InvalidMessage(field, f"cannot be encoded: {exc}") from None
@@ -448,7 +482,8 @@ class _Renderer:
                     field, "expected an Attachment or a (filename, content, mimetype) tuple"
                 )
             _check_header_text(field, filename, "the filename ")
-            if not filename.strip():
+            filename = filename.strip()  # mail readers drop surrounding blanks anyway
+            if not filename:
                 raise InvalidMessage(field, "the filename is empty")
             if len(filename) > MAX_FILENAME:
                 raise InvalidMessage(field, f"the filename is over {MAX_FILENAME} characters")
@@ -606,44 +641,38 @@ class _Renderer:
                 f"{MAX_UNIQUE_ARGS_BYTES}",
             )
         api_dict["unique_args"] = unique_args
-        api_json = json.dumps(api_dict, ensure_ascii=True)
+        api_json = header_json(api_dict)
         smtpapi_line = (
-            f"{SMTPAPI_HEADER}: {fold_header_value(SMTPAPI_HEADER, api_json, field='smtpapi')}\r\n"
+            f"{HEADER_NAME}: {fold_header_value(HEADER_NAME, api_json, field='smtpapi')}\r\n"
         )
 
-        # The MIME structure and the normal headers, through the email package.
+        # The MIME structure (parts, Content-*, encodings), through the email package.
         msg = EmailMessage(policy=POLICY)
-        msg["From"] = _address(*sender)
-        if to:
-            msg["To"] = [_address(*mb) for mb in to]
-        if cc:
-            msg["Cc"] = [_address(*mb) for mb in cc]
-        if reply_to:
-            msg["Reply-To"] = [_address(*mb) for mb in reply_to]
-        raw_subject: str | None = None
-        if subject[:1] in (" ", "\t") or "=?" in subject:
-            # The email package would lose leading blanks or let "=?...?=" decode; encode all.
-            raw_subject = f"Subject: {_encoded_words(subject)}\r\n"
-        else:
-            msg["Subject"] = subject
         self._body(msg, parts)
         for part in msg.walk():
             if part is not msg:
                 del part["MIME-Version"]
 
         domain = sender[1].rpartition("@")[2]
-        raw_headers = [
-            f"Date: {format_datetime(datetime.fromtimestamp(self.created_at, UTC))}\r\n",
-            f"Message-ID: <{message_id}@{domain}>\r\n",
-            *([raw_subject] if raw_subject else []),
-            *extra_headers,
-            smtpapi_line,
-        ]
+        # Every top-level header but the MIME ones is written here, exactly (see _mailbox,
+        # _subject_header, fold_header_value); the email package writes the MIME structure.
+        head = "".join(
+            (
+                _address_header("From", [sender]),
+                _address_header("To", to) if to else "",
+                _address_header("Cc", cc) if cc else "",
+                _address_header("Reply-To", reply_to) if reply_to else "",
+                _subject_header(subject),
+                f"Date: {format_datetime(datetime.fromtimestamp(self.created_at, UTC))}\r\n",
+                f"Message-ID: <{message_id}@{domain}>\r\n",
+                *extra_headers,
+                smtpapi_line,
+            )
+        )
         flat = msg.as_bytes(policy=POLICY)
-        end = flat.find(b"\r\n\r\n")
-        if end < 0:  # pragma: no cover - the generator always separates headers and body
-            raise RuntimeError("rendering produced no header/body separator")
-        data = b"".join((flat[: end + 2], "".join(raw_headers).encode("ascii"), flat[end + 2 :]))
+        if b"MIME-Version: 1.0\r\n" not in flat[: flat.find(b"\r\n\r\n") + 2]:  # pragma: no cover
+            raise RuntimeError("the email package produced an unexpected header block")
+        data = head.encode("ascii") + flat
         if not data.isascii() or _BAD_OUTPUT.search(data):
             # Every field was checked so that this cannot happen; refuse rather than send junk.
             raise RuntimeError("rendering produced non-ASCII bytes, a bare CR/LF or a long line")

@@ -29,6 +29,7 @@ __all__ = [
     "FIELDS",
     "SMTPAPIHeader",
     "fold_header_value",
+    "header_json",
     "parse_mailbox",
 ]
 
@@ -44,6 +45,7 @@ MAX_SCHEDULE_AHEAD = 72 * 3600
 MAX_SCHEDULE_PAST = 24 * 3600
 MAX_IP_POOL_LENGTH = 64
 MAX_BATCH_ID_LENGTH = 255
+MAX_DISPLAY_NAME = 256
 MAX_LINE = 998  # octets per physical line, CRLF excluded (RFC 5322 2.1.1)
 HEADER_NAME = "X-SMTPAPI"
 
@@ -197,6 +199,10 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
         if "<" in text or ">" in text:
             return f"{value!r} has unbalanced angle brackets"
         addr, name = text, ""
+    if len(name) > MAX_DISPLAY_NAME:
+        return f"the display name is over {MAX_DISPLAY_NAME} characters"
+    if "=?" in name:
+        return "the display name contains '=?', which mail readers would decode as RFC 2047"
     if not addr:
         return f"{value!r} has no address"
     if _WHITESPACE.search(addr) or "," in addr or ";" in addr:
@@ -315,7 +321,7 @@ def _check_foldable(data: Mapping[str, Any], text: str) -> None:
     if not _LONG_RUN.search(text):
         return
     for key, value in data.items():
-        match = _LONG_RUN.search(json.dumps({key: value}))
+        match = _LONG_RUN.search(header_json({key: value}))
         if match:
             raise InvalidMessage(
                 _field(key),
@@ -326,9 +332,17 @@ def _check_foldable(data: Mapping[str, Any], text: str) -> None:
     raise InvalidMessage("smtpapi", "cannot be folded into lines of at most 998 octets")
 
 
+def header_json(data: Mapping[str, Any]) -> str:
+    """The header's JSON: ASCII only, default separators, and no "=?" (written "\\u003d?"),
+    so that nothing on the way can take a piece of it for an RFC 2047 encoded-word."""
+    # "=" only ever appears literally inside JSON strings (no escape sequence contains it),
+    # so the replacement is exact: json.loads gives back the same data.
+    return json.dumps(data, ensure_ascii=True).replace("=?", "\\u003d?")
+
+
 def unique_args_size(args: Mapping[str, str]) -> int:
     """Size of `unique_args` as it is serialised in the header."""
-    return len(json.dumps(args))
+    return len(header_json(args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +742,7 @@ class SMTPAPIHeader:
                     f"{size} bytes serialised; at most {MAX_UNIQUE_ARGS_BYTES} (SendGrid's limit)",
                 )
         data = self._raw_dict()
-        _check_foldable(data, json.dumps(data))
+        _check_foldable(data, header_json(data))
         return data
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
@@ -737,7 +751,7 @@ class SMTPAPIHeader:
 
     def to_json(self, now: float | None = None) -> str:
         """ASCII-only JSON with the ", " and ": " separators (their spaces are fold points)."""
-        return json.dumps(self._validated_dict(now), ensure_ascii=True)
+        return header_json(self._validated_dict(now))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SMTPAPIHeader):

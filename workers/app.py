@@ -4,11 +4,25 @@ Reliability defaults (see ../shared/reference/celery-redis-aiosmtplib.md §1): l
 requeue on a lost worker (at-least-once, made idempotent by the ledger), prefetch of one per
 slot, a visibility timeout in all three places and longer than any retry countdown, task events
 on for Flower, bounded publish retries. Configuration errors surface here, at start-up.
+
+Shutdown. SIGTERM is Celery's *warm* shutdown: stop consuming, end the lease waits of running
+tasks (they go back to the queue without spending an attempt, see `_drain`), let transactions
+in flight finish, cancel tasks reserved but not started, and on closing the broker channel kombu
+pushes every unacknowledged message (reserved, or held in memory for a retry countdown) back to
+the queue. Then `worker_shutdown` QUITs every session and releases every lease. SIGQUIT (or a
+second Ctrl-C) is the *cold* shutdown: a soft phase of SOFT_SHUTDOWN_TIMEOUT seconds, even when
+idle so that held countdown messages are restored, then running tasks are cancelled.
+
+Per process, `worker_init` sets up metrics (MAILER_METRICS_PORT), the throughput counters of
+`mailer status`, and Celery's logging is given structured events and a redacting filter keyed
+on the API key.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 from celery import Celery, signals
 
@@ -16,6 +30,12 @@ from mailer.config import Settings
 from mailer.publish import QUEUE, celery_config
 
 settings = Settings.from_env()
+
+#: Cold shutdown (SIGQUIT) waits this long for running tasks before cancelling them.
+SOFT_SHUTDOWN_TIMEOUT = 20.0
+#: After Celery stopped its pool: the most the runtime waits for a straggling transaction
+#: before it QUITs the sessions and releases the leases.
+RUNTIME_CLOSE_TIMEOUT = 15.0
 
 app = Celery("mailer", broker=settings.broker_url, include=["workers.tasks"])
 app.conf.update(
@@ -27,7 +47,7 @@ app.conf.update(
     worker_send_task_events=True,
     worker_cancel_long_running_tasks_on_connection_loss=True,
     worker_enable_soft_shutdown_on_idle=True,
-    worker_soft_shutdown_timeout=20.0,
+    worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
     worker_hijack_root_logger=False,
     task_default_queue=QUEUE,
     task_ignore_result=True,
@@ -36,15 +56,75 @@ app.conf.update(
 log = logging.getLogger("mailer.worker")
 
 
+class _Process:
+    """What the worker set up in this process and must tear down at shutdown."""
+
+    throughput: Any = None
+    exporter: Any = None
+
+
+_process = _Process()
+
+
+def log_secrets() -> list[str]:
+    """What no log line may contain: the API key (and its AUTH encodings), URL passwords."""
+    from workers.logs import secrets_of
+
+    return secrets_of(
+        settings.smtp_password.reveal(),
+        settings.smtp_username,
+        urls=(settings.broker_url, settings.redis_url),
+    )
+
+
 @signals.worker_init.connect
-def _check_relay_settings(**_: object) -> None:
-    """Fails the worker at start-up (not a task later) when the relay settings are unusable."""
+def _on_worker_init(sender: Any = None, **_: object) -> None:
+    """Fails the worker at start-up (not a task later) when the relay settings are unusable;
+    then metrics and throughput counters, once per worker process."""
     settings.require_relay()
+    import redis
+
+    from workers import logs, metrics
+    from workers.status import Throughput
+
+    _process.exporter = metrics.install(settings, pool_cls=getattr(sender, "pool_cls", None))
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    _process.throughput = Throughput(client).start()
+    logs.subscribe(_process.throughput.on_event)
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _structured_logs(logger: logging.Logger | None = None, **_: object) -> None:
+    from workers import logs
+
+    if logger is not None:
+        logs.configure(logger, log_secrets())
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_: object) -> None:
+    """Runs in the signal handler of SIGTERM/SIGINT/SIGQUIT: tasks still waiting for a lease
+    give up now and go back to the queue, so the warm shutdown waits only for transactions."""
+    from workers import runtime
+
+    rt = runtime._runtime  # no lock in a signal handler; a stale read is harmless here
+    if rt is not None and rt.pid == os.getpid():
+        rt.drain()
 
 
 @signals.worker_shutdown.connect
 @signals.worker_process_shutdown.connect
 def _close_sessions(**_: object) -> None:
-    from workers.runtime import shutdown_runtime
+    from workers import logs, runtime
 
-    shutdown_runtime(timeout=15.0)
+    rt = runtime._runtime
+    if rt is not None and rt.pid == os.getpid():
+        logs.log_event(
+            "shutdown", open_sessions=rt.pool.open_sessions, leases=len(rt.keeper.leases)
+        )
+    runtime.shutdown_runtime(timeout=RUNTIME_CLOSE_TIMEOUT)
+    if _process.throughput is not None:
+        logs.unsubscribe(_process.throughput.on_event)
+        _process.throughput.stop()
+        _process.throughput = None

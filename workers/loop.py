@@ -8,6 +8,7 @@ process that uses it (after any fork), never in a prefork parent.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import os
 import threading
 from collections.abc import Coroutine
@@ -15,10 +16,17 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# asyncio allocates a read buffer of SSLProtocol.max_size (256 KiB) per TLS connection, which
+# makes an idle relay session cost ~330 KiB. What a relay sends us is short SMTP replies, so a
+# small buffer costs nothing (a larger record is simply read in several calls) and brings a
+# session under 64 KiB (bench/run.py --only rss). Set per worker process, where the loop lives.
+TLS_READ_BUFFER = 4 * 1024
+
 
 class LoopThread:
     def __init__(self, name: str = "mailer-loop") -> None:
         self.pid = os.getpid()
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -72,15 +72,26 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _failures(args: argparse.Namespace) -> int:
+    """Dead letters: list | show | retry | purge.
+
+    `retry` is an operator's decision to send again whatever the ledger recorded (this is how a
+    message held as "uncertain" is deliberately resent): it forgets the message's ledger record,
+    re-queues the stored payload with a fresh age budget and attempt count, and removes the
+    dead letter once the broker has it. A "recipients" letter holds only the refused envelope.
+    """
+    import time
+
     import redis
 
     from mailer.publish import Publisher
     from workers.deadletters import DeadLetters
+    from workers.ledger import Ledger
 
     settings = Settings.from_env()
     store = DeadLetters(redis.Redis.from_url(settings.redis_url))
+    kinds = set(args.kind or [])
     if args.action == "list":
-        letters = store.list(limit=args.limit)
+        letters = [d for d in store.list(limit=args.limit) if not kinds or d.kind in kinds]
         if args.json:
             print(json.dumps([d.summary() for d in letters], indent=2))
             return 0
@@ -91,32 +102,39 @@ def _failures(args: argparse.Namespace) -> int:
                 f"{d.subject[:40]!r}  {d.text[:60]}"
             )
         return 0
-    if args.action == "purge":
+    if args.action == "purge" and not args.ids:
         print(f"purged {store.purge()} dead letters")
         return 0
-    ids: list[str] = args.ids or ([d.id for d in store.list(limit=1_000_000)] if args.all else [])
+    ids: list[str] = list(args.ids)
+    if not ids and args.all:
+        ids = [d.id for d in store.list(limit=1_000_000) if not kinds or d.kind in kinds]
     if not ids:
         print("name message ids, or --all", file=sys.stderr)
         return 2
     publisher = Publisher(settings) if args.action == "retry" else None
     missing = 0
-    for message_id in ids:
-        letter = store.get(message_id)
-        if letter is None:
-            print(f"{message_id}: no such dead letter", file=sys.stderr)
-            missing += 1
-            continue
-        if args.action == "show":
-            print(json.dumps(letter.summary(), indent=2))
-        else:
-            assert publisher is not None
-            from workers.ledger import PREFIX
-
-            # An operator's replay is a decision to send again, whatever the ledger recorded.
-            store.redis.delete(PREFIX + message_id)
-            publisher.send(letter.payload)
-            store.remove(message_id)
-            print(f"{message_id}: re-queued")
+    try:
+        for message_id in ids:
+            letter = store.get(message_id)
+            if letter is None:
+                print(f"{message_id}: no such dead letter", file=sys.stderr)
+                missing += 1
+            elif args.action == "show":
+                print(json.dumps(letter.summary(), indent=2))
+            elif args.action == "purge":
+                store.remove(message_id)
+                print(f"{message_id}: purged")
+            else:
+                assert publisher is not None
+                payload = dict(letter.payload)
+                payload["meta"] = {**payload.get("meta", {}), "created_at": time.time()}
+                store.redis.delete(Ledger.key(message_id))
+                publisher.send(payload)
+                store.remove(message_id)
+                print(f"{message_id}: re-queued")
+    finally:
+        if publisher is not None:
+            publisher.close()
     return 1 if missing else 0
 
 
@@ -178,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show", "retry", "purge"])
     p.add_argument("ids", nargs="*")
     p.add_argument("--all", action="store_true", help="with retry: every dead letter")
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["permanent", "expired", "uncertain", "recipients"],
+        help="with list or retry --all: only these kinds (repeatable)",
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
 

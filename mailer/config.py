@@ -116,6 +116,7 @@ class Settings:
     smtp_password: Secret = field(default_factory=lambda: Secret(""))
     smtp_ca_file: str | None = None
     allow_insecure: bool = False
+    smtp_auth: bool = True
     default_from: str | None = None
     max_messages_per_connection: int = 5000
     max_connections: int = 10000
@@ -123,6 +124,7 @@ class Settings:
     max_connections_per_host: int | None = None
     visibility_timeout: int = 3600
     metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
     smtp_timeout: float = 60.0
     data_timeout: float = 600.0
     session_max_age: float = 1800.0
@@ -164,6 +166,13 @@ class Settings:
                 "'none' sends the API key in clear text; it needs MAILER_SMTP_ALLOW_INSECURE=1 "
                 "(only for a local sink)",
             )
+        # No AUTH at all: only for a local sink that cannot authenticate (Postfix's smtp-sink
+        # answers AUTH with 250, which every client reads as a failed login): bench only.
+        no_auth = _flag(env, "MAILER_SMTP_NO_AUTH")
+        if no_auth and not insecure:
+            raise ConfigError(
+                "MAILER_SMTP_NO_AUTH", "needs MAILER_SMTP_ALLOW_INSECURE=1 (only for a local sink)"
+            )
         ca_file = env.get("MAILER_SMTP_CA_FILE", "").strip() or None
         if ca_file and not os.path.isfile(ca_file):
             raise ConfigError("MAILER_SMTP_CA_FILE", f"no such file: {ca_file}")
@@ -191,6 +200,7 @@ class Settings:
             smtp_password=_password(env),
             smtp_ca_file=ca_file,
             allow_insecure=insecure,
+            smtp_auth=not no_auth,
             default_from=default_from,
             max_messages_per_connection=max_per_conn,
             max_connections=max_conns,
@@ -200,6 +210,7 @@ class Settings:
             ),
             visibility_timeout=visibility,
             metrics_port=_int(env, "MAILER_METRICS_PORT", None, 1, 65535),
+            metrics_addr=env.get("MAILER_METRICS_ADDR", "").strip() or "0.0.0.0",
             smtp_timeout=_float(env, "MAILER_SMTP_TIMEOUT", 60.0, 0.1, 3600.0),
             data_timeout=_float(env, "MAILER_DATA_TIMEOUT", 600.0, 0.1, 3600.0),
             session_max_age=_float(env, "MAILER_SESSION_MAX_AGE", 1800.0, 1.0, 86400.0),
@@ -217,7 +228,7 @@ class Settings:
 
     def require_relay(self) -> Settings:
         """Checks what a worker needs before it opens a single connection."""
-        if not self.smtp_password:
+        if not self.smtp_password and self.smtp_auth:
             raise ConfigError(
                 "MAILER_SMTP_PASSWORD",
                 "no API key: set MAILER_SMTP_PASSWORD or SENDGRID_API_KEY",

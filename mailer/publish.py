@@ -33,6 +33,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings both sides must agree on (the visibility timeout goes in all three places)."""
     transport = {
         "visibility_timeout": settings.visibility_timeout,
+        # kombu >= 5.7 sweeps unacked messages every interval x throttle (default 10 x 10 s):
+        # scan every 10 s, so a killed worker's messages return ~visibility_timeout after it.
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
         "socket_timeout": 30,
         "socket_connect_timeout": 10,
         "socket_keepalive": True,

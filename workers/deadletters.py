@@ -1,7 +1,11 @@
 """Messages we gave up on, kept in Redis with why, so an operator can list, read and replay them.
 
 The stored payload is the task payload (rendered message and envelope, no credentials); it
-lives only in Redis, never in Flower or logs.
+lives only in Redis, never in Flower or logs. Kinds: `permanent` (a 5xx), `expired` (out of
+attempts or older than MAILER_MAX_MESSAGE_AGE), `uncertain` (no reply after the DATA
+terminator, policy `hold`: the relay may have it), `recipients` (the message went out but some
+recipients were refused; the stored envelope holds only those, so a replay cannot resend to the
+others). One record per message id: a later outcome replaces an earlier one.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ def record(
     refused: Mapping[str, tuple[int, str]] | None = None,
 ) -> DeadLetter:
     meta = payload.get("meta", {})
+    stored = dict(payload)
+    if kind == "recipients" and refused:
+        # The others accepted it: a replay (`mailer failures retry`) goes to the refused only.
+        stored["rcpt_to"] = [r for r in payload.get("rcpt_to", []) if r in refused]
     return DeadLetter(
         id=str(payload["id"]),
         kind=kind,
@@ -66,7 +74,7 @@ def record(
         subject=str(meta.get("subject", "")),
         rcpt_to=list(payload.get("rcpt_to", [])),
         refused={k: list(v) for k, v in (refused or {}).items()},
-        payload=dict(payload),
+        payload=stored,
     )
 
 

@@ -5,28 +5,34 @@ and torn down on worker shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 
 from mailer.config import Settings
+from workers import metrics
 from workers.circuit import Circuit
 from workers.classify import Failure, Kind, Phase
 from workers.deadletters import DeadLetters
 from workers.ledger import Ledger
+from workers.logs import log_event
 from workers.loop import LoopThread
 from workers.pool import LeaseLike, SessionPool
 from workers.semaphore import LeaseKeeper, LeaseSemaphore, Limit
 from workers.session import wire_body
 
 log = logging.getLogger("mailer.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,25 +44,87 @@ class Result:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+_orphans: set[asyncio.Future[Any]] = set()
+
+
+async def _unless(
+    stop: asyncio.Event,
+    coro: Coroutine[Any, Any, T | None],
+    orphan: Callable[[T], Awaitable[Any]],
+) -> T | None:
+    """`coro`'s result, or None if `stop` is set first (then `coro` is cancelled). A result
+    that arrives when we were cancelled ourselves (nobody will use it) goes to `orphan`."""
+    task = asyncio.ensure_future(coro)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.add_done_callback(lambda done: _adopt(done, orphan))
+        task.cancel()
+        raise
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return None if task.cancelled() else task.result()
+
+
+def _adopt(done: asyncio.Future[T | None], orphan: Callable[[T], Awaitable[Any]]) -> None:
+    result = None if done.cancelled() or done.exception() is not None else done.result()
+    if result is None:
+        return
+    follow = asyncio.ensure_future(orphan(result))
+    _orphans.add(follow)
+    follow.add_done_callback(_orphans.discard)
+
+
+def _unavailable(exc: BaseException, phase: Phase) -> Failure:
+    """Our Redis (ledger) failed before anything reached the relay: wait, spend no attempt."""
+    return Failure(Kind.UNAVAILABLE, None, f"ledger unavailable ({type(exc).__name__})", phase)
+
+
+async def _quietly(step: Awaitable[Any]) -> bool:
+    """A ledger write after the relay answered: never turn its outcome into an error."""
+    try:
+        await step
+    except (redis.RedisError, OSError) as exc:
+        log.warning(
+            "ledger write failed (%s); the record will lapse or be resolved on redelivery",
+            type(exc).__name__,
+        )
+        return False
+    return True
+
+
 class _Leases:
     """Adapts the semaphore to the pool: every lease handed out is renewed by the keeper."""
 
     def __init__(self, semaphore: LeaseSemaphore, keeper: LeaseKeeper) -> None:
         self.semaphore = semaphore
         self.keeper = keeper
+        self.draining = asyncio.Event()  # set at shutdown: waiting for a lease is pointless
 
     async def acquire(self, deadline: float) -> LeaseLike | None:
+        started = time.monotonic()
         try:
-            lease = await self.semaphore.acquire(deadline)
+            lease = await _unless(self.draining, self.semaphore.acquire(deadline), self.release)
         except (redis.RedisError, OSError) as exc:  # fail closed: no lease without Redis
             log.warning("lease acquire failed: %s", type(exc).__name__)
             return None
         if lease is not None:
             self.keeper.add(lease)
+            log_event("lease_acquired", lease=lease.id, waited_s=time.monotonic() - started)
         return lease
+
+    @property
+    def contended(self) -> bool:
+        return self.semaphore.contended
 
     async def release(self, lease: LeaseLike) -> None:
         self.keeper.discard(lease)  # type: ignore[arg-type]
+        log_event("lease_released", lease=lease.id)
         try:
             await self.semaphore.release(lease)  # type: ignore[arg-type]
         except (redis.RedisError, OSError):
@@ -75,34 +143,80 @@ class Runtime:
 
     async def _start(self) -> None:
         s = self.settings
-        self.redis = aioredis.from_url(
-            s.redis_url, socket_timeout=max(2.0, s.lease_ttl / 6), socket_connect_timeout=2.0
+        # The ledger's client blocks rather than raising when busy (see the lease client below);
+        # `adeliver` runs at most `worker_connections` attempts at once, each one call at a time.
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=s.worker_connections + 8,
+                timeout=10.0,
+                socket_timeout=max(2.0, s.lease_ttl / 6),
+                socket_connect_timeout=2.0,
+            )
         )
         limits = [Limit("smtp", s.max_connections)]
         if s.max_connections_per_host:
             limits.append(Limit(f"host:{s.hostname}", s.max_connections_per_host))
-        self.semaphore = LeaseSemaphore(self.redis, limits, s.lease_ttl, host=s.hostname)
+        # Leases get a client of their own, blocking rather than raising when busy: a burst of
+        # ledger calls (redis-py's asyncio pool raises MaxConnectionsError past 100) must never
+        # fail an acquire or delay a renewal. Lease commands take well under a millisecond, so a
+        # few connections serve every acquire and release of the process (they queue), and a
+        # fleet of hundreds of processes stays far below Redis' maxclients (10,000).
+        self.lease_redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                s.redis_url,
+                max_connections=min(32, 2 * s.worker_connections + 4),
+                timeout=5.0,
+                socket_timeout=max(2.0, s.lease_ttl / 6),
+                socket_connect_timeout=2.0,
+            )
+        )
+        self.semaphore = LeaseSemaphore(self.lease_redis, limits, s.lease_ttl, host=s.hostname)
         self.keeper = LeaseKeeper(self.semaphore, on_lost=self._on_lease_lost)
-        self.pool = SessionPool(s, _Leases(self.semaphore, self.keeper))
+        self.leases = _Leases(self.semaphore, self.keeper)
+        self.pool = SessionPool(s, self.leases)
         self.ledger = Ledger(self.redis, ttl=s.ledger_ttl, claim_ttl=3 * s.smtp_timeout + 10)
         self.keeper.start()
         self.pool.start()
 
-    def _on_lease_lost(self, lease: Any) -> None:
-        self.pool.fence(lease.id)
+    def drain(self) -> None:
+        """Shutdown begins (safe from a signal handler): tasks waiting for a lease stop waiting
+        and go back to the queue; transactions in flight carry on."""
+        self.loop.loop.call_soon_threadsafe(self.leases.draining.set)
 
-    def deliver(self, payload: Mapping[str, Any]) -> Result:
-        timeout = (
-            self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
-        )
-        return self.loop.run(self.adeliver(payload), timeout=timeout)
+    def _on_lease_lost(self, lease: Any) -> Coroutine[Any, Any, None]:
+        log_event("lease_lost", lease=lease.id, level=logging.WARNING)
+        return self.pool.on_lease_lost(lease)  # aborts now; the returned release runs later
+
+    def _attempt_budget(self) -> float:
+        """The longest one attempt may take: a lease, a connection, the commands, the DATA reply."""
+        s = self.settings
+        return s.lease_wait + 4 * s.smtp_timeout + s.data_timeout
+
+    async def _bounded(self, payload: Mapping[str, Any], released: str = "") -> Result:
+        """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
+        phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
+        try:
+            return await asyncio.wait_for(
+                self.adeliver(payload, released), self._attempt_budget()
+            )
+        except TimeoutError:
+            raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
+
+    def deliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
+        try:
+            return self.loop.run(
+                self._bounded(payload, released), timeout=self._attempt_budget() + 30
+            )
+        except TimeoutError:
+            # The loop itself is stuck: the attempt may still be running. The ledger decides
+            # what a later attempt may do, so wait rather than guess.
+            raise Failure(Kind.IN_FLIGHT, None, "attempt still running", Phase.CONNECT) from None
 
     def deliver_many(self, payloads: Sequence[Mapping[str, Any]]) -> list[Result | Failure]:
-        import asyncio
-
         async def all_of() -> list[Result | Failure]:
             results = await asyncio.gather(
-                *(self.adeliver(p) for p in payloads), return_exceptions=True
+                *(self._bounded(p) for p in payloads), return_exceptions=True
             )
             out: list[Result | Failure] = []
             for r in results:
@@ -112,51 +226,87 @@ class Runtime:
                     out.append(Failure(Kind.RECONNECT, None, f"{type(r).__name__}", Phase.CONNECT))
             return out
 
-        timeout = (
-            self.settings.lease_wait + 4 * self.settings.smtp_timeout + self.settings.data_timeout
-        )
-        return self.loop.run(all_of(), timeout=timeout + 30)
+        try:
+            return self.loop.run(all_of(), timeout=self._attempt_budget() + 30)
+        except TimeoutError:
+            stuck = Failure(Kind.IN_FLIGHT, None, "attempt still running", Phase.CONNECT)
+            return [stuck for _ in payloads]
 
-    async def adeliver(self, payload: Mapping[str, Any]) -> Result:
-        """One attempt, guarded by the ledger so a message the relay has is never sent again."""
+    @property
+    def gate(self) -> asyncio.Semaphore:
+        """At most `worker_connections` attempts at once in this process (one per session): a
+        batch of hundreds claims its messages only as sessions free up, so claims don't lapse
+        while waiting and the ledger's connection pool is never exhausted."""
+        gate: asyncio.Semaphore | None = getattr(self, "_gate", None)
+        if gate is None:
+            gate = self._gate = asyncio.Semaphore(self.settings.worker_connections)
+        return gate
+
+    async def adeliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
+        """One delivery attempt of one message (see `_attempt`), when this process has room."""
+        async with self.gate:
+            return await self._attempt(payload, released)
+
+    async def _attempt(self, payload: Mapping[str, Any], released: str) -> Result:
+        """One attempt, guarded by the ledger so a message the relay has is never sent again.
+
+        Claim, mark `data` just before the terminator, `sent` on the 250. A Redis error before
+        the terminator is UNAVAILABLE (nothing was sent: wait); after the 250 it is logged and
+        the message still counts as sent. A copy that finds the message `data`/`uncertain`
+        follows MAILER_UNCERTAIN_POLICY: `hold` returns "held", `retry` takes it over.
+        """
         message_id = str(payload["id"])
         owner = uuid.uuid4().hex
-        blocking = await self.ledger.claim(message_id, owner)
+        try:
+            body = wire_body(str(payload["data"]).encode("ascii"))
+        except UnicodeError:
+            raise Failure(Kind.PERMANENT, None, "message is not 7-bit", Phase.DATA) from None
+        takeover = self.settings.uncertain_policy == "retry"
+        try:
+            blocking = await self.ledger.claim(
+                message_id, owner, takeover=takeover, released=released
+            )
+        except (redis.RedisError, OSError) as exc:
+            failure = _unavailable(exc, Phase.CONNECT)
+            failure.attempt = owner  # the claim may have landed: our retry may take it back
+            raise failure from None
         if blocking is not None:
             if blocking.state == "sent":
                 return Result("duplicate", blocking.reply)
             if blocking.state == "failed":
                 return Result("failed", blocking.reply)
-            if blocking.state == "claimed":
-                raise Failure(Kind.RETRY, None, "another attempt is in flight", Phase.CONNECT)
-            # "data" (its sender died inside the ambiguous window) or "uncertain"
-            if self.settings.uncertain_policy != "retry":
-                await self.ledger.mark(message_id, "uncertain", reply=blocking.reply)
-                return Result("held", "previous attempt may have reached the relay")
-            await self.ledger.mark(message_id, "claimed", owner=owner)
+            if blocking.state in ("claimed", "data"):  # `data` within its window: alive
+                raise Failure(Kind.IN_FLIGHT, None, "another attempt holds it", Phase.CONNECT)
+            return Result("held", blocking.reply or "a previous attempt may have reached the relay")
+
+        window = self.settings.data_timeout + self.settings.smtp_timeout + 10
 
         async def before_body() -> None:
-            await self.ledger.mark(message_id, "data", owner=owner)
+            try:
+                ours = await self.ledger.begin_data(message_id, owner, window)
+            except (redis.RedisError, OSError) as exc:
+                raise _unavailable(exc, Phase.DATA) from None
+            if not ours:
+                raise Failure(Kind.IN_FLIGHT, None, "another attempt took it over", Phase.DATA)
 
         try:
             delivered = await self.pool.send(
-                str(payload["mail_from"]),
-                list(payload["rcpt_to"]),
-                wire_body(str(payload["data"]).encode("ascii")),
-                before_body,
+                str(payload["mail_from"]), list(payload["rcpt_to"]), body, before_body
             )
         except Failure as failure:
+            metrics.smtp_failure(failure)
             if failure.kind is Kind.UNCERTAIN:
-                await self.ledger.mark(message_id, "uncertain", reply=failure.reason)
+                await _quietly(self.ledger.settle(message_id, owner, "uncertain", failure.reason))
             elif failure.kind is Kind.PERMANENT:
-                await self.ledger.mark(message_id, "failed", reply=failure.reason)
-            else:
-                await self.ledger.release(message_id, owner)
+                await _quietly(self.ledger.settle(message_id, owner, "failed", failure.reason))
+            elif not await _quietly(self.ledger.release(message_id, owner)):
+                failure.attempt = owner  # nothing at the relay: the retry may reclaim the record
             raise
         except BaseException:
-            await self.ledger.release(message_id, owner)
+            await _quietly(self.ledger.release(message_id, owner))
             raise
-        await self.ledger.mark(message_id, "sent", reply=delivered.reply)
+        metrics.delivered(delivered.refused)
+        await _quietly(self.ledger.settle(message_id, owner, "sent", delivered.reply))
         return Result("sent", delivered.reply, delivered.refused)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -164,6 +314,7 @@ class Runtime:
             await self.pool.close(timeout)
             await self.keeper.stop()
             await self.semaphore.close()
+            await self.lease_redis.aclose()
             await self.redis.aclose()
 
         try:

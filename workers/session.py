@@ -86,7 +86,10 @@ class Session:
             await smtp.connect()
             if s.smtp_tls != "none" and smtp.get_transport_info("sslcontext") is None:
                 raise Failure(Kind.TLS, None, "connection is not encrypted", Phase.CONNECT)
-            await smtp.login(s.smtp_username, s.smtp_password.reveal())
+            if s.smtp_auth:
+                await smtp.login(s.smtp_username, s.smtp_password.reveal())
+            elif smtp.last_ehlo_response is None:
+                await smtp.ehlo()  # MAILER_SMTP_NO_AUTH (a local sink): EHLO for its extensions
         except BaseException as exc:
             smtp.close()
             raise classify(exc, Phase.CONNECT) from None
@@ -120,6 +123,7 @@ class Session:
         phase = Phase.MAIL
         try:
             options = [f"SIZE={len(body)}"] if smtp.supports_extension("size") else []
+            self._fence_check(phase)
             reply = await smtp.execute_command(
                 b"MAIL",
                 b"FROM:<" + mail_from.encode("ascii") + b">",
@@ -130,17 +134,21 @@ class Session:
             phase = Phase.RCPT
             refused: dict[str, tuple[int, str]] = {}
             for rcpt in rcpt_to:
+                self._fence_check(phase)
                 reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("ascii") + b">")
                 if reply.code not in (250, 251):
                     if reply.code == 421:
                         raise by_code(reply.code, reply.message, phase)
                     refused[rcpt] = (reply.code, reply.message)
-            if len(refused) == len(rcpt_to):
-                await self._reset()
+            if len(refused) == len(rcpt_to):  # the except clause below sends RSET
                 codes = [c for c, _ in refused.values()]
                 kind = Kind.PERMANENT if all(c >= 500 for c in codes) else Kind.RETRY
-                raise Failure(kind, min(codes), "all recipients refused", phase, refused)
+                code = min(codes)
+                said = next(text for c, text in refused.values() if c == code)
+                what = f"{said}" if len(refused) == 1 else f"all {len(refused)} refused: {said}"
+                raise Failure(kind, code, " ".join(what.split())[:300], phase, refused)
             phase = Phase.DATA
+            self._fence_check(phase)
             reply = await smtp.execute_command(b"DATA")
             if reply.code != 354:
                 raise by_code(reply.code, reply.message, phase)
@@ -149,16 +157,23 @@ class Session:
             protocol = smtp.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the body")
+            self._fence_check(phase)  # no await between this check and the write
             protocol.write(body)
             phase = Phase.REPLY
             reply = await protocol.read_response(timeout=self.settings.data_timeout)
             if reply.code == 421:
                 smtp.close()
-            if reply.code != 250:
+            if not 200 <= reply.code < 300:
                 raise by_code(reply.code, reply.message, phase)
             return Delivered(reply.message, refused)
         except Failure as failure:
-            if failure.kind in (Kind.RECONNECT, Kind.UNCERTAIN) or not smtp.is_connected:
+            if failure.kind in (Kind.RETRY, Kind.PERMANENT) and phase in (Phase.RCPT, Phase.DATA):
+                # A refused DATA command leaves MAIL and RCPT open on the relay: without RSET
+                # the next message's MAIL would get "503 nested MAIL" and be dead-lettered.
+                await self._reset()
+            elif failure.kind not in (Kind.RETRY, Kind.PERMANENT):
+                self.broken = True  # 421, drop, ambiguous reply, AUTH lost: never reuse it
+            if not smtp.is_connected:
                 self.broken = True
             raise
         except BaseException as exc:
@@ -167,7 +182,30 @@ class Session:
         finally:
             self.last_used = time.monotonic()
 
+    def lease_expired(self, now: float | None = None) -> bool:
+        """True once this connection's lease may belong to someone else: never write again."""
+        lease = self.lease
+        if lease is None:
+            return False
+        valid_until = float(getattr(lease, "valid_until", 0.0))
+        return valid_until <= (time.monotonic() if now is None else now)
+
+    def _fence_check(self, phase: Phase) -> None:
+        """Called right before every write of a transaction (no await in between).
+
+        After a stall (SIGSTOP, a long GC, a blocked loop) the task can resume mid-transaction
+        before the lease keeper runs; the lease's `valid_until` is local monotonic time, so this
+        check needs no Redis and cannot be late. Bytes already handed to the kernel (or
+        buffered in the transport) before the stall are out of our hands.
+        """
+        if self.lease_expired() or self.broken or self._smtp is None:
+            self.abort()
+            raise Failure(Kind.RECONNECT, None, "connection fenced: its lease expired", phase)
+
     async def _reset(self) -> None:
+        if self._smtp is not None and self.lease_expired():
+            self.abort()
+            return
         if self._smtp is not None:
             try:
                 await self._smtp.rset()
@@ -175,8 +213,14 @@ class Session:
                 self.broken = True
 
     async def close(self) -> None:
-        """QUIT, then wait for the server to close its end: only then is the slot free."""
-        smtp, self._smtp = self._smtp, None
+        """QUIT, then wait for the server to close its end: only then is the slot free.
+
+        With an expired lease there is no QUIT (that would be a write): the socket is aborted.
+        """
+        if self.lease_expired():
+            self.abort()
+            return
+        smtp = self._smtp  # kept on self until closed, so `abort()` can still cut it short
         if smtp is None:
             return
         protocol = smtp.protocol
@@ -189,6 +233,8 @@ class Session:
         except (TimeoutError, aiosmtplib.SMTPException, OSError):
             pass
         finally:
+            if self._smtp is smtp:
+                self._smtp = None
             smtp.close()
         if protocol is not None:
             await _wait_lost(protocol, timeout=2.0)

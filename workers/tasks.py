@@ -2,34 +2,68 @@
 
 Retries go through Celery's own `retry`, so Flower shows RETRY, the count and the SMTP reason;
 reprs are passed again on every retry (Celery drops them otherwise, celery#6086). Our own
-`attempts` counts SMTP attempts only: waiting for a lease or for the circuit breaker to close
-does not spend a message's retries.
+`attempts` counts SMTP attempts only: waiting for a lease, for the ledger's Redis, for another
+copy of the same message or for the circuit breaker to close does not spend a message's retries
+(see the table in workers/classify.py).
+
+No path acknowledges a message that was neither delivered, dead-lettered nor handed back to the
+broker: an unexpected error becomes a retry, and a retry that cannot be published (the broker is
+down past the publish retry policy) requeues the message instead of letting Celery drop it
+(`Task.retry` raises `Reject(requeue=False)` then, ../shared/reference/celery-redis-aiosmtplib.md
+§1). Every countdown stays below a quarter of the visibility timeout, so Redis never redelivers
+a message that is merely waiting for its ETA; longer waits are chains of retries.
+
+Outcomes as Flower shows them: SUCCESS (sent, or a duplicate acknowledged without sending),
+RETRY (with the SMTP code and text), FAILURE `PermanentFailure` (dead-lettered: permanent or
+expired) and FAILURE `HeldForReview` (dead-lettered as "uncertain" under the `hold` policy;
+`mailer failures retry <id>` sends it again deliberately).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from celery import Task
-from celery.exceptions import Retry
+import redis
+from celery import Task, signals
+from celery.exceptions import Reject
 
-from mailer.publish import QUEUE, describe
+from mailer.publish import QUEUE, describe, describe_batch
 from workers import deadletters
 from workers.app import app, settings
-from workers.classify import Failure, Kind, Phase
+from workers.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
+from workers.logs import log_event, log_retried
 from workers.runtime import Result, runtime
 
 log = logging.getLogger("mailer.worker")
 
-WAIT_KINDS = (Kind.AUTH, Kind.TLS, Kind.NO_LEASE)
+#: A task whose message must wait for the circuit breaker holds its thread this long (bounded
+#: well below the visibility timeout) before handing the message back with a retry: while every
+#: thread waits the worker fetches nothing, so queued messages stay queued instead of churning.
+CIRCUIT_HOLD = min(30.0, settings.retry_countdown_max)
+#: Before requeueing a message whose retry could not be published: no hot loop on a sick broker.
+REQUEUE_PAUSE = 1.0
+
+_shutting_down = threading.Event()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_: object) -> None:
+    """Tasks holding for the circuit breaker hand their messages back at once."""
+    _shutting_down.set()
 
 
 class PermanentFailure(Exception):
     """Raised after dead-lettering so Flower shows FAILURE with the relay's reply."""
+
+
+class HeldForReview(Exception):
+    """The relay may have the message (no reply after the DATA terminator); policy `hold`
+    dead-lettered it as "uncertain" rather than risk a duplicate."""
 
 
 def backoff(attempts: int) -> float:
@@ -38,14 +72,20 @@ def backoff(attempts: int) -> float:
     return random.uniform(0.5, min(cap, 5.0 * 2 ** max(0, attempts - 1)))
 
 
-def _countdown(failure: Failure, attempts: int) -> float:
+def countdown_for(failure: Failure, attempts: int) -> float:
+    """Seconds before the retry runs; always below `retry_countdown_max` (< visibility / 4)."""
+    cap = float(settings.retry_countdown_max)
     if failure.kind is Kind.RECONNECT:
-        return random.uniform(0.1, 1.0)
-    if failure.kind is Kind.NO_LEASE:
-        return random.uniform(1.0, 5.0)
-    if failure.kind in (Kind.AUTH, Kind.TLS):
-        return random.uniform(0.5, 1.5) * 10.0
-    return backoff(attempts)
+        seconds = random.uniform(0.1, 1.0)
+    elif failure.kind in (Kind.NO_LEASE, Kind.UNAVAILABLE):
+        seconds = random.uniform(1.0, 5.0)
+    elif failure.kind is Kind.IN_FLIGHT:
+        seconds = random.uniform(2.0, 10.0)
+    elif failure.kind in CIRCUIT_KINDS:
+        seconds = random.uniform(0.5, 1.5) * settings.circuit_probe_interval
+    else:
+        seconds = backoff(attempts)
+    return min(cap, seconds)
 
 
 def _dead(
@@ -64,24 +104,43 @@ def _dead(
         refused=failure.refused if failure else (result.refused if result else None),
     )
     runtime().dead.add(letter)
-    log.warning(
-        "message dead-lettered", extra={"message_id": letter.id, "kind": kind, "code": letter.code}
+    log_event(
+        "dead_lettered",
+        message_id=letter.id,
+        kind=kind,
+        code=letter.code,
+        attempts=attempts,
+        reason=letter.text,
+        level=logging.WARNING,
     )
 
 
-def _expired(payload: Mapping[str, Any], attempts: int) -> bool:
+def _too_old(payload: Mapping[str, Any]) -> bool:
     created = float(payload.get("meta", {}).get("created_at", time.time()))
-    return attempts > settings.max_retries or time.time() - created > settings.max_message_age
+    return time.time() - created > settings.max_message_age
 
 
-def decide(payload: Mapping[str, Any], attempts: int, failure: Failure) -> tuple[str, int, float]:
-    """('retry', attempts, countdown) or ('dead', attempts, 0); trips the breaker when needed."""
-    rt = runtime()
-    if failure.kind in (Kind.AUTH, Kind.TLS):
-        rt.circuit.trip(failure.reason)
-        return "retry", attempts, _countdown(failure, attempts)
-    if failure.kind is Kind.NO_LEASE:
-        return "retry", attempts, _countdown(failure, attempts)
+def _expired(payload: Mapping[str, Any], attempts: int) -> bool:
+    return attempts > settings.max_retries or _too_old(payload)
+
+
+def decide(
+    payload: Mapping[str, Any], attempts: int, failure: Failure, *, trip: bool = True
+) -> tuple[str, int, float]:
+    """(verdict, attempts, countdown): verdict is retry | dead | held | expired.
+
+    Waits (circuit, lease, ledger, in flight) keep `attempts` but not past the maximum age;
+    a circuit failure from the relay trips the fleet-wide breaker (`trip=False` for a message
+    that only waited for it: re-opening a breaker a probe just closed would stall the fleet)."""
+    if failure.kind in WAIT_KINDS:
+        if failure.kind in CIRCUIT_KINDS and trip:
+            try:
+                runtime().circuit.trip(failure.reason)
+            except (redis.RedisError, OSError):
+                log.warning("could not open the circuit breaker (Redis unavailable)")
+        if _too_old(payload):
+            return "expired", attempts, 0.0
+        return "retry", attempts, countdown_for(failure, attempts)
     if failure.kind is Kind.PERMANENT:
         return "dead", attempts + 1, 0.0
     if failure.kind is Kind.UNCERTAIN and settings.uncertain_policy == "hold":
@@ -89,94 +148,182 @@ def decide(payload: Mapping[str, Any], attempts: int, failure: Failure) -> tuple
     attempts += 1
     if _expired(payload, attempts):
         return "expired", attempts, 0.0
-    return "retry", attempts, _countdown(failure, attempts)
+    return "retry", attempts, countdown_for(failure, attempts)
 
 
-def _circuit_wait(task: Task) -> float | None:
-    """Countdown to wait while the breaker is open, or None to go ahead (possibly as the probe)."""
-    state = runtime().circuit.state()
-    if not state.open or runtime().circuit.try_probe():
-        return None
-    return random.uniform(0.5, 1.5) * runtime().circuit.probe_interval
+def wait_for_circuit(hold: float = CIRCUIT_HOLD) -> Failure | None:
+    """None when sending may go ahead: the breaker is closed, or this task won the fleet's one
+    probe of the interval. Otherwise holds the thread up to `hold` seconds and returns why the
+    message must wait. A Redis error counts as closed: the ledger then fails fast (UNAVAILABLE)."""
+    circuit = runtime().circuit
+    deadline = time.monotonic() + hold
+    while True:
+        try:
+            state = circuit.state()
+            if not state.open or circuit.try_probe():
+                return None
+        except (redis.RedisError, OSError):
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or _shutting_down.is_set():
+            return Failure(Kind.AUTH, None, f"circuit open: {state.reason}", Phase.CONNECT)
+        _shutting_down.wait(min(0.5, remaining))
+
+
+def _republish(task: Task, countdown: float, exc: BaseException, **options: Any) -> NoReturn:
+    """Celery's retry with our reprs; if it cannot publish, requeue instead of being dropped."""
+    try:
+        raise task.retry(countdown=countdown, exc=exc, queue=QUEUE, **options)
+    except Reject as reject:
+        log.error("retry could not be published (%s); requeueing the message", reject.reason)
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(reject.reason, requeue=True) from None
 
 
 def _finish(payload: Mapping[str, Any], result: Result, attempts: int) -> dict[str, Any]:
-    if runtime().circuit.state().open and result.status == "sent":
-        runtime().circuit.reset()  # a probe authenticated: close the breaker for the fleet
+    rt = runtime()
+    if result.status == "sent":
+        try:
+            if rt.circuit.state().open:
+                rt.circuit.reset()  # a probe authenticated: close the breaker for the fleet
+        except (redis.RedisError, OSError):
+            pass
     if result.refused:
         _dead(payload, "recipients", None, attempts + 1, result)
     if result.status == "held":
         _dead(payload, "uncertain", None, attempts + 1, result)
-    log.info("message %s", result.status, extra={"message_id": payload.get("id")})
+    if result.status == "failed" and rt.dead.get(str(payload["id"])) is None:
+        # Redelivered after a permanent failure whose dead letter was never written.
+        _dead(payload, "permanent", None, attempts + 1, result)
+    log_event(result.status, message_id=payload.get("id"), attempts=attempts)
     return {"id": payload.get("id"), "status": result.status}
 
 
-@app.task(name="mailer.send", bind=True, max_retries=None, acks_late=True, ignore_result=True)
-def send(self: Task, payload: dict[str, Any], attempts: int = 0) -> dict[str, Any]:
-    def retry(countdown: float, attempts: int, exc: BaseException) -> Retry:
-        return self.retry(
+def _retry_kwargs(attempts: int, released: str) -> dict[str, Any]:
+    return {"attempts": attempts, "released": released} if released else {"attempts": attempts}
+
+
+def _unexpected(exc: Exception) -> Failure:
+    kind = Kind.UNAVAILABLE if isinstance(exc, redis.RedisError | OSError) else Kind.RECONNECT
+    return Failure(kind, None, f"unexpected {type(exc).__name__}", Phase.CONNECT)
+
+
+@app.task(
+    name="mailer.send",
+    bind=True,
+    max_retries=None,
+    acks_late=True,
+    ignore_result=True,
+    throws=(PermanentFailure, HeldForReview),
+)
+def send(
+    self: Task, payload: dict[str, Any], attempts: int = 0, released: str = ""
+) -> dict[str, Any]:
+    """`released`: the ledger owner of this task's previous attempt, which left nothing at the
+    relay (see `Ledger.claim`); internal, so it is not in the repr Flower shows."""
+
+    def retry(countdown: float, attempts: int, exc: Failure) -> NoReturn:
+        log_retried(payload.get("id"), exc, attempts, countdown)
+        _republish(
+            self,
+            countdown,
+            exc,
             args=(payload,),
-            kwargs={"attempts": attempts},
-            countdown=countdown,
-            exc=exc,
-            queue=QUEUE,
+            kwargs=_retry_kwargs(attempts, exc.attempt or released),
             argsrepr=describe(payload),
             kwargsrepr=repr({"attempts": attempts}),
         )
 
-    wait = _circuit_wait(self)
-    if wait is not None:
-        raise retry(
-            wait,
-            attempts,
-            Failure(
-                Kind.AUTH, None, "circuit open: " + runtime().circuit.state().reason, Phase.CONNECT
-            ),
-        )
+    waited = False
     try:
-        result = runtime().deliver(payload)
+        waiting = wait_for_circuit()
+        if waiting is not None:
+            waited = True
+            raise waiting
+        result = runtime().deliver(payload, released)
+        finished = _finish(payload, result, attempts)
     except Failure as failure:
-        verdict, attempts, countdown = decide(payload, attempts, failure)
-        if verdict == "retry":
-            log.info("message retry: %s", failure.reason, extra={"message_id": payload.get("id")})
-            raise retry(countdown, attempts, failure) from None
-        if verdict == "held":
-            _dead(payload, "uncertain", failure, attempts)
-            return {"id": payload.get("id"), "status": "held"}
-        _dead(payload, "permanent" if verdict == "dead" else "expired", failure, attempts)
-        raise PermanentFailure(failure.reason) from None
-    return _finish(payload, result, attempts)
+        outcome: Failure = failure
+    except Exception as exc:  # never let an error acknowledge a message that went nowhere
+        log.exception("unexpected error delivering %s", payload.get("id"))
+        outcome = _unexpected(exc)
+    else:
+        if finished["status"] == "held":  # a redelivered copy found it ambiguous: dead-lettered
+            raise HeldForReview(result.reply)
+        return finished
+    verdict, attempts, countdown = decide(payload, attempts, outcome, trip=not waited)
+    if verdict == "retry":
+        retry(countdown, attempts, outcome)
+    kind = {"held": "uncertain", "dead": "permanent"}.get(verdict, "expired")
+    try:
+        _dead(payload, kind, outcome, attempts)
+    except (redis.RedisError, OSError) as exc:
+        # Not recorded anywhere yet: give the message back; its ledger record (failed, or
+        # data/uncertain) makes the next copy dead-letter it without sending again.
+        log.error("dead letter not written (%s); requeueing the message", type(exc).__name__)
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(f"dead letter not written: {type(exc).__name__}", requeue=True) from None
+    if verdict == "held":
+        raise HeldForReview(outcome.reason)
+    raise PermanentFailure(outcome.reason)
 
 
-@app.task(name="mailer.send_batch", bind=True, max_retries=None, acks_late=True, ignore_result=True)
+@app.task(
+    name="mailer.send_batch",
+    bind=True,
+    max_retries=None,
+    acks_late=True,
+    ignore_result=True,
+)
 def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
     """Sends a batch concurrently; any message that needs a retry becomes its own `mailer.send`
-    task, so a transient failure of one never resends the others."""
-    counts: dict[str, int] = {}
-    if _circuit_wait(self) is not None:
-        outcomes: list[Result | Failure] = [
-            Failure(Kind.AUTH, None, "circuit open", Phase.CONNECT) for _ in payloads
-        ]
-    else:
+    task, so a transient failure of one never resends the others. If a follow-up cannot be
+    published the whole batch is requeued: the ledger acknowledges the ones already sent."""
+    waiting = wait_for_circuit()
+    if waiting is not None:
+        _republish(
+            self,
+            countdown_for(waiting, 0),
+            waiting,
+            args=(payloads,),
+            kwargs={},
+            argsrepr=describe_batch(payloads),
+            kwargsrepr="{}",
+        )
+    try:
         outcomes = runtime().deliver_many(payloads)
-    for payload, outcome in zip(payloads, outcomes, strict=True):
-        if isinstance(outcome, Result):
-            status = _finish(payload, outcome, 0)["status"]
-        else:
-            verdict, attempts, countdown = decide(payload, 0, outcome)
-            status = verdict
-            if verdict == "retry":
-                send.apply_async(
-                    args=(payload,),
-                    kwargs={"attempts": attempts},
-                    countdown=countdown,
-                    queue=QUEUE,
-                    argsrepr=describe(payload),
-                    kwargsrepr=repr({"attempts": attempts}),
-                )
-            elif verdict == "held":
-                _dead(payload, "uncertain", outcome, attempts)
-            else:
-                _dead(payload, "permanent" if verdict == "dead" else "expired", outcome, attempts)
-        counts[status] = counts.get(status, 0) + 1
+    except Exception as exc:
+        log.exception("unexpected error delivering a batch")
+        outcomes = [_unexpected(exc) for _ in payloads]
+    counts: dict[str, int] = {}
+    try:
+        for payload, outcome in zip(payloads, outcomes, strict=True):
+            status = _settle_one(payload, outcome)
+            counts[status] = counts.get(status, 0) + 1
+    except Exception as exc:
+        log.error("batch follow-up failed (%s); requeueing the batch", type(exc).__name__)
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(f"batch follow-up failed: {type(exc).__name__}", requeue=True) from None
     return counts
+
+
+def _settle_one(payload: dict[str, Any], outcome: Result | Failure) -> str:
+    """One message of a batch: finish it, dead-letter it or publish its own retry."""
+    if isinstance(outcome, Result):
+        return str(_finish(payload, outcome, 0)["status"])
+    verdict, attempts, countdown = decide(payload, 0, outcome)
+    if verdict == "retry":
+        log_retried(payload.get("id"), outcome, attempts, countdown)
+        send.apply_async(
+            args=(payload,),
+            kwargs=_retry_kwargs(attempts, outcome.attempt),
+            countdown=countdown,
+            queue=QUEUE,
+            argsrepr=describe(payload),
+            kwargsrepr=repr({"attempts": attempts}),
+        )
+    elif verdict == "held":
+        _dead(payload, "uncertain", outcome, attempts)
+    else:
+        _dead(payload, "permanent" if verdict == "dead" else "expired", outcome, attempts)
+    return verdict

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mailer.config import Settings
@@ -47,8 +47,14 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
+    """One message from flags, or many from --csv / --jsonl (validated before any is queued)."""
     import mailer
 
+    if args.csv or args.jsonl:
+        return _send_file(args)
+    if not args.to or not args.subject:
+        print("mailer send: give --to and --subject, or --csv/--jsonl FILE", file=sys.stderr)
+        return 2
     message_id = mailer.send(
         to=args.to,
         subject=args.subject,
@@ -57,9 +63,126 @@ def _send(args: argparse.Namespace) -> int:
         from_addr=args.from_addr,
         cc=args.cc or None,
         bcc=args.bcc or None,
+        reply_to=args.reply_to or None,
         idempotency_key=args.idempotency_key,
     )
     print(message_id)
+    return 0
+
+
+# Columns of a CSV file that hold lists (`;`-separated) or JSON objects.
+_CSV_LISTS = ("to", "cc", "bcc", "reply_to")
+_CSV_JSON = ("headers", "smtpapi")
+
+
+def _read_rows(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, Message fields) for every row of the --csv or --jsonl file."""
+    import csv
+
+    path = args.csv or args.jsonl
+    with open(path, encoding="utf-8", newline="" if args.csv else None) as f:
+        if args.jsonl:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _BadRow(number, "line", f"not JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise _BadRow(number, "line", "expected a JSON object of Message fields")
+                yield number, obj
+            return
+        reader = csv.DictReader(f)
+        start = reader.line_num + 1
+        for record in reader:
+            row: dict[str, Any] = {}
+            for key, value in record.items():
+                if key is None:
+                    raise _BadRow(start, "line", "more cells than header columns")
+                if value is None or value == "":
+                    continue
+                if key in _CSV_LISTS:
+                    row[key] = [v.strip() for v in value.split(";") if v.strip()]
+                elif key in _CSV_JSON:
+                    try:
+                        row[key] = json.loads(value)
+                    except json.JSONDecodeError:
+                        raise _BadRow(start, key, "expected a JSON object") from None
+                else:
+                    row[key] = value
+            yield start, row
+            start = reader.line_num + 1
+
+
+class _BadRow(Exception):
+    def __init__(self, line: int, field: str, problem: str) -> None:
+        super().__init__(f"line {line}: {field}: {problem}")
+        self.line, self.field, self.problem = line, field, problem
+
+
+def _progress(label: str, done: int, total: int | None, quiet: bool) -> None:
+    if quiet:
+        return
+    if total:
+        width = 30
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{label} [{bar}] {done:,}/{total:,}")
+    else:
+        sys.stderr.write(f"\r{label} {done:,}")
+    sys.stderr.flush()
+
+
+def _send_file(args: argparse.Namespace) -> int:
+    """Validates and renders every row first, so one bad row refuses the whole file before
+    anything is published; then publishes in chunks with `send_many`'s batch tasks."""
+    import time
+
+    from mailer.client import default_mailer, message_from_mapping
+    from mailer.errors import InvalidMessage
+    from mailer.message import Rendered
+
+    path = args.csv or args.jsonl
+    if args.chunk_size < 1:
+        print("mailer send: --chunk-size must be at least 1", file=sys.stderr)
+        return 2
+    client = default_mailer()
+    started = time.monotonic()
+    rendered: list[Rendered] = []
+    try:
+        for number, row in _read_rows(args):
+            try:
+                rendered.append(client.render(message_from_mapping(row)))
+            except InvalidMessage as exc:
+                raise _BadRow(number, exc.field, exc.problem) from None
+            if len(rendered) % 1000 == 0:
+                _progress("validating", len(rendered), None, args.quiet)
+    except _BadRow as exc:
+        if not args.quiet:
+            sys.stderr.write("\n")
+        print(f"mailer send: {path}: {exc}; nothing was queued", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"mailer send: {path}: {exc}; nothing was queued", file=sys.stderr)
+        return 2
+    _progress("validating", len(rendered), None, args.quiet)
+    if not args.quiet:
+        sys.stderr.write("\n")
+    total = len(rendered)
+    queued = 0
+    for start in range(0, total, args.chunk_size):
+        chunk = rendered[start : start + args.chunk_size]
+        ids = client.publish_rendered(chunk)
+        if args.ids:
+            print("\n".join(ids))
+        queued += len(chunk)
+        _progress("queued    ", queued, total, args.quiet)
+    elapsed = time.monotonic() - started
+    if not args.quiet and total:
+        sys.stderr.write("\n")
+    rate = f", {queued / elapsed:,.0f} msg/s" if elapsed > 0 else ""
+    print(f"queued {queued:,} messages from {path} in {elapsed:.1f} s{rate}", file=sys.stderr)
     return 0
 
 
@@ -179,9 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", "-l", default="INFO")
     p.add_argument("--hostname", "-n", default="")
 
-    p = sub.add_parser("send", help="enqueue one message")
-    p.add_argument("--to", action="append", required=True)
-    p.add_argument("--subject", required=True)
+    p = sub.add_parser(
+        "send",
+        help="enqueue one message from flags, or many from a CSV or JSONL file",
+        description="Columns (CSV) or keys (JSONL) are Message fields: to, subject, text, html, "
+        "from_addr, cc, bcc, reply_to, idempotency_key, headers and smtpapi (JSON objects in "
+        "CSV); in CSV, to/cc/bcc/reply_to may be ';'-separated lists. Every row is validated "
+        "before anything is queued.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--csv", metavar="FILE", help="one message per row (header row first)")
+    source.add_argument("--jsonl", metavar="FILE", help="one JSON object per line")
+    p.add_argument("--chunk-size", type=int, default=1000, help="messages per send_many call")
+    p.add_argument("--ids", action="store_true", help="with a file: print the message ids")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--to", action="append")
+    p.add_argument("--subject")
+    p.add_argument("--reply-to", action="append")
     p.add_argument("--text")
     p.add_argument("--html")
     p.add_argument("--from", dest="from_addr")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from mailer.config import Settings
@@ -43,7 +44,7 @@ class Mailer:
         return rendered.id
 
     def send(self, **fields: Any) -> str:
-        return self.send_message(Message(**fields))
+        return self.send_message(message_from_mapping(fields))
 
     def send_many(
         self, messages: Iterable[Message | Mapping[str, Any]], *, batch_size: int = BATCH_SIZE
@@ -52,21 +53,31 @@ class Mailer:
         then publishes them as `mailer.send_batch` tasks over one broker connection."""
         rendered: list[Rendered] = []
         for index, item in enumerate(messages):
-            message = item if isinstance(item, Message) else Message(**item)
             try:
+                message = item if isinstance(item, Message) else message_from_mapping(item)
                 rendered.append(self.render(message))
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
+        return self.publish_rendered(rendered, batch_size=batch_size)
+
+    def publish_rendered(
+        self, rendered: Sequence[Rendered], *, batch_size: int = BATCH_SIZE
+    ) -> list[str]:
+        """Publishes already-rendered messages as `mailer.send_batch` tasks over one broker
+        connection (for callers that validate everything before publishing anything)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         payloads = [r.to_payload() for r in rendered]
         batches: list[Sequence[dict[str, Any]]] = [
             payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)
         ]
-        self.publisher.send_batches(batches)
+        if batches:
+            self.publisher.send_batches(batches)
         return [r.id for r in rendered]
 
     async def asend(self, **fields: Any) -> str:
         """Renders in the caller's loop (cheap) and publishes from a worker thread."""
-        rendered = self.render(Message(**fields))
+        rendered = self.render(message_from_mapping(fields))
         await asyncio.to_thread(self.publisher.send, rendered.to_payload())
         return rendered.id
 
@@ -78,6 +89,23 @@ class Mailer:
             if self._publisher is not None:
                 self._publisher.close()
                 self._publisher = None
+
+
+MESSAGE_FIELDS = frozenset(f.name for f in dataclass_fields(Message))
+
+
+def message_from_mapping(item: Mapping[str, Any]) -> Message:
+    """A mapping of Message fields; an unknown key is an InvalidMessage naming it (not a
+    TypeError), so a typo in a bulk file is reported like any other bad field."""
+    if not isinstance(item, Mapping):
+        raise InvalidMessage("message", f"expected a Message or a dict, got {type(item).__name__}")
+    for key in item:
+        if key not in MESSAGE_FIELDS:
+            raise InvalidMessage(str(key), "not a Message field")
+    for key in ("to", "subject"):
+        if key not in item:
+            raise InvalidMessage(key, "missing")
+    return Message(**item)
 
 
 _default: Mailer | None = None

@@ -4,7 +4,6 @@ SMTP test server. Every part is real; the server records what actually arrived."
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -12,14 +11,10 @@ import redis
 
 import mailer
 from tests.conftest import relay_env
+from tests.support.helpers import ids_at
 from workers.deadletters import DeadLetters
 from workers.devworker import WorkerProcess
 from workers.sink import SinkServer, TLSMaterial
-
-
-def ids_at(sink: SinkServer) -> Counter[str]:
-    """Our message ids as the server saw them (the Message-ID's local part), with counts."""
-    return Counter(mid.split("@", 1)[0] for mid in sink.message_ids().elements())
 
 
 def _send(n: int, tag: str) -> dict[str, bytes]:

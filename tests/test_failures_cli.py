@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ import redis
 import mailer
 from mailer.client import default_mailer
 from tests.conftest import relay_env
+from tests.support.helpers import ids_at, wait_until
 from workers.deadletters import DeadLetters
 from workers.devworker import WorkerProcess
 from workers.sink import FaultPlan, SinkServer, TLSMaterial
@@ -31,19 +31,6 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def ids_at(sink: SinkServer) -> Counter[str]:
-    return Counter(mid.split("@", 1)[0] for mid in sink.message_ids().elements())
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 def enqueue(to: str, subject: str, *, age: float = 0.0) -> str:

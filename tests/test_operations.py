@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import mailer
 from tests.conftest import relay_env
+from tests.support.helpers import ids_at, wait_until
 from workers import deadletters, logs
 from workers.circuit import Circuit
 from workers.devredis import free_port
@@ -40,15 +41,6 @@ Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 def scrape(port: int) -> Metrics:
@@ -76,10 +68,6 @@ def status(env: dict[str, str], *args: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def ids_at(sink: SinkServer) -> Counter[str]:
-    return Counter(mid.split("@", 1)[0] for mid in sink.message_ids().elements())
 
 
 def enqueue(n: int, tag: str, countdown: float | None = None) -> list[str]:

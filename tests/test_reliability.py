@@ -30,6 +30,7 @@ import redis
 import mailer
 from mailer.client import default_mailer
 from tests.conftest import relay_env
+from tests.support.helpers import ids_at, wait_until
 from workers.circuit import KEY as CIRCUIT_KEY
 from workers.deadletters import DeadLetters
 from workers.devredis import RedisServer
@@ -42,11 +43,6 @@ Workers = Callable[..., WorkerProcess]
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def ids_at(sink: SinkServer) -> Counter[str]:
-    """Our message ids as the server accepted them (the Message-ID's local part), with counts."""
-    return Counter(mid.split("@", 1)[0] for mid in sink.message_ids().elements())
 
 
 def publish(n: int, tag: str, *, to: Callable[[int], Any] | None = None) -> list[str]:
@@ -62,15 +58,6 @@ def publish(n: int, tag: str, *, to: Callable[[int], Any] | None = None) -> list
         client.publisher.send(rendered.to_payload())
         ids.append(rendered.id)
     return ids
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def drained(client: redis.Redis) -> bool:

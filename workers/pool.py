@@ -3,7 +3,10 @@
 Every open session holds one lease of the fleet-wide semaphore. A session that reaches the
 per-connection limit or its maximum age is rotated: QUIT, wait for the close, reconnect under
 the same lease (close-before-open keeps the fleet under the cap without lease churn). Idle
-sessions are closed and their leases released, so idle workers don't starve busy ones.
+sessions are closed and their leases released, so idle workers don't starve busy ones: after
+the idle timeout, or after `CONTENDED_IDLE` seconds while another process waits for a lease.
+A session whose lease lapsed (lost, or not renewed in time) is aborted, never written to or
+QUIT; its lease is released only after the abort.
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from mailer.config import Settings
 from workers.classify import Failure, Kind, Phase
+from workers.logs import log_event
 from workers.session import Delivered, Session
 
 log = logging.getLogger("mailer.pool")
+
+ABORT_GRACE = 0.01  # after an abort, before the lease is released: the RST leaves first
+CONTENDED_IDLE = 1.0  # how long an idle session keeps its lease while others wait for one
 
 
 class LeaseLike(Protocol):
@@ -34,6 +41,10 @@ class Leases(Protocol):
 
     async def acquire(self, deadline: float) -> LeaseLike | None: ...
     async def release(self, lease: LeaseLike) -> None: ...
+    @property
+    def contended(self) -> bool:
+        """Someone is waiting for a lease: idle sessions should give theirs back soon."""
+        ...
 
 
 @dataclass
@@ -57,6 +68,7 @@ class SessionPool:
         self._busy: set[Session] = set()
         self._opening = 0
         self._spare_leases: list[LeaseLike] = []  # from rotations: reuse before acquiring
+        self._quitting: set[Session] = set()  # closing with QUIT; fence must still find them
         self._freed = asyncio.Condition()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -104,13 +116,14 @@ class SessionPool:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), remaining)
 
-    def _usable(self, session: Session, now: float) -> bool:
+    def _usable(self, session: Session, now: float, idle_limit: float | None = None) -> bool:
         lease = session.lease
         margin = 1.0
+        idle_limit = self.settings.session_idle_timeout if idle_limit is None else idle_limit
         return (
             session.connected
             and not session.due_for_rotation(now)
-            and session.idle_for(now) < self.settings.session_idle_timeout
+            and session.idle_for(now) < idle_limit
             and (lease is None or getattr(lease, "valid_until", 0.0) > now + margin)
         )
 
@@ -129,6 +142,9 @@ class SessionPool:
                 raise Failure(Kind.NO_LEASE, None, "fleet connection cap reached", Phase.CONNECT)
             session = Session(self.settings, lease)
             await session.open()
+            if session.lease_expired():  # stalled mid-handshake: the lease may be gone
+                session.abort()
+                raise Failure(Kind.RECONNECT, None, "lease expired while connecting", Phase.CONNECT)
         except BaseException:
             if lease is not None:
                 await self.leases.release(lease)
@@ -144,10 +160,14 @@ class SessionPool:
         now = time.monotonic()
         if session.connected and session.due_for_rotation(now):
             self.stats.rotations += 1
-            await session.close()
-            if session.lease is not None:
-                self._spare_leases.append(session.lease)
-                session.lease = None
+            log_event("rotated", transactions=session.mail_count)
+            lease = session.lease
+            await self._close(session)
+            session.lease = None
+            if lease is not None and lease.valid_until > time.monotonic():
+                self._spare_leases.append(lease)
+            elif lease is not None:
+                await self.leases.release(lease)
         elif session.connected and not self._closing:
             self._idle.append(session)
         else:
@@ -157,18 +177,40 @@ class SessionPool:
 
     async def _retire(self, session: Session) -> None:
         """Closes the session (QUIT if it still can), then gives its lease back."""
-        if session.connected:
-            await session.close()
+        if session.connected and not session.lease_expired():
+            await self._close(session)
         else:
             session.abort()
-            await asyncio.sleep(0.01)  # let the kernel finish the abort before the slot frees
+            await asyncio.sleep(ABORT_GRACE)  # let the RST leave before the slot frees
         lease, session.lease = session.lease, None
         if lease is not None:
             await self.leases.release(lease)
 
+    async def _close(self, session: Session) -> None:
+        """QUIT and wait for the relay to hang up, still reachable by `fence` meanwhile."""
+        self._quitting.add(session)
+        try:
+            await session.close()
+        finally:
+            self._quitting.discard(session)
+
+    def on_lease_lost(self, lease: LeaseLike) -> Coroutine[Any, Any, None]:
+        """For the lease keeper: abort at once (synchronously), then give the slot back.
+
+        The release is a formality when Redis already dropped the lease (expired, epoch
+        changed); when we fenced on our own clock because Redis was slow or unreachable, it
+        frees the slot before its server-side expiry.
+        """
+        self.fence(lease.id)
+        return self._release_fenced(lease)
+
+    async def _release_fenced(self, lease: LeaseLike) -> None:
+        await asyncio.sleep(ABORT_GRACE)
+        await self.leases.release(lease)
+
     def fence(self, lease_id: str) -> None:
         """Our lease is gone (expired, lost, Redis emptied): stop using that socket now."""
-        for session in [*self._idle, *self._busy]:
+        for session in [*self._idle, *self._busy, *self._quitting]:
             if session.lease is not None and session.lease.id == lease_id:
                 self.stats.fenced += 1
                 log.warning("lease lost, aborting its connection", extra={"lease": lease_id})
@@ -177,15 +219,22 @@ class SessionPool:
         self._spare_leases = [x for x in self._spare_leases if x.id != lease_id]
 
     async def _sweep(self) -> None:
-        """Closes idle and lease-expiring sessions; releases spare leases nobody took."""
-        interval = max(0.05, min(1.0, self.settings.session_idle_timeout / 4))
+        """Closes idle and lease-expiring sessions; releases spare leases nobody took.
+
+        While the fleet is contended (some process found the cap full), an idle session keeps
+        its lease only `CONTENDED_IDLE` seconds: a quiet worker must not starve a busy one.
+        """
+        interval = max(0.05, min(CONTENDED_IDLE / 2, self.settings.session_idle_timeout / 4))
         while not self._closing:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            idle_limit = self.settings.session_idle_timeout
+            if self.leases.contended:
+                idle_limit = min(idle_limit, CONTENDED_IDLE)
             keep: deque[Session] = deque()
             stale: list[Session] = []
             for session in self._idle:
-                (keep if self._usable(session, now) else stale).append(session)
+                (keep if self._usable(session, now, idle_limit) else stale).append(session)
             self._idle = keep
             for session in stale:
                 self.stats.closed_idle += 1

@@ -10,12 +10,25 @@ Why it is shaped this way (see the lease design in the engineering notes, sectio
   after `t0`, so the holder stops before the server can give the slot to anyone else.
 - `{prefix}epoch` is a random token written once; if it vanishes or changes (Redis came back empty)
   every lease taken under the old token is lost, even if its id still looks alive.
+- A Redis that persists nothing (no AOF) forgets every lease when it restarts, while their holders
+  may still be connected until their next renewal. So when the epoch must be created on such a
+  Redis less than a TTL after it started, nothing is granted until a TTL after its start
+  (`{prefix}quarantine`): by then every forgotten lease has lapsed at its holder. With AOF the
+  epoch survives restarts and there is no pause (a fresh AOF Redis is a first start).
 - Fail closed: without Redis there is no lease.
+- What no lease can fence: a frozen holder (SIGSTOP, a paused VM) cannot close its sockets, and
+  the relay counts them until its own idle timeout drops them. For a hard cap that timeout must
+  be shorter than `ttl - renew_interval` (tests/test_fleet_cap.py shows both cases), or the cap
+  needs headroom for such zombies.
 
 Keys, per named limit (`smtp` for the fleet, `host:{hostname}` for an optional per-host cap):
 `{prefix}{name}:holders` ZSET lease id -> expiry (ms, Redis time); `{prefix}{name}:meta` HASH
 lease id -> JSON {host, pid, acquired_ms}; plus `{prefix}epoch` (STRING) and the pub/sub channel
-`{prefix}released` (the number of slots freed) that wakes waiters.
+`{prefix}released` ("<slots freed> <processes waiting>") that wakes waiters; `{prefix}quarantine`
+(STRING with an expiry) while a restart of a non-persistent Redis holds back new leases;
+`{prefix}{name}:wanted` (STRING, expires after a TTL) set whenever someone found the limit full,
+so holders give idle connections back early; `{prefix}waiting` (ZSET "host:pid" -> last failed
+acquire, ms) so that a release wakes a few waiting processes rather than all of them.
 """
 
 from __future__ import annotations
@@ -47,6 +60,14 @@ DEFAULT_PREFIX = "mailer:sem:"
 MIN_TTL = 2.0
 BACKOFF_START = 0.02
 BACKOFF_CAP = 1.0
+# While the wake-up subscription is up, every release reaches the waiters and the expiry hint
+# covers crashed holders, so polling is only a safety net: with thousands of waiters a 1 s poll
+# was most of the lease traffic in Redis (bench/lease_scale.py).
+BACKOFF_CAP_SUBSCRIBED = 5.0
+# A freed slot wakes a waiter in about this many of the processes waiting (not in all of them:
+# with N waiting processes every release cost N acquire attempts, all but one in vain).
+WAKE_FANOUT = 3
+WAITING_MEMORY_MS = 10_000  # a process that failed to acquire counts as waiting this long
 MIN_CALL_TIMEOUT = 0.5  # even a "try once" acquire gets this long to hear Redis' answer
 LISTENER_LINGER = 5.0  # keep the wake-up subscription this long after the last waiter left
 
@@ -59,24 +80,46 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-# Shared prologue: server time in ms. KEYS = holders_1, meta_1, ..., holders_n, meta_n[, epoch].
+# Shared prologue: server time in ms.
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# ARGV: id, ttl_ms, host, pid, new_epoch, cap_1..cap_n. Returns {1, ttl_ms, epoch} on success,
-# else {0, ms until the earliest expiry among the full limits (-1 if unknown), epoch}.
+# KEYS: holders_1, meta_1, ..., holders_n, meta_n, wanted_1..wanted_n, epoch, quarantine,
+# waiting. ARGV: id, ttl_ms, host, pid, new_epoch, grace_ms, cap_1..cap_n. Returns
+# {1, ttl_ms, epoch} on success, else {0, ms until the earliest expiry among the full limits or
+# the end of the quarantine (-1 if unknown), epoch}. A full limit is marked wanted for a TTL,
+# which renewals report to holders so they stop keeping idle connections (see
+# LeaseSemaphore.contended), and the process is noted in `waiting` (see _RELEASE).
 _ACQUIRE = (
     _NOW
     + """
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 3) / 3
 local id = ARGV[1]
 local expiry = now + tonumber(ARGV[2])
-local epoch = redis.call('GET', KEYS[#KEYS])
+local ekey, qkey = KEYS[#KEYS - 2], KEYS[#KEYS - 1]
+local quarantine = redis.call('PTTL', qkey)
+if quarantine > 0 then
+  return {0, quarantine, redis.call('GET', ekey) or ''}
+end
+local epoch = redis.call('GET', ekey)
 if not epoch then
   epoch = ARGV[5]
-  redis.call('SET', KEYS[#KEYS], epoch)
+  redis.call('SET', ekey, epoch)
+  local grace = tonumber(ARGV[6])
+  if grace > 0 then
+    -- No epoch: a first start, or a restart that lost everything. Without AOF, and started
+    -- less than grace ago, holders of forgotten leases may still be connected: wait them out.
+    local info = redis.call('INFO', 'persistence') .. redis.call('INFO', 'server')
+    local aof = string.match(info, 'aof_enabled:(%d)')
+    local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+    if aof == '0' and up and up * 1000 < grace then
+      local wait = grace - up * 1000
+      redis.call('SET', qkey, epoch, 'PX', wait)
+      return {0, wait, epoch}
+    end
+  end
 end
 for i = 1, n do
   local h, m = KEYS[2 * i - 1], KEYS[2 * i]
@@ -99,8 +142,9 @@ local wait = -1
 local full = false
 for i = 1, n do
   local h = KEYS[2 * i - 1]
-  if redis.call('ZCARD', h) >= tonumber(ARGV[5 + i]) then
+  if redis.call('ZCARD', h) >= tonumber(ARGV[6 + i]) then
     full = true
+    redis.call('SET', KEYS[2 * n + i], now, 'PX', ARGV[2])
     local first = redis.call('ZRANGE', h, 0, 0, 'WITHSCORES')
     if #first > 0 then
       wait = math.max(wait, tonumber(first[2]) - now)
@@ -108,6 +152,7 @@ for i = 1, n do
   end
 end
 if full then
+  redis.call('ZADD', KEYS[#KEYS], now, ARGV[3] .. ':' .. ARGV[4])
   return {0, wait, epoch}
 end
 local meta = cjson.encode({host = ARGV[3], pid = tonumber(ARGV[4]), acquired_ms = now})
@@ -119,16 +164,21 @@ return {1, tonumber(ARGV[2]), epoch}
 """
 )
 
-# ARGV: ttl_ms, id_1, epoch_1, id_2, epoch_2, ... Returns {current epoch or false, lost ids...}.
+# KEYS: holders/meta pairs, wanted_1..wanted_n, epoch. ARGV: ttl_ms, id_1, epoch_1, id_2, ...
+# Returns {current epoch or false, ms the fleet stays contended (<= 0: not), lost ids...}.
 # A lease is extended only if it is still unexpired in every limit and its epoch is current:
 # an expired lease may already belong to someone else, so it is never resurrected.
 _RENEW = (
     _NOW
     + """
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 local expiry = now + tonumber(ARGV[1])
 local epoch = redis.call('GET', KEYS[#KEYS])
-local out = {epoch}
+local wanted = -2
+for i = 1, n do
+  wanted = math.max(wanted, redis.call('PTTL', KEYS[2 * n + i]))
+end
+local out = {epoch, wanted}
 for j = 2, #ARGV, 2 do
   local id = ARGV[j]
   local alive = epoch and epoch == ARGV[j + 1]
@@ -153,19 +203,26 @@ return out
 """
 )
 
-# KEYS: holders/meta pairs (no epoch). ARGV: channel, ids... Idempotent; publishes what it freed.
-_RELEASE = """
+# KEYS: holders/meta pairs, waiting. ARGV: channel, memory_ms, ids... Idempotent. Publishes
+# "<slots freed> <processes waiting>" (processes that failed to acquire within memory_ms), so
+# that each waiting process wakes a waiter for a freed slot only with probability ~FANOUT/N.
+_RELEASE = (
+    _NOW
+    + """
 local removed = 0
-for i = 1, #KEYS, 2 do
-  local r = redis.call('ZREM', KEYS[i], unpack(ARGV, 2))
-  redis.call('HDEL', KEYS[i + 1], unpack(ARGV, 2))
+for i = 1, #KEYS - 1, 2 do
+  local r = redis.call('ZREM', KEYS[i], unpack(ARGV, 3))
+  redis.call('HDEL', KEYS[i + 1], unpack(ARGV, 3))
   if r > removed then removed = r end
 end
 if removed > 0 then
-  redis.call('PUBLISH', ARGV[1], removed)
+  local waiting = KEYS[#KEYS]
+  redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now - tonumber(ARGV[2]))
+  redis.call('PUBLISH', ARGV[1], removed .. ' ' .. redis.call('ZCARD', waiting))
 end
 return removed
 """
+)
 
 
 class SemaphoreUnavailable(RedisConnectionError):
@@ -233,7 +290,9 @@ class LeaseSemaphore:
     """Acquire, renew and release leases on all `limits` at once (asyncio; one event loop).
 
     The Redis client is borrowed: `close()` stops only the wake-up subscription this object
-    may have started, never the client.
+    may have started, never the client. `restart_grace` (on by default) holds back new leases
+    for up to a TTL after a non-persistent Redis restarted empty (see the module docstring);
+    use the same TTL fleet-wide.
     """
 
     def __init__(
@@ -245,6 +304,7 @@ class LeaseSemaphore:
         host: str,
         prefix: str = DEFAULT_PREFIX,
         op_timeout: float = 5.0,
+        restart_grace: bool = True,
     ) -> None:
         if not limits:
             raise ValueError("at least one limit is required")
@@ -265,16 +325,24 @@ class LeaseSemaphore:
         self.renew_interval = min(self.ttl / 3, (self.ttl - self.margin) / 2)
         self.channel = f"{prefix}released"
         self.epoch_key = f"{prefix}epoch"
+        self.quarantine_key = f"{prefix}quarantine"
+        self._grace_ms = int(self.ttl * 1000) if restart_grace else 0
         self._limit_keys: list[str] = []
         for lim in self.limits:
             self._limit_keys += [f"{prefix}{lim.name}:holders", f"{prefix}{lim.name}:meta"]
-        self._keys = [*self._limit_keys, self.epoch_key]
+        wanted = [f"{prefix}{lim.name}:wanted" for lim in self.limits]
+        self._keys = [*self._limit_keys, *wanted, self.epoch_key]  # for renew
+        self.waiting_key = f"{prefix}waiting"
+        self._acquire_keys = [*self._keys, self.quarantine_key, self.waiting_key]
+        self._release_keys = [*self._limit_keys, self.waiting_key]
+        self._contended_until = 0.0
         self._ttl_ms = int(self.ttl * 1000)
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._renew_script = redis.register_script(_RENEW)
         self._release_script = redis.register_script(_RELEASE)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed = False  # the wake-up subscription is up: waiters may poll rarely
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- acquire -----------------------------------------------------------------------------
@@ -283,8 +351,9 @@ class LeaseSemaphore:
         """A lease on every limit, waiting until `deadline` (a `time.monotonic()` value).
 
         Returns None if the limits stayed full until the deadline; raises `SemaphoreUnavailable`
-        if Redis could not be reached by then. Waits with jittered exponential backoff, never
-        past the earliest expiry in Redis, and wakes early when someone releases.
+        if Redis could not be reached by then. Waits with jittered exponential backoff (from
+        20 ms to 1 s; from 1 s to 5 s while the wake-up subscription is up), never past the
+        earliest expiry in Redis, and wakes early when someone releases.
         """
         lease_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         backoff = BACKOFF_START
@@ -299,9 +368,10 @@ class LeaseSemaphore:
                     async with asyncio.timeout(self._call_timeout(deadline - t0)):
                         in_doubt = True
                         reply = await self._acquire_script(
-                            keys=self._keys,
+                            keys=self._acquire_keys,
                             args=[lease_id, self._ttl_ms, self.host, os.getpid(),
-                                  uuid.uuid4().hex, *(lim.cap for lim in self.limits)],
+                                  uuid.uuid4().hex, self._grace_ms,
+                                  *(lim.cap for lim in self.limits)],
                         )
                 except _TRANSIENT as exc:
                     (log.debug if last_error else log.warning)(
@@ -315,13 +385,17 @@ class LeaseSemaphore:
                     if ok:
                         return Lease(lease_id, t0 + self.ttl - self.margin, epoch)
                     hint = value / 1000 if value >= 0 else None
+                    self._contended_until = max(self._contended_until, t0 + self.ttl)
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                delay = min(backoff * random.uniform(0.5, 1.0), deadline - now)
+                cap = BACKOFF_CAP_SUBSCRIBED if self._subscribed else BACKOFF_CAP
+                if self._subscribed:  # releases wake us: polling starts slow
+                    backoff = max(backoff, BACKOFF_CAP)
+                delay = min(min(backoff, cap) * random.uniform(0.5, 1.0), deadline - now)
                 if hint is not None:
                     delay = min(delay, hint + 0.002)
-                backoff = min(backoff * 2, BACKOFF_CAP)
+                backoff = min(backoff * 2, cap)
                 if last_error is not None:
                     await asyncio.sleep(delay)
                     continue
@@ -352,7 +426,9 @@ class LeaseSemaphore:
         """Best effort: give back a lease an unanswered acquire may have taken (else it expires)."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):
-                await self._release_script(keys=self._limit_keys, args=[self.channel, lease_id])
+                await self._release_script(
+                    keys=self._release_keys, args=[self.channel, WAITING_MEMORY_MS, lease_id]
+                )
 
     # -- release / renew -----------------------------------------------------------------------
 
@@ -365,7 +441,9 @@ class LeaseSemaphore:
         lease.released = True
         lease.valid_until = 0.0
         async with asyncio.timeout(self.op_timeout):
-            await self._release_script(keys=self._limit_keys, args=[self.channel, lease.id])
+            await self._release_script(
+                keys=self._release_keys, args=[self.channel, WAITING_MEMORY_MS, lease.id]
+            )
 
     async def renew(self, leases: Iterable[Lease]) -> set[str]:
         """Extend all `leases` in one call; returns the ids that are lost.
@@ -384,7 +462,9 @@ class LeaseSemaphore:
         async with asyncio.timeout(self.op_timeout):
             reply = await self._renew_script(keys=self._keys, args=args)
         epoch = None if reply[0] is None else _text(reply[0])
-        lost = {_text(x) for x in reply[1:]}
+        if int(reply[1]) > 0:
+            self._contended_until = max(self._contended_until, t0 + int(reply[1]) / 1000)
+        lost = {_text(x) for x in reply[2:]}
         if any(lease.epoch != epoch for lease in batch):
             log.warning("lease epoch changed (Redis lost its data?): treating leases as lost")
         valid_until = t0 + self.ttl - self.margin
@@ -395,18 +475,27 @@ class LeaseSemaphore:
                 lease.valid_until = max(lease.valid_until, valid_until)
         return lost
 
+    @property
+    def contended(self) -> bool:
+        """Someone in the fleet (or this process) found a limit of ours full within the last
+        TTL, as of our last renewal or acquire: idle connections should give their leases back
+        now rather than at the idle timeout."""
+        return time.monotonic() < self._contended_until
+
     # -- status ------------------------------------------------------------------------------
 
     async def snapshot(self) -> dict[str, Any]:
         """What `mailer status` shows, read atomically with Redis' own clock.
 
-        `{"epoch": str | None, "ttl_s": float, "limits": {name: {"cap", "held", "hosts":
-        {host: n}, "processes": {"host:pid": n}, "oldest_age_s": float | None}}}`.
+        `{"epoch": str | None, "ttl_s": float, "quarantine_s": float, "limits": {name: {"cap",
+        "held", "hosts": {host: n}, "processes": {"host:pid": n}, "oldest_age_s": float |
+        None}}}`; `quarantine_s` > 0 while no lease is granted after an empty restart.
         Expired-but-unpruned entries are not counted.
         """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.time()
             pipe.get(self.epoch_key)
+            pipe.pttl(self.quarantine_key)
             for i in range(len(self.limits)):
                 pipe.zrange(self._limit_keys[2 * i], 0, -1, withscores=True)
                 pipe.hgetall(self._limit_keys[2 * i + 1])
@@ -416,7 +505,7 @@ class LeaseSemaphore:
         now_ms = int(sec) * 1000 + int(usec) // 1000
         limits: dict[str, Any] = {}
         for i, lim in enumerate(self.limits):
-            members, meta_raw = res[2 + 2 * i], res[3 + 2 * i]
+            members, meta_raw = res[3 + 2 * i], res[4 + 2 * i]
             meta = {_text(k): v for k, v in meta_raw.items()}
             hosts: Counter[str] = Counter()
             procs: Counter[str] = Counter()
@@ -445,7 +534,8 @@ class LeaseSemaphore:
                 "oldest_age_s": None if oldest is None else max(0, now_ms - oldest) / 1000,
             }
         epoch = None if res[1] is None else _text(res[1])
-        return {"epoch": epoch, "ttl_s": self.ttl, "limits": limits}
+        quarantine = max(0, int(res[2])) / 1000
+        return {"epoch": epoch, "ttl_s": self.ttl, "quarantine_s": quarantine, "limits": limits}
 
     # -- wake-ups ------------------------------------------------------------------------------
 
@@ -462,8 +552,12 @@ class LeaseSemaphore:
         with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
 
-    def _wake(self, count: int) -> None:
-        """Wake up to `count` local waiters (FIFO): each freed slot is worth one retry here."""
+    def _wake(self, freed: int, processes: int = 1) -> None:
+        """Wake local waiters (FIFO) for `freed` slots: one per slot if few processes wait,
+        else each slot with probability WAKE_FANOUT / processes (every process hears every
+        release). A slot nobody takes is found by the waiters' polling."""
+        share = min(1.0, WAKE_FANOUT / max(1, processes))
+        count = sum(1 for _ in range(freed) if share >= 1.0 or random.random() < share)
         while count > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -478,6 +572,7 @@ class LeaseSemaphore:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                self._subscribed = True
                 pause = 0.05
                 while True:
                     if self._waiters:
@@ -489,14 +584,11 @@ class LeaseSemaphore:
                         return
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if msg and msg.get("type") == "message":
-                        try:
-                            count = max(1, int(msg["data"]))
-                        except (TypeError, ValueError):
-                            count = 1
-                        self._wake(count)
+                        self._wake(*_release_notice(msg.get("data")))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._subscribed = False
                 log.debug("lease wake-up subscription failed (%s)", type(exc).__name__)
                 if not self._waiters:
                     self._listener_exiting()
@@ -509,6 +601,7 @@ class LeaseSemaphore:
 
     def _listener_exiting(self) -> None:
         # Forget this task synchronously so a waiter arriving now starts a fresh listener.
+        self._subscribed = False
         if self._listener is asyncio.current_task():
             self._listener = None
 
@@ -524,6 +617,15 @@ class LeaseSemaphore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._listener = None
+
+
+def _release_notice(data: Any) -> tuple[int, int]:
+    """Parses a release notice, "<freed> <processes waiting>" (older: "<freed>")."""
+    try:
+        parts = [int(x) for x in _text(data).split()]
+    except (TypeError, ValueError):
+        return 1, 1
+    return max(1, parts[0] if parts else 1), max(1, parts[1] if len(parts) > 1 else 1)
 
 
 def _meta(raw: Any) -> dict[str, Any] | None:

@@ -273,8 +273,16 @@ class SinkSampler:
             return sessions_at(self.port)
         # Raised priority: the slower the walk, the more it can miscount (see the docstring).
         out = subprocess.run(
-            [*self.nice, self.ss, "-Htn", "state", "established", "state", "close-wait",
-             f"( sport = :{self.port} )"],
+            [
+                *self.nice,
+                self.ss,
+                "-Htn",
+                "state",
+                "established",
+                "state",
+                "close-wait",
+                f"( sport = :{self.port} )",
+            ],
             capture_output=True,
             check=False,
         ).stdout
@@ -388,14 +396,37 @@ def main(argv: list[str] | None = None) -> int:
         for i, out in enumerate(outputs):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, "--client", "--index", str(i),
-                     "--redis-url", redis_server.url, "--port", str(sink.port),
-                     "--start-at", str(start_at), "--stop-at", str(stop_at),
-                     "--out", str(out), "--cap", str(args.cap),
-                     "--per-process", str(args.per_process), "--ttl", str(args.ttl),
-                     "--wait", str(args.wait), "--hold", *map(str, args.hold),
-                     "--ramp", str(args.ramp),
-                     "--messages", str(args.messages)],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--client",
+                        "--index",
+                        str(i),
+                        "--redis-url",
+                        redis_server.url,
+                        "--port",
+                        str(sink.port),
+                        "--start-at",
+                        str(start_at),
+                        "--stop-at",
+                        str(stop_at),
+                        "--out",
+                        str(out),
+                        "--cap",
+                        str(args.cap),
+                        "--per-process",
+                        str(args.per_process),
+                        "--ttl",
+                        str(args.ttl),
+                        "--wait",
+                        str(args.wait),
+                        "--hold",
+                        *map(str, args.hold),
+                        "--ramp",
+                        str(args.ramp),
+                        "--messages",
+                        str(args.messages),
+                    ],
                     cwd=REPO,
                     stderr=open(workdir / f"client-{i}.log", "wb"),  # noqa: SIM115
                 )
@@ -442,23 +473,30 @@ def main(argv: list[str] | None = None) -> int:
         stats.update(c["stats"])
     window = steady_to - steady_from
     delta = {k: stats_to.get(k, 0) - stats_from.get(k, 0) for k in stats_to}
-    in_scripts = sum(v for k, v in delta.items() if k not in ("evalsha", "eval", "info", "time",
-                                                               "zcount", "subscribe", "ping"))
+    in_scripts = sum(
+        v
+        for k, v in delta.items()
+        if k not in ("evalsha", "eval", "info", "time", "zcount", "subscribe", "ping")
+    )
     peak = max((n for _, n in sampler.samples), default=0)
     overlap = overlap_peak([tuple(x) for c in clients for x in c["spans"]])
     fd_peak = max((n for _, n in sampler.fd_samples), default=0)
     steady_samples = [n for t, n in sampler.samples if steady_from <= t <= steady_to]
     result = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("client", "index", "redis_url",
-                                                                     "port", "start_at", "stop_at",
-                                                                     "out")}
+        "config": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("client", "index", "redis_url", "port", "start_at", "stop_at", "out")
+        }
         | {"demand": demand, "open_files_limit": fds, "cpus": os.cpu_count()},
         "clients_reported": len(clients),
         "sink_peak_connections": peak,
         "sink_peak_sockets_held_by_smtp_sink": fd_peak,
         "connections_overlap_peak_client_timestamps": overlap,
-        "ss_walk_ms": {"p50": pct([w * 1000 for w in sampler.walk_s], 50),
-                       "max": max(sampler.walk_s, default=0) * 1000},
+        "ss_walk_ms": {
+            "p50": pct([w * 1000 for w in sampler.walk_s], 50),
+            "max": max(sampler.walk_s, default=0) * 1000,
+        },
         "sink_connections_steady_mean": statistics.fmean(steady_samples) if steady_samples else 0,
         "sink_samples": len(sampler.samples),
         "leases_held_steady_mean": statistics.fmean(held_samples) if held_samples else 0,
@@ -466,11 +504,17 @@ def main(argv: list[str] | None = None) -> int:
         "acquire_ms": {
             "all": {"n": len(every), "p50": pct(every, 50), "p99": pct(every, 99)},
             "ramp_up_first_try": {
-                "n": len(ramp_first), "p50": pct(ramp_first, 50), "p99": pct(ramp_first, 99)
+                "n": len(ramp_first),
+                "p50": pct(ramp_first, 50),
+                "p99": pct(ramp_first, 99),
             },
             "steady_first_try": {"n": len(first), "p50": pct(first, 50), "p99": pct(first, 99)},
-            "steady_waited": {"n": len(waited), "p50": pct(waited, 50), "p99": pct(waited, 99),
-                              "max": max(waited, default=None)},
+            "steady_waited": {
+                "n": len(waited),
+                "p50": pct(waited, 50),
+                "p99": pct(waited, 99),
+                "max": max(waited, default=None),
+            },
         },
         "redis_steady_per_s": {
             "window_s": window,
@@ -490,7 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sampler_interval_s": statistics.fmean(
             b[0] - a[0] for a, b in zip(sampler.samples, sampler.samples[1:], strict=False)
-        ) if len(sampler.samples) > 1 else None,
+        )
+        if len(sampler.samples) > 1
+        else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -505,11 +551,15 @@ def main(argv: list[str] | None = None) -> int:
         ("sink peak, kernel (ss)", f"{peak}  (<= cap: {peak <= args.cap})"),
         ("sink peak, sockets smtp-sink holds", f"{fd_peak}  (<= cap: {fd_peak <= args.cap})"),
         ("most connections open at once (exact)", f"{overlap}  (<= cap: {overlap <= args.cap})"),
-        ("ss walk p50 / max (ms)", f"{f(result['ss_walk_ms']['p50'])} / "
-                                   f"{f(result['ss_walk_ms']['max'])}"),
+        (
+            "ss walk p50 / max (ms)",
+            f"{f(result['ss_walk_ms']['p50'])} / {f(result['ss_walk_ms']['max'])}",
+        ),
         ("sink connections, steady mean", f(result["sink_connections_steady_mean"])),
-        ("leases held, steady mean / max", f"{f(result['leases_held_steady_mean'])} / "
-                                           f"{result['leases_held_max']}"),
+        (
+            "leases held, steady mean / max",
+            f"{f(result['leases_held_steady_mean'])} / {result['leases_held_max']}",
+        ),
         *(
             (label, f"{f(acq[key]['p50'])} / {f(acq[key]['p99'])}  n={acq[key]['n']}")
             for label, key in (
@@ -523,14 +573,20 @@ def main(argv: list[str] | None = None) -> int:
         ("  commands run by those scripts/s", f(rs["commands_run_by_scripts"], ".0f")),
         ("  PUBLISH/s (wake-ups)", f(rs["publish"], ".0f")),
         ("  redis-server CPU (% of one core)", f(rs["redis_cpu_percent_of_a_core"])),
-        ("client calls (acquire/renew/release)", f"{calls['acquire']} / {calls['renew']} / "
-                                                 f"{calls['release']}"),
-        ("connections / messages / fenced", f"{stats['connections']} / {stats['messages']} / "
-                                            f"{stats['fenced']}"),
+        (
+            "client calls (acquire/renew/release)",
+            f"{calls['acquire']} / {calls['renew']} / {calls['release']}",
+        ),
+        (
+            "connections / messages / fenced",
+            f"{stats['connections']} / {stats['messages']} / {stats['fenced']}",
+        ),
         ("acquire timeouts / errors", f"{stats['acquire_timeouts']} / {stats['acquire_errors']}"),
-        ("client loop lag p99 / max, worst (ms)",
-         f"{f(result['client_loop_lag_ms_worst']['p99'])} / "
-         f"{f(result['client_loop_lag_ms_worst']['max'])}"),
+        (
+            "client loop lag p99 / max, worst (ms)",
+            f"{f(result['client_loop_lag_ms_worst']['p99'])} / "
+            f"{f(result['client_loop_lag_ms_worst']['max'])}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

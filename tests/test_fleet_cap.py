@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 import mailer
 from mailer.client import default_mailer
 from tests.conftest import relay_env
-from tests.support.helpers import ids_at, wait_until
+from tests.support.helpers import fate, ids_at, wait_until
 from workers.deadletters import DeadLetters
 from workers.devredis import RedisServer
 from workers.devworker import WorkerProcess
@@ -59,9 +59,9 @@ def messages(n: int, tag: str) -> list[dict[str, str]]:
     ]
 
 
-def start_workers(workers: StartWorker, envs: Sequence[tuple[str, dict[str, str]]]) -> list[
-    WorkerProcess
-]:
+def start_workers(
+    workers: StartWorker, envs: Sequence[tuple[str, dict[str, str]]]
+) -> list[WorkerProcess]:
     """Starts (name, env) workers in parallel: each takes seconds to import Celery."""
     with ThreadPoolExecutor(len(envs)) as pool:
         return list(pool.map(lambda item: workers(item[1], name=item[0]), envs))
@@ -214,9 +214,7 @@ def test_cap_12_with_demand_48_never_exceeded_and_3000_arrive_exactly_once(
     producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     cap, per_worker, n = 12, 8, 3000
-    sink = make_sink(
-        tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.01
-    )
+    sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.01)
     envs = [
         (
             f"cap{i}",
@@ -266,9 +264,7 @@ def test_kill_9_leases_lapse_within_ttl_others_take_them_and_its_messages_come_b
     producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     cap, per_worker, n, visibility = 6, 4, 1500, 60
-    sink = make_sink(
-        tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.05
-    )
+    sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.05)
 
     def env(host: str) -> dict[str, str]:
         return env_for(
@@ -424,9 +420,7 @@ def test_sigstopped_holder_never_writes_on_its_old_connections_and_starts_over(
     # The server keeps idle connections open (5 min): the frozen worker's sockets are still
     # there, with transactions in flight, when it wakes up.
     sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.05)
-    freeze = Freeze(
-        redis_url, sink, tls_material, api_key, workers, producer_env, cap=cap, ttl=TTL
-    )
+    freeze = Freeze(redis_url, sink, tls_material, api_key, workers, producer_env, cap=cap, ttl=TTL)
     freeze.stop()
     assert not freeze.closed(), "the server closed them: nothing left to prove"
     before = freeze.mail_counts()  # final: nothing the frozen process sent is still unread
@@ -492,18 +486,6 @@ def test_relay_idle_timeout_below_the_ttl_keeps_a_frozen_fleet_under_the_cap(
 # ---- 4. Redis restarts -----------------------------------------------------------------------
 
 
-def fate(missing: set[str], state: RedisServer, started: Sequence[WorkerProcess]) -> str:
-    """What the ledger and the worker logs say about messages that never arrived."""
-    client = redis.Redis.from_url(state.url)
-    lines = [f"{len(missing)} missing"]
-    for message_id in sorted(missing)[:5]:
-        lines.append(f"{message_id}: ledger {client.get('mailer:ledger:' + message_id)!r}")
-        for worker in started:
-            lines += [f"  {worker.name}: {x[:400]}" for x in worker.lines if message_id in x]
-    client.close()
-    return "\n".join(lines)
-
-
 @contextmanager
 def private_redis(appendonly: bool) -> Iterator[RedisServer]:
     server = RedisServer(appendonly=appendonly).start()
@@ -566,7 +548,7 @@ def restart_run(
         # Generous: a message whose ledger claim could not be released during the outage waits
         # for the claim to lapse, then for its retry's backoff.
         missing = lambda: set(ids) - set(ids_at(sink))  # noqa: E731
-        assert sink.wait_for(n, timeout=240), fate(missing(), lease_redis, started)
+        assert sink.wait_for(n, timeout=240), fate(missing(), lease_redis.url, started, redis_url)
         time.sleep(1.0)
     counts = ids_at(sink)
     print(f"{sink.summary()}; lease samples max={max(sampler.samples)}; open during: {lowest}")
@@ -629,8 +611,9 @@ def test_lease_redis_restart_that_loses_everything_grants_nothing_for_a_ttl_and_
     assert quiet and max(quiet) == 0, f"leases granted during the grace period: {quiet}"
 
 
-def test_no_lease_is_granted_while_a_holder_from_before_an_empty_restart_still_trusts_its_own(
-) -> None:
+def test_no_lease_is_granted_while_a_holder_from_before_an_empty_restart_still_trusts_its_own() -> (
+    None
+):
     """The race behind the grace period, without worker processes: holder A (renewing every
     TTL/3) and a rival B that asks for the slot again and again. A Redis without persistence
     restarts empty; B must not get the slot before A has learned its lease is gone and fenced."""

@@ -30,7 +30,7 @@ import redis
 import mailer
 from mailer.client import default_mailer
 from tests.conftest import relay_env
-from tests.support.helpers import ids_at, wait_until
+from tests.support.helpers import fate, ids_at, wait_until
 from workers.circuit import KEY as CIRCUIT_KEY
 from workers.deadletters import DeadLetters
 from workers.devredis import RedisServer
@@ -140,9 +140,9 @@ def test_kill_9_mid_run_loses_nothing_and_resends_nothing_the_relay_had(
         f"(ledger of those: {dict(by_state)}) ledger states={dict(Counter(states.values()))}"
     )
 
-    workers(env, name="survivor")
+    survivor = workers(env, name="survivor")
     assert wait_until(lambda: set(ids_at(sink)) >= set(ids), timeout=240), (
-        f"{len(set(ids) - set(ids_at(sink)))} never arrived; {sink.summary()}"
+        f"{fate(set(ids) - set(ids_at(sink)), redis_url, [first, survivor])}\n{sink.summary()}"
     )
     # The killed worker's messages come back after the visibility timeout: wait for them too.
     assert wait_until(lambda: drained(client), timeout=150, interval=1.0), "broker never drained"

@@ -345,8 +345,11 @@ def test_snapshot(redis_url: str) -> None:
             return LeaseSemaphore(r, [Limit("smtp", 5), Limit.for_host(host, 3)], 10, host=host)
 
         alpha, beta = sem("alpha"), sem("beta")
-        a1, a2, b1 = (await alpha.acquire(soon(1)), await alpha.acquire(soon(1)),
-                      await beta.acquire(soon(1)))
+        a1, a2, b1 = (
+            await alpha.acquire(soon(1)),
+            await alpha.acquire(soon(1)),
+            await beta.acquire(soon(1)),
+        )
         assert a1 is not None and a2 is not None and b1 is not None
         await asyncio.sleep(0.3)
         snap = await alpha.snapshot()
@@ -433,8 +436,9 @@ def test_cap_holds_across_os_processes(redis_url: str) -> None:
                 p.kill()
     watcher.join(5)
     # CLOCK_MONOTONIC is system-wide on Linux, so holds from different processes compare.
-    events = sorted([(t, 1) for t, _ in holds] + [(t, -1) for _, t in holds],
-                    key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(t, 1) for t, _ in holds] + [(t, -1) for _, t in holds], key=lambda e: (e[0], e[1])
+    )
     current = peak = 0
     for _, delta in events:
         current += delta

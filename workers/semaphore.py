@@ -369,9 +369,15 @@ class LeaseSemaphore:
                         in_doubt = True
                         reply = await self._acquire_script(
                             keys=self._acquire_keys,
-                            args=[lease_id, self._ttl_ms, self.host, os.getpid(),
-                                  uuid.uuid4().hex, self._grace_ms,
-                                  *(lim.cap for lim in self.limits)],
+                            args=[
+                                lease_id,
+                                self._ttl_ms,
+                                self.host,
+                                os.getpid(),
+                                uuid.uuid4().hex,
+                                self._grace_ms,
+                                *(lim.cap for lim in self.limits),
+                            ],
                         )
                 except _TRANSIENT as exc:
                     (log.debug if last_error else log.warning)(

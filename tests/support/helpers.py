@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import redis
+
+from workers.deadletters import DeadLetters
+from workers.devworker import WorkerProcess
+from workers.ledger import PREFIX as LEDGER_PREFIX
 from workers.sink import SinkServer
 
 
@@ -22,3 +27,33 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+def fate(
+    missing: Iterable[str],
+    state_url: str,
+    started: Iterable[WorkerProcess],
+    broker_url: str | None = None,
+) -> str:
+    """What the ledger, the dead letters, the broker and the worker logs say about messages that
+    never arrived: the assertion message of every "all arrived" check."""
+    missing = sorted(missing)
+    started = list(started)
+    state = redis.Redis.from_url(state_url)
+    broker = redis.Redis.from_url(broker_url or state_url)
+    lines = [f"{len(missing)} missing"]
+    try:
+        queued = b"".join(broker.lrange("mailer", 0, -1)) + b"".join(broker.hvals("unacked"))
+        for message_id in missing[:5]:
+            letter = DeadLetters(state).get(message_id)
+            lines.append(
+                f"{message_id}: ledger {state.get(LEDGER_PREFIX + message_id)!r} "
+                f"dead letter {letter.kind + ': ' + letter.text if letter else None} "
+                f"in the broker {message_id.encode() in queued}"
+            )
+            for worker in started:
+                lines += [f"  {worker.name}: {x[:400]}" for x in worker.lines if message_id in x]
+    finally:
+        state.close()
+        broker.close()
+    return "\n".join(lines)

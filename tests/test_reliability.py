@@ -530,8 +530,13 @@ def test_ledger_ambiguous_window(ledger: Any) -> None:
         # An attempt whose cleanup was lost (Redis went down after `data` was written, before
         # the body): its own retry names it and may claim; anyone else still waits.
         assert await lg.claim("m4", "a") is None and await lg.begin_data("m4", "a", 60)
-        assert (await lg.claim("m4", "b", released="x")).state == "data"
-        assert await lg.claim("m4", "b", released="a") is None
+        assert (await lg.claim("m4", "b", released=("x",))).state == "data"
+        assert await lg.claim("m4", "b", released=("a",)) is None
+        # A chain of such attempts: `a` wrote `data`, then the next attempt's claim was lost
+        # too (Redis down). Its retry names both, since either may own the record.
+        assert await lg.claim("m5", "a") is None and await lg.begin_data("m5", "a", 60)
+        assert (await lg.claim("m5", "c", released=("b",))).state == "data"
+        assert await lg.claim("m5", "c", released=("a", "b")) is None
         # Outcomes are written only by their attempt (except `sent`: the relay said so).
         assert await lg.claim("m3", "a") is None and await lg.begin_data("m3", "a", 5)
         assert not await lg.settle("m3", "x", "failed", "550")
@@ -540,6 +545,20 @@ def test_ledger_ambiguous_window(ledger: Any) -> None:
         assert (await lg.get("m3")).state == "sent"
 
     ledger(body)
+
+
+def test_a_retry_remembers_every_attempt_that_left_nothing_at_the_relay() -> None:
+    from workers.tasks import RELEASED_KEPT, _retry_kwargs
+
+    assert _retry_kwargs(1, "") == {"attempts": 1}
+    assert _retry_kwargs(1, "", "a") == {"attempts": 1, "released": "a"}
+    assert _retry_kwargs(2, "a") == {"attempts": 2, "released": "a"}  # e.g. waited in flight
+    assert _retry_kwargs(2, "a", "b") == {"attempts": 2, "released": "a b"}
+    many = " ".join(f"o{i}" for i in range(RELEASED_KEPT))
+    assert _retry_kwargs(3, many, "new")["released"].split() == [
+        *many.split()[1:],
+        "new",
+    ]
 
 
 def test_one_probe_per_interval_fleet_wide(redis_url: str) -> None:

@@ -23,6 +23,7 @@ Records other than `claimed` live for MAILER_LEDGER_TTL.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,8 @@ end
 """
 
 # KEYS[1]; ARGV: owner, claim ttl ms, takeover ("1": take over `data`/`uncertain`), ledger ttl s,
-# released (the owner id of this task's previous attempt, which ended certain that the relay
-# does not have the message: its leftover `claimed`/`data` record is free).
+# then released owners (earlier attempts of this task that ended certain the relay does not
+# have the message: a leftover `claimed`/`data` record of any of them is free).
 # nil when the claim is ours; otherwise the record that stands in the way. A `data` record
 # still inside its window belongs to a live attempt waiting for the relay's reply: it stands.
 # Past its window, its sender died after starting the terminator: without takeover it becomes
@@ -55,8 +56,12 @@ local cur = redis.call('GET', KEYS[1])
 if cur then
   local rec = cjson.decode(cur)
   local mine = rec['state'] == 'claimed' and rec['owner'] == ARGV[1]
-  local released = ARGV[5] ~= '' and rec['owner'] == ARGV[5]
-    and (rec['state'] == 'claimed' or rec['state'] == 'data')
+  local released = false
+  if rec['state'] == 'claimed' or rec['state'] == 'data' then
+    for i = 5, #ARGV do
+      if rec['owner'] == ARGV[i] then released = true end
+    end
+  end
   if not mine and not released then
     if rec['state'] == 'data' and tonumber(rec['until'] or 0) > now() then return cur end
     local ambiguous = rec['state'] == 'data' or rec['state'] == 'uncertain'
@@ -154,16 +159,23 @@ class Ledger:
         return PREFIX + message_id
 
     async def claim(
-        self, message_id: str, owner: str, *, takeover: bool = False, released: str = ""
+        self,
+        message_id: str,
+        owner: str,
+        *,
+        takeover: bool = False,
+        released: Sequence[str] = (),
     ) -> Record | None:
         """Takes the message for this attempt; returns the blocking record if it can't.
 
         With `takeover` (policy `retry`) an ambiguous record is taken over; without it a
         stale `data` record is turned into `uncertain` and returned. `released` names the
-        previous attempt of this same task, known to have left nothing at the relay."""
+        earlier attempts of this same task, known to have left nothing at the relay: all of
+        them, because each failed write of ours may or may not have landed, so any of them
+        may own the record."""
         raw = await self._claim(
             keys=[self.key(message_id)],
-            args=[owner, self.claim_ttl_ms, "1" if takeover else "0", self.ttl, released],
+            args=[owner, self.claim_ttl_ms, "1" if takeover else "0", self.ttl, *released],
         )
         return None if raw is None else Record.parse(raw)
 

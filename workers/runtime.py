@@ -262,7 +262,7 @@ class Runtime:
         takeover = self.settings.uncertain_policy == "retry"
         try:
             blocking = await self.ledger.claim(
-                message_id, owner, takeover=takeover, released=released
+                message_id, owner, takeover=takeover, released=released.split()
             )
         except (redis.RedisError, OSError) as exc:
             failure = _unavailable(exc, Phase.CONNECT)

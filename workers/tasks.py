@@ -199,8 +199,16 @@ def _finish(payload: Mapping[str, Any], result: Result, attempts: int) -> dict[s
     return {"id": payload.get("id"), "status": result.status}
 
 
-def _retry_kwargs(attempts: int, released: str) -> dict[str, Any]:
-    return {"attempts": attempts, "released": released} if released else {"attempts": attempts}
+RELEASED_KEPT = 32  # earlier attempts a retry remembers; far more than one outage produces
+
+
+def _retry_kwargs(attempts: int, released: str, attempt: str = "") -> dict[str, Any]:
+    """`released` (space-separated ledger owners) plus this attempt's owner when it ended
+    certain the relay does not have the message but could not clear its record."""
+    owners = [*released.split(), *([attempt] if attempt else [])][-RELEASED_KEPT:]
+    if not owners:
+        return {"attempts": attempts}
+    return {"attempts": attempts, "released": " ".join(owners)}
 
 
 def _unexpected(exc: Exception) -> Failure:
@@ -219,7 +227,7 @@ def _unexpected(exc: Exception) -> Failure:
 def send(
     self: Task, payload: dict[str, Any], attempts: int = 0, released: str = ""
 ) -> dict[str, Any]:
-    """`released`: the ledger owner of this task's previous attempt, which left nothing at the
+    """`released`: the ledger owners of this task's earlier attempts, which left nothing at the
     relay (see `Ledger.claim`); internal, so it is not in the repr Flower shows."""
 
     def retry(countdown: float, attempts: int, exc: Failure) -> NoReturn:
@@ -229,7 +237,7 @@ def send(
             countdown,
             exc,
             args=(payload,),
-            kwargs=_retry_kwargs(attempts, exc.attempt or released),
+            kwargs=_retry_kwargs(attempts, released, exc.attempt),
             argsrepr=describe(payload),
             kwargsrepr=repr({"attempts": attempts}),
         )
@@ -316,7 +324,7 @@ def _settle_one(payload: dict[str, Any], outcome: Result | Failure) -> str:
         log_retried(payload.get("id"), outcome, attempts, countdown)
         send.apply_async(
             args=(payload,),
-            kwargs=_retry_kwargs(attempts, outcome.attempt),
+            kwargs=_retry_kwargs(attempts, "", outcome.attempt),
             countdown=countdown,
             queue=QUEUE,
             argsrepr=describe(payload),

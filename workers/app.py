@@ -3,7 +3,8 @@
 Reliability defaults (see ../shared/reference/celery-redis-aiosmtplib.md §1): late acks and
 requeue on a lost worker (at-least-once, made idempotent by the ledger), prefetch of one per
 slot, a visibility timeout in all three places and longer than any retry countdown, task events
-on for Flower, bounded publish retries. Configuration errors surface here, at start-up.
+on for Flower, bounded publish retries, and a fetch that cannot lose a message to a killed worker
+(workers/broker.py). Configuration errors surface here, at start-up.
 
 Shutdown. SIGTERM is Celery's *warm* shutdown: stop consuming, end the lease waits of running
 tasks (they go back to the queue without spending an attempt, see `_drain`), let transactions
@@ -52,6 +53,9 @@ app.conf.update(
     task_default_queue=QUEUE,
     task_ignore_result=True,
 )
+if settings.broker_url.startswith("redis://"):
+    # kombu's Redis transport with an atomic fetch: a killed worker loses no message.
+    app.conf.broker_transport = "workers.broker:Transport"
 
 log = logging.getLogger("mailer.worker")
 

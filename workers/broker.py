@@ -1,0 +1,245 @@
+"""The broker transport the workers consume with: kombu's Redis transport without its loss window.
+
+kombu takes a message off the queue with BRPOP and only afterwards records it as unacknowledged
+(`QoS.append`: ZADD + HSET). A worker killed in between, or whose BRPOP reply is still unread in
+its socket, loses the message for good (../shared/reference/celery-redis-aiosmtplib.md §1; our
+kill -9 test lost one in about half its runs). Here the message is moved atomically (BLMOVE)
+onto a list owned by this consumer and leaves that list in the same MULTI/EXEC that records it
+in `unacked`. So at every instant a message is in the queue, in one consumer's in-flight list,
+or in `unacked` (which kombu restores after the visibility timeout).
+
+Consumers heartbeat (Redis `TIME`, no clock skew) in a sorted set before fetching and on kombu's
+restore timer (which keeps running while fetching is paused because every slot is busy). The sweep
+each worker already runs for `unacked` also pushes back onto its queue whatever a consumer that
+stopped heartbeating for `inflight_dead_after` seconds left on its list; a closing channel puts
+its own leftovers back at once (a warm shutdown with a fetched-but-unread reply loses nothing).
+
+It applies to a channel consuming exactly one queue with one priority step and no global key
+prefix (what `mailer worker` does); anything else falls back to kombu's own fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from kombu.transport import redis as kredis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+CONSUMERS = "_mailer.consumers"  # zset: consumer id -> last heartbeat (Redis time)
+QUEUES = "_mailer.consumer_queues"  # hash: consumer id -> the queue it moves messages from
+INFLIGHT = "_mailer.inflight."  # + consumer id: list of raw messages fetched, not yet recorded
+HEARTBEAT_EVERY = 2.0  # seconds between heartbeats of a consumer that keeps fetching
+DEAD_AFTER = 60.0  # default `inflight_dead_after`: far above a fetch cycle, even under load
+SWEEP_LIMIT = 100  # dead consumers handled per sweep
+
+_LIB = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+-- Puts back on its queue every message of consumer `id` that `unacked` does not hold.
+local function restore(id, prefix, queues, unacked)
+  local list = prefix .. id
+  local queue = redis.call('HGET', queues, id)
+  if not queue then return 0 end
+  local items = redis.call('LRANGE', list, 0, -1)
+  local n = 0
+  for i = #items, 1, -1 do
+    local raw = items[i]
+    local ok, msg = pcall(cjson.decode, raw)
+    local tag = ok and type(msg) == 'table' and type(msg['properties']) == 'table'
+      and msg['properties']['delivery_tag']
+    if not (tag and redis.call('HEXISTS', unacked, tag) == 1) then
+      redis.call('RPUSH', queue, raw)
+      n = n + 1
+    end
+  end
+  redis.call('DEL', list)
+  return n
+end
+"""
+
+# KEYS: consumers, queues; ARGV: id, queue. The heartbeat, before every fetch.
+_BEAT = (
+    _LIB
+    + """
+redis.call('ZADD', KEYS[1], now(), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: consumers, queues, unacked; ARGV: inflight prefix, dead after s, limit, own id or ''.
+# With an id: that consumer's leftovers (it is closing; it stays registered, so a fetch that
+# still lands on its list is swept later). Without: every consumer silent for `dead after`.
+_SWEEP = (
+    _LIB
+    + """
+if ARGV[4] ~= '' then
+  return restore(ARGV[4], ARGV[1], KEYS[2], KEYS[3])
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now() - tonumber(ARGV[2]),
+  'LIMIT', 0, tonumber(ARGV[3]))
+local n = 0
+for _, id in ipairs(dead) do
+  n = n + restore(id, ARGV[1], KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+return n
+"""
+)
+
+
+class QoS(kredis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Records the message in `unacked` and takes it off our in-flight list atomically."""
+        channel: Channel = self.channel
+        staged, channel.staged = channel.staged, None
+        if staged is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:  # MULTI/EXEC
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, raw)
+            pipe.lrem(channel.inflight_key, 1, staged)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """On kombu's restore timer, which runs even while fetching is paused (every slot
+        busy, a fetched reply left unread): a heartbeat, then both sweeps."""
+        channel: Channel = self.channel
+        channel.heartbeat()
+        super().restore_visible(start, num, interval)
+        channel.sweep()
+
+
+class Channel(kredis.Channel):
+    QoS = QoS
+    inflight_dead_after = DEAD_AFTER
+    from_transport_options = (  # type: ignore[assignment]  # kombu types it as a fixed tuple
+        *kredis.Channel.from_transport_options,
+        "inflight_dead_after",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumer_id = uuid.uuid4().hex
+        self.inflight_key = INFLIGHT + self.consumer_id
+        self.staged: bytes | None = None  # fetched by us, not yet recorded in `unacked`
+        self._moving: str | None = None  # the queue of the BLMOVE in flight
+        self._beat_at = 0.0
+        self._beat_queue = ""
+
+    def _movable_queue(self) -> str | None:
+        """The one queue key a BLMOVE can serve, or None: kombu's own fetch then."""
+        queues = list(self.active_queues)
+        if self.global_keyprefix or len(queues) != 1:
+            return None
+        keys = {self._q_for_pri(queues[0], pri) for pri in self.priority_steps}
+        return queues[0] if keys == {queues[0]} else None
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queue = self._movable_queue()
+        self._moving = queue
+        if queue is None:
+            super()._brpop_start(timeout)
+            return
+        self._heartbeat(queue)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
+        wait = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command(
+            "BLMOVE", queue, self.inflight_key, "RIGHT", "LEFT", wait or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue, self._moving = self._moving, None
+        if queue is None:
+            return bool(super()._brpop_read(**options))
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if item is None:
+                raise kredis.Empty()
+            self._deliver_moved(queue, item)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu's own code does the same
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _deliver_moved(self, queue: str, item: bytes) -> None:
+        self.staged = item
+        try:
+            self.connection._deliver(loads(bytes_to_str(item)), queue)
+        except BaseException:
+            if self.staged is not None:  # never recorded: straight back onto the queue
+                self._return(queue, item)
+            raise
+        finally:
+            staged, self.staged = self.staged, None
+        if staged is not None:  # kombu took it without recording it (no ack expected)
+            with self.conn_or_acquire() as client:
+                client.lrem(self.inflight_key, 1, staged)
+
+    def _return(self, queue: str, item: bytes) -> None:
+        self.staged = None
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.lrem(self.inflight_key, 1, item)
+            pipe.rpush(queue, item)
+            pipe.execute()
+
+    def heartbeat(self) -> None:
+        if self._beat_queue:
+            self._beat_at = 0.0
+            self._heartbeat(self._beat_queue)
+
+    def _heartbeat(self, queue: str) -> None:
+        now = time.monotonic()
+        if queue == self._beat_queue and now - self._beat_at < HEARTBEAT_EVERY:
+            return
+        with self.conn_or_acquire() as client:
+            client.eval(_BEAT, 2, CONSUMERS, QUEUES, self.consumer_id, queue)
+        self._beat_at, self._beat_queue = now, queue
+
+    def sweep(self, own: bool = False) -> int:
+        """Puts back what dead consumers (or, with `own`, this one) fetched and never
+        recorded; returns how many messages went back onto their queues."""
+        with self.conn_or_acquire() as client:
+            restored = client.eval(
+                _SWEEP,
+                3,
+                CONSUMERS,
+                QUEUES,
+                self.unacked_key,
+                INFLIGHT,
+                self.inflight_dead_after,
+                SWEEP_LIMIT,
+                self.consumer_id if own else "",
+            )
+        return int(restored or 0)
+
+    def close(self) -> None:
+        if self._beat_queue and not self.closed:
+            # On a connection error we stay registered: another worker's sweep returns them.
+            with contextlib.suppress(*self.connection_errors):
+                self.sweep(own=True)
+        super().close()
+
+
+class Transport(kredis.Transport):
+    Channel = Channel

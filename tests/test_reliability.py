@@ -31,6 +31,7 @@ import mailer
 from mailer.client import default_mailer
 from tests.conftest import relay_env
 from tests.support.helpers import fate, ids_at, wait_until
+from workers.broker import INFLIGHT
 from workers.circuit import KEY as CIRCUIT_KEY
 from workers.deadletters import DeadLetters
 from workers.devredis import RedisServer
@@ -134,9 +135,12 @@ def test_kill_9_mid_run_loses_nothing_and_resends_nothing_the_relay_had(
         for v in client.hvals("unacked")
     }
     by_state = Counter(states.get(i, "none") for i in unacked_ids)
+    # Fetched but not yet recorded as unacknowledged: kombu's own BRPOP would have lost these.
+    fetched = sum(int(client.llen(k)) for k in client.scan_iter(INFLIGHT + "*"))
     data_at_kill = {i for i, s in states.items() if s == "data"}
     print(
         f"\nat kill: accepted={len(accepted_before)} unacked={len(unacked_ids)} "
+        f"fetched-not-recorded={fetched} "
         f"(ledger of those: {dict(by_state)}) ledger states={dict(Counter(states.values()))}"
     )
 

@@ -197,7 +197,8 @@ class Runtime:
         """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
         phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
         try:
-            return await asyncio.wait_for(self.adeliver(payload, released), self._attempt_budget())
+            async with asyncio.timeout(self._attempt_budget()):  # a timer, not a task per message
+                return await self.adeliver(payload, released)
         except TimeoutError:
             raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
 

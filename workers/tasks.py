@@ -180,14 +180,24 @@ def _republish(task: Task, countdown: float, exc: BaseException, **options: Any)
         raise Reject(reject.reason, requeue=True) from None
 
 
-def _finish(payload: Mapping[str, Any], result: Result, attempts: int) -> dict[str, Any]:
+def _close_circuit() -> None:
+    """A message went through: if the breaker is open, a probe authenticated, so close it for
+    the fleet."""
     rt = runtime()
-    if result.status == "sent":
-        try:
-            if rt.circuit.state().open:
-                rt.circuit.reset()  # a probe authenticated: close the breaker for the fleet
-        except (redis.RedisError, OSError):
-            pass
+    try:
+        if rt.circuit.state().open:
+            rt.circuit.reset()
+    except (redis.RedisError, OSError):
+        pass
+
+
+def _finish(
+    payload: Mapping[str, Any], result: Result, attempts: int, *, circuit: bool = True
+) -> dict[str, Any]:
+    """`circuit=False`: the caller (a batch) checks the breaker once for all its messages."""
+    rt = runtime()
+    if result.status == "sent" and circuit:
+        _close_circuit()
     if result.refused:
         _dead(payload, "recipients", None, attempts + 1, result)
     if result.status == "held":
@@ -312,13 +322,15 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
         log.error("batch follow-up failed (%s); requeueing the batch", type(exc).__name__)
         time.sleep(REQUEUE_PAUSE)
         raise Reject(f"batch follow-up failed: {type(exc).__name__}", requeue=True) from None
+    if counts.get("sent"):
+        _close_circuit()
     return counts
 
 
 def _settle_one(payload: dict[str, Any], outcome: Result | Failure) -> str:
     """One message of a batch: finish it, dead-letter it or publish its own retry."""
     if isinstance(outcome, Result):
-        return str(_finish(payload, outcome, 0)["status"])
+        return str(_finish(payload, outcome, 0, circuit=False)["status"])
     verdict, attempts, countdown = decide(payload, 0, outcome)
     if verdict == "retry":
         log_retried(payload.get("id"), outcome, attempts, countdown)

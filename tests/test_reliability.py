@@ -145,8 +145,14 @@ def test_kill_9_mid_run_loses_nothing_and_resends_nothing_the_relay_had(
     )
 
     survivor = workers(env, name="survivor")
-    assert wait_until(lambda: set(ids_at(sink)) >= set(ids), timeout=240), (
-        f"{fate(set(ids) - set(ids_at(sink)), redis_url, [first, survivor])}\n{sink.summary()}"
+
+    def held() -> set[str]:
+        return {i for i, d in letters(client).items() if d.kind == "uncertain"}
+
+    # Every message arrives, or is held for review because the dead worker had marked it `data`.
+    assert wait_until(lambda: set(ids) <= set(ids_at(sink)) | held(), timeout=240), (
+        f"{fate(set(ids) - set(ids_at(sink)) - held(), redis_url, [first, survivor])}\n"
+        f"{sink.summary()}"
     )
     # The killed worker's messages come back after the visibility timeout: wait for them too.
     assert wait_until(lambda: drained(client), timeout=150, interval=1.0), "broker never drained"
@@ -154,25 +160,28 @@ def test_kill_9_mid_run_loses_nothing_and_resends_nothing_the_relay_had(
 
     counts = ids_at(sink)
     dead = letters(client)
-    uncertain = {i for i, d in dead.items() if d.kind == "uncertain"}
+    uncertain = held()
     final = ledger_states(client)
     duplicates_of_accepted = [i for i in accepted_before if counts[i] > 1]
+    never_written = data_at_kill - accepted_before
     print(
         f"delivered={len(set(counts) & set(ids))}/{len(ids)} "
         f"duplicates of messages accepted before the kill={len(duplicates_of_accepted)} "
         f"duplicates overall={sum(1 for n in counts.values() if n > 1)} "
-        f"in 'data' at kill={len(data_at_kill)} (all accepted by the server: "
-        f"{data_at_kill <= accepted_before}) held as uncertain={len(uncertain)} "
+        f"in 'data' at kill={len(data_at_kill)} (of which the server never got "
+        f"{len(never_written)}) held as uncertain={len(uncertain)} "
         f"unacked at kill: sent-but-unacked={by_state.get('sent', 0)} "
         f"resent after restore={by_state.get('claimed', 0) + by_state.get('none', 0)}"
     )
-    assert set(counts) == set(ids), "a message was lost"
+    assert set(counts) | uncertain == set(ids), "a message was lost"
     assert duplicates_of_accepted == []
     assert max(counts.values()) == 1
-    # A message in `data` at the kill had its terminator written: the server has it, and the
-    # policy (hold) dead-lettered it as uncertain instead of sending it again.
-    assert data_at_kill <= accepted_before
+    # A message in `data` at the kill may have left (its terminator written, the reply never
+    # read) or not (killed after Redis recorded `data`, before the bytes left): nobody can
+    # tell, so the policy (hold) dead-letters it as uncertain instead of risking a duplicate.
+    # Only those: every other message arrived.
     assert uncertain == data_at_kill
+    assert set(ids) - set(counts) <= data_at_kill
     assert set(dead) == uncertain
     assert Counter(final.values()) == Counter(
         {"sent": len(ids) - len(uncertain), "uncertain": len(uncertain)}

@@ -18,16 +18,28 @@ caller's `idempotency_key` when there is one, so the key is covered too). One ke
 Every transition is one Lua script that checks who owns the record, so two copies of a task
 running at once (a redelivery racing the original) can never both get past `claimed`.
 Records other than `claimed` live for MAILER_LEDGER_TTL.
+
+Hundreds of sessions on one event loop each make three of these calls per message; awaited one
+by one, their round trips cost a third of the loop's CPU. So the calls are coalesced (see
+`_Coalescer`): what many sessions ask at about the same time leaves as one pipeline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
+log = logging.getLogger("mailer.ledger")
 
 PREFIX = "mailer:ledger:"
 
@@ -142,17 +154,184 @@ class Record:
         )
 
 
+class _Script:
+    """A Lua script sent by its SHA1 (EVALSHA); its source goes over only if Redis lacks it."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_CLAIM_SCRIPT = _Script(_CLAIM)
+_DATA_SCRIPT = _Script(_DATA)
+_SETTLE_SCRIPT = _Script(_SETTLE)
+_RELEASE_SCRIPT = _Script(_RELEASE)
+
+# The most calls in one pipeline: the queue is bounded by the callers anyway (one call at a time
+# per attempt, `worker_connections` attempts), this only caps one write and its replies.
+MAX_BATCH = 1000
+
+
+class _Call:
+    __slots__ = ("args", "future", "numkeys", "script")
+
+    def __init__(
+        self, script: _Script, numkeys: int, args: tuple[Any, ...], future: asyncio.Future[Any]
+    ) -> None:
+        self.script = script
+        self.numkeys = numkeys
+        self.args = args
+        self.future = future
+
+
+class _Coalescer:
+    """Runs concurrent script calls as pipelined EVALSHAs: one round trip for many callers.
+
+    Each call is queued with a future of its own. The first call of a burst starts the flusher
+    task, whose first step runs on the next loop iteration (no timer, no added wait): every call
+    made until then rides in the same pipeline. While that pipeline is in flight new calls queue
+    up, and leave together as soon as it returns; the flusher ends when the queue is empty.
+
+    One pipeline in flight at a time, on purpose. The CPU saved is per batch, and with a single
+    flight batches grow with the load, when CPU is shortest (the busier the loop, the more calls
+    queue behind a round trip): Nagle without the timer. It also keeps the ledger on one pooled
+    connection instead of one per session, and Redis runs commands one at a time anyway, so
+    parallel pipelines would not finish sooner. A call waits for at most the round trip in
+    flight before its own.
+
+    Non-transactional: the calls are independent and each script is atomic by itself; one
+    caller's error (a script error, NOSCRIPT) must not touch the others. An error of the whole
+    pipeline (connection, timeout) is raised in each of its callers, which may not know whether
+    their script ran: exactly what an error of a single EVALSHA means. Calls run in the order
+    they were made, except those retried after NOSCRIPT, which run after the rest of their
+    batch (concurrent callers never had an order: each used a pooled connection of its own).
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        # Arguments are encoded when the call is made, so a bad one fails that call, not the
+        # pipeline it would have joined (packing then passes the bytes through).
+        self._encode = redis.connection_pool.get_encoder().encode
+        self._queue: list[_Call] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.round_trips = 0  # pipelines sent
+
+    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        encode = self._encode
+        call = _Call(
+            script,
+            len(keys),
+            (*map(encode, keys), *map(encode, args)),
+            loop.create_future(),
+        )
+        self._queue.append(call)
+        if self._flusher is None or self._flusher.done():  # done: cancelled before it started
+            self._flusher = loop.create_task(self._flush(), name="ledger-flusher")
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            # Cancelled (a timeout): the flusher skips a call it has not sent yet and drops the
+            # reply of one in flight. A result that arrived as we were cancelled is dropped here.
+            if call.future.done() and not call.future.cancelled():
+                call.future.exception()  # retrieved: no "exception never retrieved" report
+            raise
+
+    async def _flush(self) -> None:
+        batch: list[_Call] = []
+        try:
+            while self._queue:
+                if len(self._queue) <= MAX_BATCH:
+                    batch, self._queue = self._queue, []
+                else:
+                    batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug: its callers get it, the flusher carries on
+                    log.exception("ledger pipeline failed")
+                    _fail(batch, exc)
+        except BaseException:
+            # Cancelled (the loop is shutting down): nobody may be left waiting. The callers
+            # were not cancelled themselves, and like after a lost connection they cannot know
+            # whether their script ran: that is a connection error.
+            pending, self._queue = [*batch, *self._queue], []
+            _fail(pending, RedisConnectionError("ledger pipeline cancelled"))
+            log.warning("ledger flusher cancelled with %d calls pending", len(pending))
+            raise
+        finally:
+            self._flusher = None
+
+    async def _send(self, batch: list[_Call]) -> None:
+        calls = [c for c in batch if not c.future.done()]  # cancelled while queued: not sent
+        if not calls:
+            return
+        replies = await self._pipeline(calls, ())
+        # NOSCRIPT: Redis restarted or its scripts were flushed. Those calls did not run: load
+        # their scripts and send them again, once, in one more round trip.
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            again = [calls[i] for i in missing]
+            load = list({c.script.sha: c.script for c in again}.values())
+            for i, reply in zip(missing, await self._pipeline(again, load), strict=True):
+                replies[i] = reply
+        for call, reply in zip(calls, replies, strict=True):
+            if call.future.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(reply, Exception):
+                call.future.set_exception(reply)
+            else:
+                call.future.set_result(reply)
+
+    async def _pipeline(self, calls: list[_Call], load: Sequence[_Script]) -> list[Any]:
+        """One round trip: the replies of `calls`, in order; an error of the whole pipeline is
+        returned once per call, each its own copy (raised in many tasks, a shared exception
+        would have its traceback and context rewritten by each)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for script in load:
+            pipe.execute_command("SCRIPT LOAD", script.source)
+        for call in calls:
+            pipe.execute_command("EVALSHA", call.script.sha, call.numkeys, *call.args)
+        self.round_trips += 1
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            return [_copy(exc) for _ in calls]
+        return list(replies[len(load) :])
+
+
+def _copy(exc: Exception) -> Exception:
+    try:
+        dup = copy.copy(exc)
+    except Exception:
+        return exc
+    dup.__cause__, dup.__context__ = exc.__cause__, exc.__context__
+    dup.__suppress_context__ = exc.__suppress_context__
+    return dup.with_traceback(exc.__traceback__)
+
+
+def _fail(calls: list[_Call], exc: Exception) -> None:
+    """`exc` (a copy each) for every call still waiting: no caller is ever left hanging."""
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(_copy(exc))
+
+
 class Ledger:
-    """Async ledger on the process's Redis client; every transition is one atomic script."""
+    """Async ledger on the process's Redis client; every transition is one atomic script, and
+    concurrent transitions share round trips (see `_Coalescer`)."""
 
     def __init__(self, redis: aioredis.Redis, *, ttl: int, claim_ttl: float) -> None:
         self.redis = redis
         self.ttl = ttl
         self.claim_ttl_ms = int(claim_ttl * 1000)
-        self._claim = redis.register_script(_CLAIM)
-        self._data = redis.register_script(_DATA)
-        self._settle = redis.register_script(_SETTLE)
-        self._release = redis.register_script(_RELEASE)
+        self._calls = _Coalescer(redis)
+
+    @property
+    def round_trips(self) -> int:
+        """Pipelines sent so far (each carrying one or more transitions)."""
+        return self._calls.round_trips
 
     @staticmethod
     def key(message_id: str) -> str:
@@ -173,9 +352,10 @@ class Ledger:
         earlier attempts of this same task, known to have left nothing at the relay: all of
         them, because each failed write of ours may or may not have landed, so any of them
         may own the record."""
-        raw = await self._claim(
-            keys=[self.key(message_id)],
-            args=[owner, self.claim_ttl_ms, "1" if takeover else "0", self.ttl, *released],
+        raw = await self._calls.call(
+            _CLAIM_SCRIPT,
+            (self.key(message_id),),
+            (owner, self.claim_ttl_ms, "1" if takeover else "0", self.ttl, *released),
         )
         return None if raw is None else Record.parse(raw)
 
@@ -185,13 +365,15 @@ class Ledger:
         `window`: the longest this attempt can wait for the final reply (plus a margin). Until
         then a copy that finds `data` waits (the attempt is alive); after it, the sender is
         known to have died inside the ambiguous window."""
-        return bool(await self._data(keys=[self.key(message_id)], args=[owner, self.ttl, window]))
+        return bool(
+            await self._calls.call(_DATA_SCRIPT, (self.key(message_id),), (owner, self.ttl, window))
+        )
 
     async def settle(self, message_id: str, owner: str, state: str, reply: str = "") -> bool:
         """`sent` (always: the relay's 250 is the truth), `failed` or `uncertain` (if ours)."""
         return bool(
-            await self._settle(
-                keys=[self.key(message_id)], args=[owner, state, reply[:200], self.ttl]
+            await self._calls.call(
+                _SETTLE_SCRIPT, (self.key(message_id),), (owner, state, reply[:200], self.ttl)
             )
         )
 
@@ -202,4 +384,4 @@ class Ledger:
     async def release(self, message_id: str, owner: str) -> None:
         """Forgets our attempt when the relay certainly does not have the message (failed before
         the terminator, or a definite 4xx/421 reply to it), so a retry may send at once."""
-        await self._release(keys=[self.key(message_id)], args=[owner])
+        await self._calls.call(_RELEASE_SCRIPT, (self.key(message_id),), (owner,))

@@ -6,6 +6,7 @@ recorded as unacknowledged. kombu's own transport loses it there; ours must give
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -149,3 +150,34 @@ def test_a_closing_channel_puts_back_what_it_fetched_and_never_read(redis_url: s
         assert client.llen(channel.inflight_key) == 0
         # Still registered until a sweep finds it silent: a fetch that lands late is caught.
         assert client.hget(QUEUES, channel.consumer_id) == b"closing"
+
+
+def test_a_fetch_whose_reply_is_lost_with_the_connection_is_fetched_again(redis_url: str) -> None:
+    """A broker restart or a dropped connection between the BLMOVE and reading its reply: the
+    message is on our list and nobody would deliver it while we live. The next fetch first puts
+    it back (kombu's BRPOP would have lost it)."""
+    client = redis.Redis.from_url(redis_url)
+    got: list[Any] = []
+    with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
+        q = Queue("dropped", Exchange("dropped", type="direct"), routing_key="dropped")
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+
+        with Consumer(conn, [q], callbacks=[on_message]):
+            channel = conn.default_channel
+            assert isinstance(channel, Channel)
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.3)  # empty: leaves a BLMOVE outstanding
+            assert channel._unread
+            publish(redis_url, "dropped", {"n": 2})
+            assert wait_until(lambda: client.llen(channel.inflight_key) == 1, timeout=10)
+            channel.client.connection.disconnect()  # the reply goes with the connection
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=1)
+    assert got == [{"n": 2}]
+    assert client.llen("dropped") == 0
+    assert client.llen(channel.inflight_key) == 0

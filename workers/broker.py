@@ -12,7 +12,9 @@ Consumers heartbeat (Redis `TIME`, no clock skew) in a sorted set before fetchin
 restore timer (which keeps running while fetching is paused because every slot is busy). The sweep
 each worker already runs for `unacked` also pushes back onto its queue whatever a consumer that
 stopped heartbeating for `inflight_dead_after` seconds left on its list; a closing channel puts
-its own leftovers back at once (a warm shutdown with a fetched-but-unread reply loses nothing).
+its own leftovers back at once (a warm shutdown with a fetched-but-unread reply loses nothing), and
+so does a channel whose BLMOVE reply was lost with its connection (a broker restart), before it
+fetches again.
 
 It applies to a channel consuming exactly one queue with one priority step and no global key
 prefix (what `mailer worker` does); anything else falls back to kombu's own fetch.
@@ -136,6 +138,7 @@ class Channel(kredis.Channel):
         self.inflight_key = INFLIGHT + self.consumer_id
         self.staged: bytes | None = None  # fetched by us, not yet recorded in `unacked`
         self._moving: str | None = None  # the queue of the BLMOVE in flight
+        self._unread = False  # a BLMOVE was sent and its reply never read (connection lost)
         self._beat_at = 0.0
         self._beat_queue = ""
 
@@ -154,9 +157,15 @@ class Channel(kredis.Channel):
             super()._brpop_start(timeout)
             return
         self._heartbeat(queue)
+        if self._unread:
+            # The last BLMOVE's reply was lost with its connection: whatever it moved is on
+            # our list and nobody will deliver it. Nothing else can be there now.
+            self.sweep(own=True)
+            self._unread = False
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
         wait = self.brpop_timeout if timeout is None else timeout
+        self._unread = True
         self.client.connection.send_command(
             "BLMOVE", queue, self.inflight_key, "RIGHT", "LEFT", wait or 0
         )
@@ -168,6 +177,7 @@ class Channel(kredis.Channel):
         try:
             try:
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                self._unread = False
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise

@@ -440,6 +440,60 @@ def test_workers_reconnect_by_themselves_after_a_redis_restart(
         server.close()
 
 
+@pytest.mark.slow
+def test_a_broker_restart_mid_run_loses_nothing_and_sends_nothing_twice(
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    workers: Workers,
+    producer_env: Callable[[dict[str, str]], None],
+) -> None:
+    """Redis (broker, ledger and leases, AOF on) restarts while batches and single tasks are
+    being fetched, run and acknowledged. Fetch replies and acks are lost with the connections:
+    every message must still arrive, once (or be held as uncertain if its outcome was lost)."""
+    server = RedisServer().start()
+    try:
+        faults = FaultPlan(delay=0.004)
+        sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, faults=faults)
+        env = relay_env(
+            server.url,
+            sink,
+            tls_material,
+            api_key,
+            MAILER_VISIBILITY_TIMEOUT=60,
+            MAILER_WORKER_CONNECTIONS=8,
+        )
+        producer_env(env)
+        worker = workers(env)
+        client = redis.Redis.from_url(server.url)
+        batch = [
+            mailer.Message(to=f"bulk{i}@example.com", subject=f"restart {i}", text=f"b{i}\n")
+            for i in range(600)
+        ]
+        ids = default_mailer().send_many(batch, batch_size=25) + publish(200, "restart single")
+        assert wait_until(lambda: len(ids_at(sink)) >= 250, timeout=120), sink.summary()
+        server.restart(down_for=2.0)
+
+        def held() -> set[str]:
+            return {i for i, d in letters(client).items() if d.kind == "uncertain"}
+
+        assert wait_until(lambda: set(ids) <= set(ids_at(sink)) | held(), timeout=240), (
+            f"{fate(set(ids) - set(ids_at(sink)) - held(), server.url, [worker])}\n{sink.summary()}"
+        )
+        counts = ids_at(sink)
+        uncertain = held()
+        print(
+            f"\nbroker restart mid-run: delivered {len(set(counts) & set(ids))}/{len(ids)}, "
+            f"max copies {max(counts.values())}, held as uncertain {len(uncertain)} "
+            f"(of which delivered {len(uncertain & set(counts))})"
+        )
+        assert max(counts.values()) == 1
+        assert set(ids) - set(counts) <= uncertain
+        assert worker.proc is not None and worker.proc.poll() is None
+    finally:
+        server.close()
+
+
 # ---- duplicates of one task: what redelivery and publish-then-ack retries produce ---------------
 
 

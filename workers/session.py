@@ -3,7 +3,8 @@
 TLS is enforced before AUTH (STARTTLS required, or implicit TLS on 465), certificates are
 verified with TLS 1.2 at least. The transaction is written on aiosmtplib's protocol layer
 rather than `sendmail()` so we know exactly whether the DATA terminator left us: a failure
-before it is safe to retry, a failure after it is ambiguous.
+before it is safe to retry, a failure after it is ambiguous. When the relay advertises
+PIPELINING, MAIL, RCPT... and DATA leave in one write (workers/protocol.py keeps every reply).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import aiosmtplib
 
 from mailer.config import Settings
 from workers.classify import Failure, Kind, Phase, by_code, classify
+from workers.protocol import PipeliningProtocol, adopt, check_arg
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -59,7 +61,10 @@ class Session:
         self.opened_at = 0.0
         self.last_used = 0.0
         self.broken = False
+        self.pipelining = False  # the relay advertised PIPELINING (RFC 2920) after AUTH
+        self._size = False
         self._smtp: aiosmtplib.SMTP | None = None
+        self._protocol: PipeliningProtocol | None = None
 
     def __repr__(self) -> str:
         return (
@@ -90,10 +95,14 @@ class Session:
                 await smtp.login(s.smtp_username, s.smtp_password.reveal())
             elif smtp.last_ehlo_response is None:
                 await smtp.ehlo()  # MAILER_SMTP_NO_AUTH (a local sink): EHLO for its extensions
+            protocol = adopt(smtp.protocol)  # handshake over, nothing pending: see protocol.py
         except BaseException as exc:
             smtp.close()
             raise classify(exc, Phase.CONNECT) from None
+        self.pipelining = smtp.supports_extension("pipelining")
+        self._size = smtp.supports_extension("size")
         self._smtp = smtp
+        self._protocol = protocol
         self.opened_at = self.last_used = time.monotonic()
         self.broken = False
 
@@ -114,65 +123,82 @@ class Session:
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered:
-        """MAIL, RCPT..., DATA; `body` is already dot-stuffed and terminated (see `wire_body`)."""
+        """MAIL, RCPT..., DATA; `body` is already dot-stuffed and terminated (see `wire_body`).
+
+        With PIPELINING the commands leave in one write and their replies are read in order
+        (RFC 2920); without it each command waits for its reply. Either way the body is
+        written only after the 354, right after `before_body` and the fence check.
+        """
         smtp = self._smtp
-        if smtp is None or not self.connected:
+        protocol = self._protocol
+        if smtp is None or protocol is None or not self.connected:
             raise Failure(Kind.RECONNECT, None, "session is not connected", Phase.MAIL)
         self.mail_count += 1  # every MAIL counts toward the relay's per-connection limit
         self.last_used = time.monotonic()
+        mail, rcpts = _commands(mail_from, rcpt_to, len(body) if self._size else None)
+        pipelined = self.pipelining
+        timeout = self.settings.smtp_timeout
         phase = Phase.MAIL
+        body_owed = False  # after the 354 the relay reads everything we write as the body
         try:
-            options = [f"SIZE={len(body)}"] if smtp.supports_extension("size") else []
-            self._fence_check(phase)
-            reply = await smtp.execute_command(
-                b"MAIL",
-                b"FROM:<" + mail_from.encode("ascii") + b">",
-                *(o.encode() for o in options),
-            )
+            self._fence_check(phase)  # no await between this check and the write
+            if pipelined:
+                group = [mail, *rcpts, b"DATA\r\n"]
+                protocol.send(b"".join(group), len(group))
+            else:
+                protocol.send(mail, 1)
+            reply = await protocol.read_response(timeout)
             if reply.code != 250:
-                raise by_code(reply.code, reply.message, phase)
+                failure = by_code(reply.code, reply.message, phase)
+                if pipelined and reply.code != 421:
+                    await self._skip_replies(protocol, len(rcpts) + 1)  # RCPT..., DATA
+                raise failure
             phase = Phase.RCPT
             refused: dict[str, tuple[int, str]] = {}
-            for rcpt in rcpt_to:
-                self._fence_check(phase)
-                reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("ascii") + b">")
-                if reply.code not in (250, 251):
-                    if reply.code == 421:
-                        raise by_code(reply.code, reply.message, phase)
-                    refused[rcpt] = (reply.code, reply.message)
+            for rcpt, command in zip(rcpt_to, rcpts, strict=True):
+                if not pipelined:
+                    self._fence_check(phase)
+                    protocol.send(command, 1)
+                reply = await protocol.read_response(timeout)
+                code = reply.code
+                if code != 250 and code != 251:
+                    if code == 421:
+                        raise by_code(code, reply.message, phase)
+                    refused[rcpt] = (code, reply.message)
             if len(refused) == len(rcpt_to):  # the except clause below sends RSET
-                codes = [c for c, _ in refused.values()]
-                kind = Kind.PERMANENT if all(c >= 500 for c in codes) else Kind.RETRY
-                code = min(codes)
-                said = next(text for c, text in refused.values() if c == code)
-                what = f"{said}" if len(refused) == 1 else f"all {len(refused)} refused: {said}"
-                raise Failure(kind, code, " ".join(what.split())[:300], phase, refused)
+                failure = _all_refused(refused, phase)
+                if pipelined:
+                    await self._skip_replies(protocol, 1)  # DATA: refused, unless the relay errs
+                raise failure
             phase = Phase.DATA
-            self._fence_check(phase)
-            reply = await smtp.execute_command(b"DATA")
+            if not pipelined:
+                self._fence_check(phase)
+                protocol.send(b"DATA\r\n", 1)
+            reply = await protocol.read_response(timeout)
             if reply.code != 354:
                 raise by_code(reply.code, reply.message, phase)
+            body_owed = True
             if before_body is not None:
                 await before_body()
-            protocol = smtp.protocol
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost before the body")
             self._fence_check(phase)  # no await between this check and the write
-            protocol.write(body)
+            protocol.send(body, 1)
+            body_owed = False
             phase = Phase.REPLY
-            reply = await protocol.read_response(timeout=self.settings.data_timeout)
-            if reply.code == 421:
-                smtp.close()
+            reply = await protocol.read_response(self.settings.data_timeout)
             if not 200 <= reply.code < 300:
                 raise by_code(reply.code, reply.message, phase)
             return Delivered(reply.message, refused)
         except Failure as failure:
-            if failure.kind in (Kind.RETRY, Kind.PERMANENT) and phase in (Phase.RCPT, Phase.DATA):
+            if failure.code == 421:
+                smtp.close()  # what aiosmtplib does on a 421: the relay is hanging up
+            if failure.kind not in (Kind.RETRY, Kind.PERMANENT) or body_owed:
+                # 421, drop, ambiguous reply, AUTH lost, a body the relay still waits for:
+                # never reuse it.
+                self.broken = True
+            elif phase in (Phase.RCPT, Phase.DATA) and not self.broken:
                 # A refused DATA command leaves MAIL and RCPT open on the relay: without RSET
                 # the next message's MAIL would get "503 nested MAIL" and be dead-lettered.
                 await self._reset()
-            elif failure.kind not in (Kind.RETRY, Kind.PERMANENT):
-                self.broken = True  # 421, drop, ambiguous reply, AUTH lost: never reuse it
             if not smtp.is_connected:
                 self.broken = True
             raise
@@ -181,6 +207,24 @@ class Session:
             raise classify(exc, phase) from None
         finally:
             self.last_used = time.monotonic()
+
+    async def _skip_replies(self, protocol: PipeliningProtocol, count: int) -> None:
+        """Reads the replies to pipelined commands that follow a refusal (RFC 2920 §3.1).
+
+        They must be errors: a 2xx/3xx (a DATA answered 354 with no recipient, say) or a
+        421 leaves the relay in a state we will not chase: the session is broken and closed,
+        and since no body follows a 354 here, nothing can be delivered by it.
+        """
+        try:
+            for _ in range(count):
+                reply = await protocol.read_response(self.settings.smtp_timeout)
+                if reply.code < 400 or reply.code == 421:
+                    self.broken = True
+                    break
+        except (aiosmtplib.SMTPException, OSError):
+            self.broken = True
+        if self.broken and self._smtp is not None:
+            self._smtp.close()
 
     def lease_expired(self, now: float | None = None) -> bool:
         """True once this connection's lease may belong to someone else: never write again."""
@@ -205,6 +249,9 @@ class Session:
     async def _reset(self) -> None:
         if self._smtp is not None and self.lease_expired():
             self.abort()
+            return
+        if self._protocol is not None and self._protocol.outstanding:
+            self.broken = True  # replies still owed: an RSET would read one of them
             return
         if self._smtp is not None:
             try:
@@ -235,6 +282,7 @@ class Session:
         finally:
             if self._smtp is smtp:
                 self._smtp = None
+                self._protocol = None
             smtp.close()
         if protocol is not None:
             await _wait_lost(protocol, timeout=2.0)
@@ -242,6 +290,7 @@ class Session:
     def abort(self) -> None:
         """Drops the socket at once: used when our lease is lost and we must stop sending."""
         smtp, self._smtp = self._smtp, None
+        self._protocol = None
         self.broken = True
         if smtp is not None and smtp.transport is not None:
             cast(asyncio.Transport, smtp.transport).abort()
@@ -253,3 +302,29 @@ async def _wait_lost(protocol: asyncio.BaseProtocol, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not getattr(protocol, "_connection_lost", True) and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
+
+
+def _commands(mail_from: str, rcpt_to: list[str], size: int | None) -> tuple[bytes, list[bytes]]:
+    """MAIL and RCPT lines, checked before anything is written: an address the relay can never
+    take (non-ASCII, CR/LF/NUL in it) fails the message and leaves the session as it was."""
+    phase = Phase.MAIL
+    try:
+        mail = b"MAIL FROM:<" + check_arg(mail_from.encode("ascii"))
+        mail += b">\r\n" if size is None else b"> SIZE=%d\r\n" % size
+        phase = Phase.RCPT
+        if not rcpt_to:
+            raise Failure(Kind.PERMANENT, None, "unsendable: no recipients", phase)
+        rcpts = [b"RCPT TO:<" + check_arg(r.encode("ascii")) + b">\r\n" for r in rcpt_to]
+    except ValueError as exc:
+        raise classify(exc, phase) from None
+    return mail, rcpts
+
+
+def _all_refused(refused: dict[str, tuple[int, str]], phase: Phase) -> Failure:
+    """PERMANENT if every refusal was 5xx, else RETRY; the lowest code and its text."""
+    codes = [c for c, _ in refused.values()]
+    kind = Kind.PERMANENT if all(c >= 500 for c in codes) else Kind.RETRY
+    code = min(codes)
+    said = next(text for c, text in refused.values() if c == code)
+    what = f"{said}" if len(refused) == 1 else f"all {len(refused)} refused: {said}"
+    return Failure(kind, code, " ".join(what.split())[:300], phase, refused)

@@ -162,16 +162,31 @@ class FaultPlan:
     """Seconds to wait before every MAIL, RCPT and end-of-data reply."""
     max_faults: int | None = None
     """Stop injecting probabilistic faults after this many."""
+    p_421_rcpt: float = 0.0
+    """Reply ``421`` to RCPT (MAIL was accepted), then close the connection."""
+    p_451_data_command: float = 0.0
+    """Reply ``451 4.3.0 Try again later`` to the DATA command itself, before any ``354``."""
+    reject_mail: AbstractSet[str] = frozenset()
+    """Senders that always get ``550 5.7.1 Sender rejected`` (compared case-insensitively)."""
+    defer_rcpt: AbstractSet[str] = frozenset()
+    """Recipients that always get ``450 4.2.1 Mailbox busy`` (compared case-insensitively)."""
+    data_without_rcpt: bool = False
+    """Answer ``354`` to DATA even when no recipient was accepted, which RFC 2920 §3.1 forbids
+    (a pipelining client must then write nothing more); whatever it writes anyway is read as
+    a body, refused with ``554`` and counted as ``body_without_rcpt``."""
     injected: Counter[str] = field(default_factory=Counter, init=False)
     """Faults injected so far, by kind: ``421_mail``, ``drop_rcpt``, ``drop_after_data``,
-    ``451_data``, ``550_rcpt``."""
+    ``451_data``, ``550_rcpt``, ``421_rcpt``, ``451_data_command``, ``550_mail``,
+    ``450_rcpt``, ``354_no_rcpt``, ``body_without_rcpt``."""
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("p_421_mail", "p_drop_rcpt", "p_drop_after_data", "p_451_data"):
+        for name in _PROBABILITIES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
         self.reject_rcpt = frozenset(a.lower() for a in self.reject_rcpt)
+        self.reject_mail = frozenset(a.lower() for a in self.reject_mail)
+        self.defer_rcpt = frozenset(a.lower() for a in self.defer_rcpt)
         self._rng = random.Random(self.seed)
 
     def roll(self, kind: str, probability: float) -> bool:
@@ -191,8 +206,27 @@ class FaultPlan:
             return True
         return False
 
+    def listed(self, kind: str, addresses: AbstractSet[str], address: str) -> bool:
+        """A deterministic, per-address fault (``reject_mail``, ``defer_rcpt``)."""
+        if address.lower() in addresses:
+            self.injected[kind] += 1
+            return True
+        return False
+
     def _probabilistic_total(self) -> int:
-        return sum(n for kind, n in self.injected.items() if kind != "550_rcpt")
+        return sum(n for kind, n in self.injected.items() if kind not in _DETERMINISTIC)
+
+
+_PROBABILITIES = (
+    "p_421_mail",
+    "p_drop_rcpt",
+    "p_drop_after_data",
+    "p_451_data",
+    "p_421_rcpt",
+    "p_451_data_command",
+)
+# Faults that never count against max_faults.
+_DETERMINISTIC = frozenset({"550_rcpt", "550_mail", "450_rcpt", "354_no_rcpt", "body_without_rcpt"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +253,11 @@ class SessionRecord:
     messages: int = 0
     """Messages accepted (recorded) in this session."""
     quit: bool = False
+    pipelined_reads: int = 0
+    """Reads (outside a message body) that carried more than one command: the client
+    pipelined them (RFC 2920)."""
+    max_commands_per_read: int = 0
+    """The most commands one of those reads carried (0 if none did)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +303,22 @@ class _SinkSMTP(SMTP):
         self.sink = sink
         self.sink_record: SessionRecord | None = None
         self._sink_lost = False
+        self._sink_in_body = False
         super().__init__(handler, **kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        # Counts how commands arrive: a pipelining client's MAIL, RCPT... and DATA come in one
+        # read. Bytes of a message body (after our 354) are not commands.
+        record = self.sink_record
+        if not self._sink_in_body and record is not None:
+            commands = data.count(b"\n")
+            if commands > 1:
+                self.sink._update(
+                    record,
+                    pipelined_reads=record.pipelined_reads + 1,
+                    max_commands_per_read=max(record.max_commands_per_read, commands),
+                )
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called twice per connection with STARTTLS (again by the TLS layer after the handshake),
@@ -298,6 +352,29 @@ class _SinkSMTP(SMTP):
                 await self.push("530 5.7.0 Authentication required")
                 return
         await super().smtp_MAIL(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._sink_in_body = True  # until the end-of-data reply (or a refusal) is pushed
+        try:
+            plan = self.sink.faults
+            envelope = self.envelope
+            if plan is not None and envelope is not None and envelope.mail_from and not arg:
+                if not envelope.rcpt_tos and plan.data_without_rcpt:
+                    plan.injected["354_no_rcpt"] += 1
+                    await self.push("354 End data with <CR><LF>.<CR><LF>")
+                    line = await self._reader.readuntil(b"\r\n")
+                    plan.injected["body_without_rcpt"] += 1  # anything written after the 354
+                    while line != b".\r\n":
+                        line = await self._reader.readuntil(b"\r\n")
+                    await self.push("554 5.5.1 Error: no valid recipients")
+                    return
+                if envelope.rcpt_tos and plan.roll("451_data_command", plan.p_451_data_command):
+                    await self.push("451 4.3.0 Try again later")
+                    return
+            await super().smtp_DATA(arg)
+        finally:
+            self._sink_in_body = False
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -348,6 +425,8 @@ class _Handler:
         session.host_name = hostname
         if self.sink.auth is None:  # don't advertise an AUTH nobody could pass
             responses = [r for r in responses if not r.startswith("250-AUTH")]
+        if self.sink.pipelining:  # before the last line ("250 HELP")
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_exception(self, error: Exception) -> str:
@@ -375,6 +454,8 @@ class _Handler:
             await server.push("421 4.7.0 Service not available, closing transmission channel")
             await server.sink_close(abort=False)
             return "421 4.7.0 Closing"  # only reached if the close never completed
+        if plan is not None and plan.listed("550_mail", plan.reject_mail, address):
+            return "550 5.7.1 Sender rejected"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -393,6 +474,12 @@ class _Handler:
                 await asyncio.sleep(plan.delay)
             if plan.rejects(address):
                 return "550 5.1.1 User unknown"
+            if plan.listed("450_rcpt", plan.defer_rcpt, address):
+                return "450 4.2.1 Mailbox busy, try again later"
+            if plan.roll("421_rcpt", plan.p_421_rcpt):
+                await server.push("421 4.7.0 Service not available, closing transmission channel")
+                await server.sink_close(abort=False)
+                return "421 4.7.0 Closing"  # only reached if the close never completed
             if not envelope.rcpt_tos and plan.roll("drop_rcpt", plan.p_drop_rcpt):
                 await server.sink_close(abort=True)
                 return "421 4.7.0 Closing"  # only reached if the abort never completed
@@ -440,6 +527,7 @@ class SinkServer:
         faults: FaultPlan | None = None,
         mail_delay: float = 0.0,
         timeout: float = 300.0,
+        pipelining: bool = False,
     ) -> None:
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"tls must be 'starttls', 'tls' or 'none', not {tls!r}")
@@ -456,6 +544,9 @@ class SinkServer:
         self.faults = faults
         self.mail_delay = mail_delay
         self.timeout = timeout
+        self.pipelining = pipelining
+        """Advertise PIPELINING (RFC 2920) after EHLO. aiosmtpd reads commands one line at a
+        time, so it handles pipelined ones in order either way; it just does not say so."""
 
         self._cond = threading.Condition()
         self._received: list[Received] = []
@@ -738,13 +829,15 @@ def _raise_fd_limit() -> None:
 # CLI
 
 
-_FAULT_FIELDS = {"p_421_mail", "p_drop_rcpt", "p_drop_after_data", "p_451_data", "delay"}
+_FAULT_FIELDS = {*_PROBABILITIES, "delay"}
 
 
 def _parse_fault(text: str) -> tuple[str, Any]:
     name, _, value = text.partition("=")
-    if name == "reject_rcpt":
+    if name in ("reject_rcpt", "reject_mail", "defer_rcpt"):
         return name, frozenset(v for v in value.split(",") if v)
+    if name == "data_without_rcpt":
+        return name, value.strip().lower() in ("1", "true", "yes")
     if name == "max_faults":
         return name, int(value)
     if name not in _FAULT_FIELDS:
@@ -772,6 +865,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--record-data", action="store_true", help="keep message bodies in memory")
     parser.add_argument(
         "--mail-delay", type=float, default=0.0, help="seconds before each MAIL reply"
+    )
+    parser.add_argument(
+        "--pipelining", action="store_true", help="advertise PIPELINING (RFC 2920) after EHLO"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for --fault draws")
     parser.add_argument(
@@ -809,6 +905,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         record_data=args.record_data,
         faults=faults,
         mail_delay=args.mail_delay,
+        pipelining=args.pipelining,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -527,7 +527,7 @@ class SinkServer:
         faults: FaultPlan | None = None,
         mail_delay: float = 0.0,
         timeout: float = 300.0,
-        pipelining: bool = False,
+        pipelining: bool = True,
     ) -> None:
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"tls must be 'starttls', 'tls' or 'none', not {tls!r}")
@@ -545,8 +545,9 @@ class SinkServer:
         self.mail_delay = mail_delay
         self.timeout = timeout
         self.pipelining = pipelining
-        """Advertise PIPELINING (RFC 2920) after EHLO. aiosmtpd reads commands one line at a
-        time, so it handles pipelined ones in order either way; it just does not say so."""
+        """Advertise PIPELINING (RFC 2920) after EHLO, as SendGrid does (so by default clients
+        take their pipelined path here too). aiosmtpd reads commands one line at a time, so it
+        handles pipelined ones in order either way; it just does not say so by itself."""
 
         self._cond = threading.Condition()
         self._received: list[Received] = []
@@ -867,7 +868,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         "--mail-delay", type=float, default=0.0, help="seconds before each MAIL reply"
     )
     parser.add_argument(
-        "--pipelining", action="store_true", help="advertise PIPELINING (RFC 2920) after EHLO"
+        "--no-pipelining",
+        dest="pipelining",
+        action="store_false",
+        help="do not advertise PIPELINING (RFC 2920) after EHLO (it is, like SendGrid, by default)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for --fault draws")
     parser.add_argument(

@@ -115,19 +115,24 @@ class LeaseSampler:
         self.url = url
         self.every = every
         self.samples: list[int] = []
-        self.times: list[float] = []  # time.monotonic() of each sample
+        self.spans: list[tuple[float, float]] = []  # time.monotonic() asked, answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             with contextlib.suppress(redis.RedisError, OSError):  # Redis restarting
-                taken = time.monotonic()
-                self.samples.append(sum(held_by_pid(self.url).values()))
-                self.times.append(taken)
+                asked = time.monotonic()
+                held = sum(held_by_pid(self.url).values())
+                self.samples.append(held)
+                self.spans.append((asked, time.monotonic()))
 
     def held_between(self, start: float, end: float) -> list[int]:
-        return [n for t, n in zip(self.times, self.samples, strict=True) if start <= t <= end]
+        """Samples taken entirely inside [start, end]: on a loaded machine one query can take
+        a while, and its count is from some instant between asking and the answer."""
+        return [
+            n for (a, b), n in zip(self.spans, self.samples, strict=True) if start <= a and b <= end
+        ]
 
     @contextmanager
     def running(self) -> Iterator[LeaseSampler]:
@@ -507,8 +512,8 @@ def restart_run(
 ) -> tuple[list[int], list[float], LeaseSampler]:
     """Three workers (demand 12, cap 6) keep sending while the leases' Redis restarts once per
     outage (seconds down); returns once every message arrived exactly once, peak <= cap, with
-    the fewest connections the relay saw open during each outage, when Redis was back, and the
-    lease samples."""
+    the fewest connections the relay saw open during each outage, when each restart began (the
+    server starts after it), and the lease samples."""
     cap, per_worker, n = 6, 4, 1200
     sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.02)
     envs = [
@@ -543,8 +548,10 @@ def restart_run(
                 low = min(low, sink.open_connections)
                 time.sleep(0.02)
             lowest.append(low)
-            lease_redis.start()
+            # Before start(): the server (and so its uptime, which the restart grace counts
+            # from) starts after this instant, however long start() takes to see it ready.
             back_at.append(time.monotonic())
+            lease_redis.start()
         # Generous: a message whose ledger claim could not be released during the outage waits
         # for the claim to lapse, then for its retry's backoff.
         missing = lambda: set(ids) - set(ids_at(sink))  # noqa: E731

@@ -137,6 +137,7 @@ class Settings:
     uncertain_policy: str = "hold"
     circuit_probe_interval: float = 10.0
     hostname: str = field(default_factory=socket.gethostname)
+    celery_task_logs: bool = False  # Celery's own per-task INFO lines (ours are the audit trail)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -223,6 +224,7 @@ class Settings:
             uncertain_policy=policy,
             circuit_probe_interval=_float(env, "MAILER_CIRCUIT_PROBE_INTERVAL", 10.0, 0.1, 3600.0),
             hostname=env.get("MAILER_HOSTNAME", "").strip() or socket.gethostname(),
+            celery_task_logs=_flag(env, "MAILER_CELERY_TASK_LOGS"),
         )
         return settings
 

@@ -7,12 +7,15 @@ credential. Task reprs, which Flower and logs show, carry id, recipients and sub
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
+from kombu.transport import redis as kredis
 
 from mailer.config import Settings
 from mailer.errors import PublishError
@@ -84,6 +87,39 @@ def describe_batch(payloads: Sequence[Mapping[str, Any]]) -> str:
     return f"{{'batch': {len(ids)}, 'ids': {ids[:3]!r}{' ...' if len(ids) > 3 else ''}}}"
 
 
+class ReusedClient:
+    """Channel mixin: kombu (5.7) builds a new `redis.Redis` for every publish, ack and
+    unacked-record it makes without a client in hand (in the profiles: two per `send` on the
+    producer, the task and its sent event; five per task on a worker, three task events, the
+    ack and the fetch record). Building one costs more than the command it sends. This keeps
+    one per channel over the channel's own connection pool (a `redis.Redis` is thread-safe: each
+    command checks a connection out of the pool), rebuilt when kombu replaces the pool."""
+
+    _reused: tuple[Any, redis.Redis] | None = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
+        if client:
+            yield client
+            return
+        this: Any = self
+        pool, reused = self._reused or (None, None)
+        if reused is None or pool is not this.pool:
+            reused = this._create_client()
+            self._reused = (this.pool, reused)
+        yield reused
+
+
+class ProducerChannel(ReusedClient, kredis.Channel):
+    """kombu's Redis channel, one client per channel."""
+
+
+class ProducerTransport(kredis.Transport):
+    """kombu's Redis transport for publishing, one client per channel."""
+
+    Channel = ProducerChannel
+
+
 class Publisher:
     """A producer-side Celery app that knows tasks only by name (no worker code imported)."""
 
@@ -91,6 +127,8 @@ class Publisher:
         self.settings = settings
         self.app = Celery("mailer-producer", broker=settings.broker_url, set_as_current=False)
         self.app.conf.update(celery_config(settings))
+        if settings.broker_url.startswith(("redis://", "rediss://")):
+            self.app.conf.broker_transport = "mailer.publish:ProducerTransport"
         self._lock = threading.Lock()
 
     def send(self, payload: Mapping[str, Any], *, countdown: float | None = None) -> None:

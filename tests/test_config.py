@@ -62,6 +62,7 @@ def test_password_falls_back_to_sendgrid_api_key_and_is_stripped() -> None:
         ({"MAILER_SMTP_CA_FILE": "/nonexistent/ca.pem"}, "MAILER_SMTP_CA_FILE"),
         ({"MAILER_UNCERTAIN_POLICY": "guess"}, "MAILER_UNCERTAIN_POLICY"),
         ({"MAILER_SMTP_ALLOW_INSECURE": "maybe"}, "MAILER_SMTP_ALLOW_INSECURE"),
+        ({"MAILER_CELERY_TASK_LOGS": "verbose"}, "MAILER_CELERY_TASK_LOGS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

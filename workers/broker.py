@@ -32,6 +32,8 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from mailer.publish import ReusedClient
+
 CONSUMERS = "_mailer.consumers"  # zset: consumer id -> last heartbeat (Redis time)
 QUEUES = "_mailer.consumer_queues"  # hash: consumer id -> the queue it moves messages from
 INFLIGHT = "_mailer.inflight."  # + consumer id: list of raw messages fetched, not yet recorded
@@ -124,7 +126,10 @@ class QoS(kredis.QoS):
         channel.sweep()
 
 
-class Channel(kredis.Channel):
+class Channel(ReusedClient, kredis.Channel):
+    """kombu's Redis channel with the fetch above, and one Redis client for its publishes
+    (task events), acks and fetch records (see `ReusedClient`)."""
+
     QoS = QoS
     inflight_dead_after = DEAD_AFTER
     from_transport_options = (  # type: ignore[assignment]  # kombu types it as a fixed tuple
@@ -203,13 +208,13 @@ class Channel(kredis.Channel):
             staged, self.staged = self.staged, None
         if staged is not None:  # kombu took it without recording it (no ack expected)
             with self.conn_or_acquire() as client:
-                client.lrem(self.inflight_key, 1, staged)
+                client.lrem(self.inflight_key, 1, staged)  # type: ignore[arg-type]  # exact bytes
 
     def _return(self, queue: str, item: bytes) -> None:
         self.staged = None
         with self.conn_or_acquire() as client:
             pipe = client.pipeline()
-            pipe.lrem(self.inflight_key, 1, item)
+            pipe.lrem(self.inflight_key, 1, item)  # type: ignore[arg-type]  # exact bytes
             pipe.rpush(queue, item)
             pipe.execute()
 

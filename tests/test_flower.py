@@ -155,12 +155,16 @@ def test_flower_shows_a_retried_task_with_count_and_smtp_reason_and_no_secret(
         assert time.monotonic() < deadline, f"task never succeeded: {info}"
         time.sleep(0.1)
     final = snapshots[-1]
+    # RETRY lasts from the task-retried event to the retry's task-received, which the worker
+    # sends as soon as it holds the countdown message: often too short to be polled. Flower
+    # keeps the retried event's time and exception on the task, so the final record shows it.
     retried = [s for s in snapshots if s.get("state") == "RETRY"]
-    print(f"\nflower RETRY exception: {retried[-1].get('exception') if retried else None}")
+    print(f"\nflower: polled in RETRY {len(retried)} times; final keys {sorted(final)}")
+    print(f"flower final: retried={final.get('retried')} exception={final.get('exception')}")
     print(f"flower final: retries={final.get('retries')} kwargs={final.get('kwargs')}")
 
-    assert retried, "flower never showed the task in RETRY"
-    reasons = {str(s.get("exception")) for s in retried}
+    assert retried or final.get("retried"), "flower never saw the task-retried event"
+    reasons = {str(s.get("exception")) for s in snapshots if s.get("exception")}
     assert any("451" in r and "Try again later" in r for r in reasons), reasons
     assert max(int(s.get("retries") or 0) for s in snapshots) == retries
     assert final["retries"] == retries

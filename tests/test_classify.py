@@ -45,6 +45,10 @@ from workers.sink import FaultPlan, SinkServer, TLSMaterial
         (454, Phase.CONNECT, Kind.AUTH),
         (554, Phase.CONNECT, Kind.AUTH),  # refused at the greeting: the fleet's problem
         (354, Phase.MAIL, Kind.RECONNECT),  # out of sequence: the session is desynced
+        (503, Phase.MAIL, Kind.RECONNECT),  # bad sequence: the session's state, not the message
+        (503, Phase.RCPT, Kind.RECONNECT),
+        (503, Phase.DATA, Kind.RECONNECT),
+        (503, Phase.REPLY, Kind.PERMANENT),  # a definite refusal of the message after its body
         (354, Phase.REPLY, Kind.UNCERTAIN),  # desynced after the terminator: ambiguous
     ],
 )

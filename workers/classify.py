@@ -99,6 +99,10 @@ def by_code(code: int, text: str, phase: Phase) -> Failure:
     text = _clean(text)
     if code == 421:
         return Failure(Kind.RECONNECT, code, text, phase)
+    if code == 503 and phase is not Phase.REPLY:
+        # "Bad sequence of commands" judges the session's state, never the message: e.g. a
+        # server answering pipelined commands out of order (smtp-sink -W does). A new session.
+        return Failure(Kind.RECONNECT, code, text, phase)
     if code in AUTH_CODES or (code == 454 and phase is Phase.CONNECT):
         return Failure(Kind.AUTH, code, text, phase)
     if phase is Phase.CONNECT and code >= 500:

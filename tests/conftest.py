@@ -29,8 +29,9 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 # ---- SMTP test server, relay environment, worker processes ---------------------------------
 
 import secrets  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 from workers.devworker import WorkerProcess  # noqa: E402
 from workers.sink import SinkServer, TLSMaterial, make_tls_material  # noqa: E402
@@ -84,6 +85,33 @@ def relay_env(
         env["MAILER_SMTP_ALLOW_INSECURE"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class Relay(NamedTuple):
+    """A test's relay: the recording SMTP server and the env its workers and producer use."""
+
+    sink: SinkServer
+    env: dict[str, str]
+
+
+@pytest.fixture
+def relay(
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    producer_env: Callable[[dict[str, str]], None],
+) -> Callable[..., Relay]:
+    """The set-up every end-to-end test starts with: a sink (STARTTLS and AUTH with the test's
+    key unless `sink` says otherwise), the env for it (`env` extras), applied to the producer."""
+
+    def make(sink: Mapping[str, object] | None = None, **env: object) -> Relay:
+        server = make_sink(**{"tls": "starttls", "auth": ("apikey", api_key), **(sink or {})})
+        settings = relay_env(redis_url, server, tls_material, api_key, **env)
+        producer_env(settings)
+        return Relay(server, settings)
+
+    return make
 
 
 @pytest.fixture

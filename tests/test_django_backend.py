@@ -24,9 +24,8 @@ from django.core.mail import EmailMessage, EmailMultiAlternatives
 
 import mailer
 from mailer.django import EmailBackend
-from tests.conftest import relay_env
+from tests.conftest import Relay
 from workers.devworker import WorkerProcess
-from workers.sink import SinkServer, TLSMaterial
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
@@ -37,16 +36,10 @@ def unix(text: str) -> str:
 
 
 def test_django_messages_arrive_with_envelope_headers_and_parts(
-    redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="starttls", auth=("apikey", api_key))
-    env = relay_env(redis_url, sink, tls_material, api_key)
-    producer_env(env)
+    sink, env = relay()
     workers(env)
 
     rich = EmailMultiAlternatives(

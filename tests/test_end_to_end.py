@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import mailer
-from tests.conftest import relay_env
+from tests.conftest import Relay, relay_env
 from tests.support.helpers import ids_at
 from workers.deadletters import DeadLetters
 from workers.devworker import WorkerProcess
@@ -34,16 +34,11 @@ def _send(n: int, tag: str) -> dict[str, bytes]:
 
 
 def test_thousand_messages_arrive_exactly_once_with_bytes_intact(
-    redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
     api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="starttls", auth=("apikey", api_key))
-    env = relay_env(redis_url, sink, tls_material, api_key, MAILER_WORKER_CONNECTIONS=8)
-    producer_env(env)
+    sink, env = relay(MAILER_WORKER_CONNECTIONS=8)
     worker = workers(env)
 
     ids = [
@@ -71,24 +66,15 @@ def test_thousand_messages_arrive_exactly_once_with_bytes_intact(
 
 
 def test_sessions_rotate_before_the_limit_and_are_reused_across_tasks(
-    redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False)
     pool_size = 8
-    env = relay_env(
-        redis_url,
-        sink,
-        tls_material,
-        api_key,
+    sink, env = relay(
+        {"record_data": False},
         MAILER_MAX_MESSAGES_PER_CONNECTION=100,
         MAILER_WORKER_CONNECTIONS=pool_size,
     )
-    producer_env(env)
     workers(env)
     _send(1000, "rotate")
     assert sink.wait_for(1000, timeout=120)
@@ -106,16 +92,10 @@ def test_sessions_rotate_before_the_limit_and_are_reused_across_tasks(
 
 
 def test_port_465_implicit_tls(
-    redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="tls", auth=("apikey", api_key))
-    env = relay_env(redis_url, sink, tls_material, api_key)
-    producer_env(env)
+    sink, env = relay({"tls": "tls"})
     workers(env)
     ids = {mailer.send(to="a@example.com", subject=f"tls {i}", text="x") for i in range(20)}
     assert sink.wait_for(20, timeout=60)

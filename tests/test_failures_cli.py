@@ -16,11 +16,11 @@ import redis
 
 import mailer
 from mailer.client import default_mailer
-from tests.conftest import relay_env
+from tests.conftest import Relay
 from tests.support.helpers import ids_at, wait_until
 from workers.deadletters import DeadLetters
 from workers.devworker import WorkerProcess
-from workers.sink import FaultPlan, SinkServer, TLSMaterial
+from workers.sink import FaultPlan
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,27 +44,16 @@ def enqueue(to: str, subject: str, *, age: float = 0.0) -> str:
 
 def test_dead_letters_and_the_failures_command(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
     api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(
-        tls="starttls",
-        auth=("apikey", api_key),
-        faults=FaultPlan(p_451_data=1.0, reject_rcpt={"nobody@example.com"}),
-    )
-    env = relay_env(
-        redis_url,
-        sink,
-        tls_material,
-        api_key,
+    sink, env = relay(
+        {"faults": FaultPlan(p_451_data=1.0, reject_rcpt={"nobody@example.com"})},
         MAILER_MAX_RETRIES=1,
         MAILER_MAX_MESSAGE_AGE=60,
         MAILER_VISIBILITY_TIMEOUT=60,
     )
-    producer_env(env)
     store = DeadLetters(redis.Redis.from_url(redis_url))
     workers(env)
 

@@ -27,14 +27,14 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 import mailer
-from tests.conftest import relay_env
+from tests.conftest import Relay
 from tests.support.helpers import ids_at, wait_until
 from workers import deadletters, logs
 from workers.circuit import Circuit
 from workers.devredis import free_port
 from workers.devworker import WorkerProcess
 from workers.semaphore import Lease, LeaseSemaphore, Limit
-from workers.sink import FaultPlan, SinkServer, TLSMaterial
+from workers.sink import FaultPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -148,26 +148,18 @@ async def release_lease(redis_url: str, lease: Lease) -> None:
 
 def test_metrics_scraped_after_a_send_match_what_the_server_received(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     faults = FaultPlan(p_451_data=1.0, max_faults=3, reject_rcpt={"nobody@example.com"})
-    sink = make_sink(tls="starttls", auth=("apikey", api_key), faults=faults)
     port = free_port()
-    env = relay_env(
-        redis_url,
-        sink,
-        tls_material,
-        api_key,
+    sink, env = relay(
+        {"faults": faults},
         MAILER_WORKER_CONNECTIONS=4,
         MAILER_MAX_MESSAGES_PER_CONNECTION=10,
         MAILER_METRICS_PORT=port,
         MAILER_METRICS_ADDR="127.0.0.1",
     )
-    producer_env(env)
     worker = workers(env)
     client = redis.Redis.from_url(redis_url)
 
@@ -281,15 +273,10 @@ def test_status_json_reflects_leases_and_dead_letters_the_test_created(
 
 def test_sigterm_mid_run_loses_nothing_and_leaves_no_lease(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="starttls", auth=("apikey", api_key), record_data=False, mail_delay=0.05)
-    env = relay_env(redis_url, sink, tls_material, api_key, MAILER_WORKER_CONNECTIONS=4)
-    producer_env(env)
+    sink, env = relay({"record_data": False, "mail_delay": 0.05}, MAILER_WORKER_CONNECTIONS=4)
     client = redis.Redis.from_url(redis_url)
     ids = enqueue(600, "term")
     worker = workers(env)
@@ -320,17 +307,12 @@ def test_sigterm_mid_run_loses_nothing_and_leaves_no_lease(
 
 def test_sigterm_puts_reserved_and_countdown_messages_back_in_the_queue(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     """Threads pool, one thread, ten messages reserved (prefetched) and five held in memory for
     their countdown: the warm shutdown restores all of them to the queue."""
-    sink = make_sink(tls="starttls", auth=("apikey", api_key), mail_delay=0.5)
-    env = relay_env(redis_url, sink, tls_material, api_key, MAILER_WORKER_CONNECTIONS=1)
-    producer_env(env)
+    sink, env = relay({"mail_delay": 0.5}, MAILER_WORKER_CONNECTIONS=1)
     client = redis.Redis.from_url(redis_url)
     now_ids = enqueue(10, "now")
     later_ids = enqueue(5, "later", countdown=15)
@@ -356,25 +338,12 @@ def test_sigterm_puts_reserved_and_countdown_messages_back_in_the_queue(
 
 def test_sigterm_ends_lease_waits_and_requeues_them_without_spending_attempts(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
-    api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     """The fleet is at its cap (the test holds the only lease), so every task thread waits for
     a lease, here for up to 120 s: SIGTERM sends them back to the queue at once instead."""
-    sink = make_sink(tls="starttls", auth=("apikey", api_key))
-    env = relay_env(
-        redis_url,
-        sink,
-        tls_material,
-        api_key,
-        MAILER_WORKER_CONNECTIONS=4,
-        MAILER_MAX_CONNECTIONS=1,
-        MAILER_LEASE_WAIT=120,
-    )
-    producer_env(env)
+    sink, env = relay(MAILER_WORKER_CONNECTIONS=4, MAILER_MAX_CONNECTIONS=1, MAILER_LEASE_WAIT=120)
     client = redis.Redis.from_url(redis_url)
     (held,) = asyncio.run(take_leases(redis_url, "ops-cap-holder", 1, cap=1))
     ids = enqueue(20, "cap")
@@ -404,23 +373,14 @@ def test_sigterm_ends_lease_waits_and_requeues_them_without_spending_attempts(
 
 def test_logs_carry_one_structured_event_per_step_with_ids_and_never_the_key(
     redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
     api_key: str,
+    relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
     faults = FaultPlan(p_451_data=1.0, max_faults=2, reject_rcpt={"nobody@example.com"})
-    sink = make_sink(tls="starttls", auth=("apikey", api_key), faults=faults)
-    env = relay_env(
-        redis_url,
-        sink,
-        tls_material,
-        api_key,
-        MAILER_WORKER_CONNECTIONS=2,
-        MAILER_MAX_MESSAGES_PER_CONNECTION=5,
+    sink, env = relay(
+        {"faults": faults}, MAILER_WORKER_CONNECTIONS=2, MAILER_MAX_MESSAGES_PER_CONNECTION=5
     )
-    producer_env(env)
     worker = workers(env)
     ids = enqueue(20, "logs")
     bad = mailer.send(to="nobody@example.com", subject="refused", text="x")

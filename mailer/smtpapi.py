@@ -76,6 +76,11 @@ _WHITESPACE = re.compile(r"\s")
 # Characters that must be quoted in a display name (RFC 5322 specials, minus '.', which
 # every mail reader accepts unquoted in names like "John Q. Public").
 _NAME_SPECIALS = frozenset('()<>[]:;@\\,"')
+# A bare dot-atom address of letters, digits, "_", "+" and "-": the standard library's address
+# parser reads it as exactly itself (tests/test_render_fast.py checks), so it needs no parse.
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +220,10 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
         )
     # Cross-check with the standard library's parser: any disagreement means the string can
     # be read in two ways, and a mail reader might pick the other one.
-    parsed = getaddresses([text])
-    if len(parsed) != 1 or parsed[0][1] != addr:
-        return f"{value!r} is ambiguous (it can be read as more than one address)"
+    if not _PLAIN_ADDRESS.fullmatch(text):
+        parsed = getaddresses([text])
+        if len(parsed) != 1 or parsed[0][1] != addr:
+            return f"{value!r} is ambiguous (it can be read as more than one address)"
     try:
         result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:

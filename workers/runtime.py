@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -39,7 +40,7 @@ T = TypeVar("T")
 class Result:
     """What became of one delivery attempt."""
 
-    status: str  # sent | duplicate | held | failed | in_flight
+    status: str  # sent | duplicate | held | failed | not_started
     reply: str = ""
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -78,6 +79,14 @@ def _adopt(done: asyncio.Future[T | None], orphan: Callable[[T], Awaitable[Any]]
     follow = asyncio.ensure_future(orphan(result))
     _orphans.add(follow)
     follow.add_done_callback(_orphans.discard)
+
+
+def _outcome(result: object) -> Result | Failure:
+    """An attempt's result or exception as an outcome: anything unexpected is a reconnect."""
+    if isinstance(result, Result | Failure):
+        return result
+    name = type(result).__name__
+    return Failure(Kind.RECONNECT, None, f"unexpected {name}", Phase.CONNECT)
 
 
 def _unavailable(exc: BaseException, phase: Phase) -> Failure:
@@ -139,6 +148,7 @@ class Runtime:
         self.dead = DeadLetters(self.sync_redis)
         self.circuit = Circuit(self.sync_redis, settings.circuit_probe_interval)
         self.loop = LoopThread()
+        self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
         self.loop.run(self._start())
 
     async def _start(self) -> None:
@@ -193,11 +203,15 @@ class Runtime:
         s = self.settings
         return s.lease_wait + 4 * s.smtp_timeout + s.data_timeout
 
-    async def _bounded(self, payload: Mapping[str, Any], released: str = "") -> Result:
+    async def _bounded(
+        self, payload: Mapping[str, Any], released: str = "", *, stream: bool = False
+    ) -> Result:
         """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
         phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
         try:
             async with asyncio.timeout(self._attempt_budget()):  # a timer, not a task per message
+                if stream:
+                    return await self._streamed(payload)
                 return await self.adeliver(payload, released)
         except TimeoutError:
             raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
@@ -217,19 +231,43 @@ class Runtime:
             results = await asyncio.gather(
                 *(self._bounded(p) for p in payloads), return_exceptions=True
             )
-            out: list[Result | Failure] = []
-            for r in results:
-                if isinstance(r, Result | Failure):
-                    out.append(r)
-                else:
-                    out.append(Failure(Kind.RECONNECT, None, f"{type(r).__name__}", Phase.CONNECT))
-            return out
+            return [_outcome(r) for r in results]
 
         try:
             return self.loop.run(all_of(), timeout=self._attempt_budget() + 30)
         except TimeoutError:
             stuck = Failure(Kind.IN_FLIGHT, None, "attempt still running", Phase.CONNECT)
             return [stuck for _ in payloads]
+
+    def start_many(
+        self,
+        payloads: Sequence[Mapping[str, Any]],
+        on_done: Callable[[int, Result | Failure], None],
+    ) -> None:
+        """Starts one attempt per payload without waiting for any (callable from any thread);
+        `on_done(index, outcome)` runs on the loop thread as each one ends."""
+
+        def start() -> None:
+            for index, payload in enumerate(payloads):
+                task = asyncio.ensure_future(self._bounded(payload, stream=True))
+                self._started.add(task)
+                task.add_done_callback(partial(self._ended, index, on_done))
+
+        self.loop.loop.call_soon_threadsafe(start)
+
+    def _ended(
+        self,
+        index: int,
+        on_done: Callable[[int, Result | Failure], None],
+        task: asyncio.Task[Result],
+    ) -> None:
+        self._started.discard(task)
+        if task.cancelled():
+            outcome = _outcome(asyncio.CancelledError())
+        else:
+            exc = task.exception()
+            outcome = _outcome(exc if exc is not None else task.result())
+        on_done(index, outcome)
 
     @property
     def gate(self) -> asyncio.Semaphore:
@@ -245,6 +283,30 @@ class Runtime:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
         async with self.gate:
             return await self._attempt(payload, released)
+
+    async def _streamed(self, payload: Mapping[str, Any]) -> Result:
+        """`adeliver` for `start_many`: an attempt still waiting for room when shutdown begins
+        does not start (`Result("not_started")`), as Celery gives back tasks reserved but not
+        started."""
+        gate, draining = self.gate, self.leases.draining
+        if draining.is_set():
+            return Result("not_started")
+        if gate.locked():
+
+            async def room() -> bool:
+                return await gate.acquire()
+
+            async def give_back(_: bool) -> None:
+                gate.release()
+
+            if await _unless(draining, room(), give_back) is None:
+                return Result("not_started")
+        else:
+            await gate.acquire()
+        try:
+            return await self._attempt(payload, "")
+        finally:
+            gate.release()
 
     async def _attempt(self, payload: Mapping[str, Any], released: str) -> Result:
         """One attempt, guarded by the ledger so a message the relay has is never sent again.

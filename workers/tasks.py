@@ -38,8 +38,11 @@ from workers.app import app, settings
 from workers.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
 from workers.logs import log_event, log_retried
 from workers.runtime import Result, runtime
+from workers.strategy import DrainStream
 
 log = logging.getLogger("mailer.worker")
+
+app.steps["consumer"].add(DrainStream)
 
 #: A task whose message must wait for the circuit breaker holds its thread this long (bounded
 #: well below the visibility timeout) before handing the message back with a retry: while every
@@ -233,6 +236,7 @@ def _unexpected(exc: Exception) -> Failure:
     acks_late=True,
     ignore_result=True,
     throws=(PermanentFailure, HeldForReview),
+    Strategy="workers.strategy:strategy",  # first attempts skip Celery's per-task machinery
 )
 def send(
     self: Task, payload: dict[str, Any], attempts: int = 0, released: str = ""
@@ -327,11 +331,19 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _settle_one(payload: dict[str, Any], outcome: Result | Failure) -> str:
-    """One message of a batch: finish it, dead-letter it or publish its own retry."""
+def _settle_one(
+    payload: dict[str, Any],
+    outcome: Result | Failure,
+    *,
+    task_id: str | None = None,
+    trip: bool = True,
+) -> str:
+    """One first attempt (of a batch, or of `workers/strategy.py`): finish the message,
+    dead-letter it or publish its retry as a `mailer.send` task. `task_id`: the retry keeps
+    that task's id (Flower shows one task going to RETRY); `trip` as in `decide`."""
     if isinstance(outcome, Result):
         return str(_finish(payload, outcome, 0, circuit=False)["status"])
-    verdict, attempts, countdown = decide(payload, 0, outcome)
+    verdict, attempts, countdown = decide(payload, 0, outcome, trip=trip)
     if verdict == "retry":
         log_retried(payload.get("id"), outcome, attempts, countdown)
         send.apply_async(
@@ -339,6 +351,8 @@ def _settle_one(payload: dict[str, Any], outcome: Result | Failure) -> str:
             kwargs=_retry_kwargs(attempts, "", outcome.attempt),
             countdown=countdown,
             queue=QUEUE,
+            task_id=task_id,
+            retries=1 if task_id else 0,
             argsrepr=describe(payload),
             kwargsrepr=repr({"attempts": attempts}),
         )

@@ -1,0 +1,309 @@
+"""First attempts of `mailer.send`, streamed to the loop without Celery's per-task machinery.
+
+Around a one-message task Celery spends about a millisecond of CPU (a Request, three events
+published one by one, a hand-off to a pool thread that then blocks on the loop, the tracer),
+three times what the message's own work costs (bench/profile.py --modes single). So the
+consumer hands each plain first attempt (no retries, ETA, expiry, kwargs or callbacks) straight
+to the process's loop, and two threads of our own do the rest:
+
+- *dispatch* checks the circuit breaker (cached) and starts the attempts on the loop;
+- *settle* finishes each one as it ends exactly as the task body would (dead letter, a
+  `mailer.send` retry with the same task id and `retries=1`, so Flower shows the task going to
+  RETRY and every later attempt runs as a normal Celery task), then acknowledges it.
+
+Nothing about the guarantees changes: the message stays unacknowledged (and counted against
+the prefetch limit) until it is settled; a settle that fails requeues it; a killed worker's
+messages come back like any other (workers/broker.py) and the ledger stops a second send.
+Flower still gets task-received and task-succeeded/failed/retried events for each message.
+What does change: `celery inspect active` does not list these attempts, and Celery's
+`task_prerun`/`task_postrun` signals do not fire for them. A prefork or solo pool, or Celery's
+per-task log lines (MAILER_CELERY_TASK_LOGS=1), turn this off: every attempt is a Celery task.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import redis
+from celery import bootsteps
+from celery.concurrency.thread import TaskPool as ThreadPool
+from celery.utils.saferepr import saferepr
+from celery.worker.strategy import default as default_strategy
+
+from workers.classify import Failure, Kind, Phase
+from workers.runtime import Result, runtime
+
+log = logging.getLogger("mailer.worker")
+CELERY_TASK_LOG = logging.getLogger("celery.worker.strategy")  # "Task ... received"
+
+#: The most attempts one dispatch starts at once (the prefetch limit bounds them anyway).
+DISPATCH_MAX = 256
+#: At shutdown: the most the consumer waits for streamed attempts to settle before it closes
+#: the channel (kombu then puts back whatever is still unacknowledged).
+DRAIN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    message: Any  # kombu Message: acknowledged once settled
+    task_id: str
+    payload: dict[str, Any]
+    started: float
+
+
+def plain_first_attempt(message: Any) -> dict[str, Any] | None:
+    """The payload when `message` is a first attempt this module may take, else None (Celery
+    runs it). Anything unusual goes to Celery: it knows what to do with it."""
+    headers = message.headers
+    if (
+        headers.get("task") != "mailer.send"
+        or headers.get("retries")
+        or headers.get("eta")
+        or headers.get("expires")
+        or any(headers.get("timelimit") or ())
+    ):
+        return None
+    body = message.decode()
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        return None
+    args, kwargs, embed = body
+    if kwargs or not isinstance(args, list) or len(args) != 1 or not isinstance(args[0], dict):
+        return None
+    if embed and any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
+        return None
+    return args[0]
+
+
+class Stream:
+    """The two threads and two queues of one worker process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        #: (job, outcome, waited): `waited` when the outcome is the circuit breaker's wait, which
+        #: must not trip the breaker again (see `decide`).
+        self.ended: queue.SimpleQueue[tuple[Job, Result | Failure, bool] | None] = (
+            queue.SimpleQueue()
+        )
+        self.eventer: Any = None
+        self.hub: Any = None  # the consumer's kombu event loop
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._dispatch, name="mailer-dispatch", daemon=True),
+            threading.Thread(target=self._settle, name="mailer-settle", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, job: Job) -> None:
+        with self._idle:
+            self._pending += 1
+        self.inbox.put(job)
+
+    def drain(self, timeout: float) -> int:
+        """Waits until every job put so far is settled; returns how many are left."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            return self._pending
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        from workers.tasks import wait_for_circuit
+
+        while (first := self.inbox.get()) is not None:
+            jobs = [first]
+            while len(jobs) < DISPATCH_MAX:
+                try:
+                    job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.inbox.put(None)
+                    break
+                jobs.append(job)
+            waiting = wait_for_circuit()
+            if waiting is None and len(jobs) > 1 and _probing():
+                # This group won the fleet's one probe of the interval: one message is the
+                # probe, as in the task path; the others wait like every other message.
+                waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT)
+                for job in jobs[1:]:
+                    self.ended.put((job, waiting, True))
+                jobs, waiting = jobs[:1], None
+            if waiting is not None:
+                for job in jobs:
+                    self.ended.put((job, waiting, True))
+                continue
+            try:
+                runtime().start_many([job.payload for job in jobs], partial(self._ended, jobs))
+            except Exception as exc:  # the runtime could not start: retry them as usual
+                log.exception("could not start %d attempts", len(jobs))
+                from workers.tasks import _unexpected
+
+                for job in jobs:
+                    self.ended.put((job, _unexpected(exc), False))
+
+    def _ended(self, jobs: list[Job], index: int, outcome: Result | Failure) -> None:
+        self.ended.put((jobs[index], outcome, False))
+
+    # -- settle --------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        from workers.tasks import _close_circuit
+
+        while (first := self.ended.get()) is not None:
+            batch = [first]
+            while True:
+                try:
+                    item = self.ended.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.ended.put(None)
+                    break
+                batch.append(item)
+            sent = False
+            for job, outcome, waited in batch:
+                sent |= self._settle_one(job, outcome, waited)
+            if sent:
+                _close_circuit()
+            with self._idle:
+                self._pending -= len(batch)
+                if not self._pending:
+                    self._idle.notify_all()
+            if self.hub is not None:
+                # The acks freed prefetch slots, but a consumer whose slots were all taken has
+                # no fetch outstanding and sleeps in its poll for up to a second: wake it.
+                self.hub.call_soon(_nothing)
+
+    def _settle_one(self, job: Job, outcome: Result | Failure, waited: bool) -> bool:
+        from workers.tasks import REQUEUE_PAUSE, HeldForReview, PermanentFailure, _settle_one
+
+        if isinstance(outcome, Result) and outcome.status == "not_started":
+            _quietly(job.message.reject, requeue=True)  # shutdown: back to the queue, untouched
+            return False
+        try:
+            status = _settle_one(job.payload, outcome, task_id=job.task_id, trip=not waited)
+        except Exception as exc:
+            log.error("could not settle %s (%s); requeueing it", job.task_id, type(exc).__name__)
+            time.sleep(REQUEUE_PAUSE)
+            _quietly(job.message.reject, requeue=True)
+            return False
+        runtime_s = time.monotonic() - job.started
+        if status in ("sent", "duplicate", "failed"):
+            self._event(
+                "task-succeeded", job, result=saferepr({"status": status}), runtime=runtime_s
+            )
+        elif status == "retry":
+            self._event("task-retried", job, exception=saferepr(outcome), traceback="")
+        else:
+            reason = outcome.reason if isinstance(outcome, Failure) else outcome.reply
+            error = HeldForReview(reason) if status == "held" else PermanentFailure(reason)
+            self._event("task-failed", job, exception=saferepr(error), traceback="")
+        _quietly(job.message.ack)
+        return status == "sent"
+
+    def _event(self, kind: str, job: Job, **fields: Any) -> None:
+        eventer = self.eventer
+        if eventer is not None and eventer.enabled:
+            _quietly(eventer.send, kind, uuid=job.task_id, **fields)
+
+
+def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """An ack, reject or event on a channel that went away: kombu restores the message, the
+    ledger acknowledges it without sending; nothing to do here but say so."""
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:
+        log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
+
+
+def _probing() -> bool:
+    """After `wait_for_circuit` let a group through: whether the breaker is open (the group
+    holds the probe) rather than closed. A Redis error counts as closed, as there."""
+    try:
+        return runtime().circuit.state().open
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _nothing() -> None:
+    pass
+
+
+_stream: Stream | None = None
+_stream_lock = threading.Lock()
+
+
+def stream() -> Stream:
+    global _stream
+    with _stream_lock:
+        if _stream is None:
+            _stream = Stream()
+        return _stream
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Celery's task-strategy hook for `mailer.send` (`Task.Strategy`)."""
+    celery_handler = default_strategy(task, app, consumer, **kwargs)
+    if not isinstance(consumer.pool, ThreadPool) or CELERY_TASK_LOG.isEnabledFor(logging.INFO):
+        # Prefork/solo: the sessions live in the pool's processes, not in the consumer's. And
+        # whoever asked for Celery's per-task log lines (MAILER_CELERY_TASK_LOGS=1) gets them.
+        return celery_handler
+    revoked = consumer.controller.state.revoked
+    eventer = consumer.event_dispatcher
+    events = bool(eventer and eventer.enabled and task.send_events)
+    streamed = stream()
+    streamed.eventer = eventer if events else None
+    streamed.hub = consumer.hub
+
+    def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
+        payload = None if callbacks else plain_first_attempt(message)
+        task_id = message.headers.get("id")
+        if payload is None or task_id in revoked:
+            return celery_handler(message, body, ack, reject, callbacks, **kw)
+        if events:
+            headers = message.headers
+            eventer.send(
+                "task-received",
+                uuid=task_id,
+                name=task.name,
+                args=headers.get("argsrepr"),
+                kwargs=headers.get("kwargsrepr"),
+                root_id=headers.get("root_id"),
+                parent_id=headers.get("parent_id"),
+                retries=0,
+                eta=None,
+                expires=None,
+            )
+        streamed.put(Job(message, task_id, payload, time.monotonic()))
+        return None
+
+    return handle
+
+
+class DrainStream(bootsteps.StartStopStep):
+    """At a warm shutdown, after Celery stops consuming: let streamed attempts settle."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c: Any) -> None:
+        if _stream is None:
+            return
+        if c.task_consumer is not None:
+            _quietly(c.task_consumer.cancel)  # stop fetching first (Celery's Tasks step does
+            # this next; cancelling twice is harmless)
+        left = _stream.drain(DRAIN_TIMEOUT)
+        if left:
+            log.warning(
+                "%d streamed attempts unsettled at shutdown; the broker redelivers them", left
+            )

@@ -181,3 +181,32 @@ def test_a_fetch_whose_reply_is_lost_with_the_connection_is_fetched_again(redis_
     assert got == [{"n": 2}]
     assert client.llen("dropped") == 0
     assert client.llen(channel.inflight_key) == 0
+
+
+def test_a_fetch_takes_the_backlog_up_to_the_prefetch_recorded_as_kombu_records_it(
+    redis_url: str,
+) -> None:
+    """One BLMOVE, then `_TAKE` for the rest of the prefetch room: every message taken is in
+    `unacked` exactly as kombu's own `QoS.append` writes it, and is restored like one."""
+    client = redis.Redis.from_url(redis_url)
+    for n in range(50):
+        publish(redis_url, "backlog", {"n": n})
+    got: list[Any] = []
+    with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
+        q = Queue("backlog", Exchange("backlog", type="direct"), routing_key="backlog")
+        conn.default_channel.basic_qos(0, 10, False)
+        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
+            with contextlib.suppress(TimeoutError):
+                for _ in range(20):
+                    conn.drain_events(timeout=0.5)
+        assert [m.payload for m in got] == [{"n": n} for n in range(10)]
+        assert client.llen("backlog") == 40 and client.hlen("unacked") == 10
+        assert client.zcard("unacked_index") == 10
+        for message in got:
+            raw, exchange, routing_key = json.loads(client.hget("unacked", message.delivery_tag))
+            # What kombu's QoS.append stores: the message as fetched, exchange, routing key.
+            assert raw == message._raw
+            assert (exchange, routing_key) == ("backlog", "backlog")
+        # Closing without acknowledging: kombu restores all ten.
+    assert client.hlen("unacked") == 0 and client.llen("backlog") == 50
+    assert sorted(b["n"] for b in bodies(redis_url, "backlog")) == list(range(50))

@@ -291,6 +291,8 @@ def profile_workers(
         done = sink.wait_for(base + n, 600)
         t2, c2 = time.monotonic(), sink.count()
         threads1 = {w.pid: thread_cpu(w.pid) for w in workers}
+        for w in workers:  # and the threads started while py-spy ran
+            names[w.pid] = {**thread_names(w.pid), **names[w.pid]}
         for spy in spies:
             spy.stop()
     finally:

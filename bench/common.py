@@ -130,6 +130,30 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def _established() -> dict[tuple[str, str], str]:
+    """(local, remote) -> inode of every ESTABLISHED TCP socket, from /proc/net/tcp(6).
+
+    Keyed so each socket counts once: the kernel writes these tables a page per read() and
+    resumes its walk by position, so connections opened or closed elsewhere between two reads
+    make it list sockets it already listed, over and over on a busy machine (a bench run saw
+    102 for 64 open sessions; a read slowed to 2 ms per page listed 64 sockets 191 times).
+    A socket the sink has not accepted yet shows inode 0.
+    """
+    rows: dict[tuple[str, str], str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "01":
+                    rows[(cols[1], cols[2])] = cols[9]
+    return rows
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1], 16)
+
+
 def established_to(pid: int, port: int) -> int:
     """TCP connections of process `pid` established to 127.0.0.1:`port` (its open sessions)."""
     inodes = set()
@@ -138,28 +162,33 @@ def established_to(pid: int, port: int) -> int:
             target = os.readlink(fd)
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
-                    count += cols[9] in inodes
-    return count
+    return sum(
+        1
+        for (_, remote), inode in _established().items()
+        if inode in inodes and _port(remote) == port
+    )
+
+
+SS = shutil.which("ss")
 
 
 def sessions_at(port: int) -> int:
-    """Established TCP connections to 127.0.0.1:`port` (server side): open SMTP sessions."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            next(f)
-            for line in f:
-                cols = line.split(maxsplit=4)
-                if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
+    """SMTP sessions open at 127.0.0.1:`port`: its established TCP connections, server side
+    (those the kernel completed but the sink has not accepted yet included).
+
+    With `ss` (iproute2): a netlink dump filtered in the kernel, which resumes its walk only
+    when a reply buffer fills (hundreds of sockets) and then within one hash bucket; it never
+    over-counted where /proc did. Else /proc/net/tcp, each connection once (`_established`).
+    """
+    if SS is not None:
+        done = subprocess.run(
+            [SS, "-Htn", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode == 0:
+            return sum(1 for line in done.stdout.splitlines() if line.strip())
+    return sum(1 for local, _ in _established() if _port(local) == port)
 
 
 def vm_rss_kib(pid: int) -> int:

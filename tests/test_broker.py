@@ -210,3 +210,28 @@ def test_a_fetch_takes_the_backlog_up_to_the_prefetch_recorded_as_kombu_records_
         # Closing without acknowledging: kombu restores all ten.
     assert client.hlen("unacked") == 0 and client.llen("backlog") == 50
     assert sorted(b["n"] for b in bodies(redis_url, "backlog")) == list(range(50))
+
+
+def test_ack_many_acknowledges_a_group_in_one_call_and_frees_the_prefetch(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    for n in range(12):
+        publish(redis_url, "group", {"n": n})
+    got: list[Any] = []
+    with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
+        q = Queue("group", Exchange("group", type="direct"), routing_key="group")
+        channel = conn.default_channel
+        channel.basic_qos(0, 5, False)
+        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
+            with contextlib.suppress(TimeoutError):
+                for _ in range(10):
+                    conn.drain_events(timeout=0.3)
+            assert len(got) == 5 and client.hlen("unacked") == 5
+            assert not channel.qos.can_consume()
+            channel.qos.ack_many([m.delivery_tag for m in got])
+            assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+            assert channel.qos.can_consume()
+            with contextlib.suppress(TimeoutError):
+                for _ in range(10):
+                    conn.drain_events(timeout=0.3)
+            assert len(got) == 10
+    assert client.llen("group") + client.hlen("unacked") == 7  # five more restored on close

@@ -148,6 +148,16 @@ class QoS(kredis.QoS):
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)
 
+    def ack_many(self, delivery_tags: list[str]) -> None:
+        """`ack` for many messages in one round trip (workers/strategy.py settles in groups)."""
+        with self.pipe_or_acquire() as pipe:  # MULTI/EXEC
+            for tag in delivery_tags:
+                pipe.zrem(self.unacked_index_key, tag)
+                pipe.hdel(self.unacked_key, tag)
+            pipe.execute()
+        for tag in delivery_tags:
+            virtual.QoS.ack(self, tag)
+
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         """On kombu's restore timer, which runs even while fetching is paused (every slot
         busy, a fetched reply left unread): a heartbeat, then both sweeps."""

@@ -171,10 +171,9 @@ class Stream:
                     self.ended.put(None)
                     break
                 batch.append(item)
-            sent = False
-            for job, outcome, waited in batch:
-                sent |= self._settle_one(job, outcome, waited)
-            if sent:
+            statuses = [self._settle_one(job, outcome, waited) for job, outcome, waited in batch]
+            _ack_all([job.message for (job, _, _), st in zip(batch, statuses, strict=True) if st])
+            if "sent" in statuses:
                 _close_circuit()
             with self._idle:
                 self._pending -= len(batch)
@@ -185,19 +184,21 @@ class Stream:
                 # no fetch outstanding and sleeps in its poll for up to a second: wake it.
                 self.hub.call_soon(_nothing)
 
-    def _settle_one(self, job: Job, outcome: Result | Failure, waited: bool) -> bool:
+    def _settle_one(self, job: Job, outcome: Result | Failure, waited: bool) -> str | None:
+        """The message's status once settled (then it is to be acknowledged), or None when it
+        went back to the queue instead."""
         from workers.tasks import REQUEUE_PAUSE, HeldForReview, PermanentFailure, _settle_one
 
         if isinstance(outcome, Result) and outcome.status == "not_started":
             _quietly(job.message.reject, requeue=True)  # shutdown: back to the queue, untouched
-            return False
+            return None
         try:
             status = _settle_one(job.payload, outcome, task_id=job.task_id, trip=not waited)
         except Exception as exc:
             log.error("could not settle %s (%s); requeueing it", job.task_id, type(exc).__name__)
             time.sleep(REQUEUE_PAUSE)
             _quietly(job.message.reject, requeue=True)
-            return False
+            return None
         runtime_s = time.monotonic() - job.started
         if status in ("sent", "duplicate", "failed"):
             self._event(
@@ -209,8 +210,7 @@ class Stream:
             reason = outcome.reason if isinstance(outcome, Failure) else outcome.reply
             error = HeldForReview(reason) if status == "held" else PermanentFailure(reason)
             self._event("task-failed", job, exception=saferepr(error), traceback="")
-        _quietly(job.message.ack)
-        return status == "sent"
+        return status
 
     def _event(self, kind: str, job: Job, **fields: Any) -> None:
         eventer = self.eventer
@@ -225,6 +225,27 @@ def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         call(*args, **kwargs)
     except Exception as exc:
         log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
+
+
+def _ack_all(messages: list[Any]) -> None:
+    """Acknowledges settled messages, one round trip per channel when it is ours
+    (workers/broker.py `QoS.ack_many`), else one by one."""
+    by_channel: dict[int, list[Any]] = {}
+    for message in messages:
+        by_channel.setdefault(id(message.channel), []).append(message)
+    for group in by_channel.values():
+        ack_many = getattr(group[0].channel.qos, "ack_many", None)
+        if ack_many is None:
+            for message in group:
+                _quietly(message.ack)
+            continue
+        try:
+            ack_many([m.delivery_tag for m in group])
+        except Exception as exc:
+            log.warning("ack failed: %s", type(exc).__name__)
+            continue
+        for message in group:
+            message._state = "ACK"  # what Message.ack records after basic_ack
 
 
 def _probing() -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kombu.transport import redis as kredis
@@ -32,7 +33,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from mailer.publish import ReusedClient
+from mailer.publish import BATCH_TASK, ReusedClient
 
 CONSUMERS = "_mailer.consumers"  # zset: consumer id -> last heartbeat (Redis time)
 QUEUES = "_mailer.consumer_queues"  # hash: consumer id -> the queue it moves messages from
@@ -128,7 +129,16 @@ return out
 TAKE_MAX = 32
 
 
+#: Set by the worker: True while the process already holds more messages than it can start
+#: soon, so fetching pauses and the queue stays with the other workers (the prefetch limit
+#: counts tasks, and a batch task is a hundred messages).
+busy: Callable[[], bool] | None = None
+
+
 class QoS(kredis.QoS):
+    def can_consume(self) -> bool:
+        return bool(super().can_consume()) and not (busy is not None and busy())
+
     def append(self, message: Any, delivery_tag: str) -> None:
         """Records the message in `unacked` and takes it off our in-flight list atomically."""
         channel: Channel = self.channel
@@ -241,8 +251,9 @@ class Channel(ReusedClient, kredis.Channel):
 
     def _deliver_moved(self, queue: str, item: bytes) -> None:
         self.staged = item
+        message = loads(bytes_to_str(item))
         try:
-            self.connection._deliver(loads(bytes_to_str(item)), queue)
+            self.connection._deliver(message, queue)
         except BaseException:
             if self.staged is not None:  # never recorded: straight back onto the queue
                 self._return(queue, item)
@@ -252,14 +263,15 @@ class Channel(ReusedClient, kredis.Channel):
         if staged is not None:  # kombu took it without recording it (no ack expected)
             with self.conn_or_acquire() as client:
                 client.lrem(self.inflight_key, 1, staged)  # type: ignore[arg-type]  # exact bytes
-        self._take_more(queue)
+        if (message.get("headers") or {}).get("task") != BATCH_TASK:  # one batch at a time
+            self._take_more(queue)
 
     def _take_more(self, queue: str) -> None:
         """After a BLMOVE: whatever else the queue holds, up to the prefetch room, in the same
         poll (one round trip for many messages instead of two per message)."""
         room = self.qos.can_consume_max_estimate()
         n = TAKE_MAX if room is None else min(room, TAKE_MAX)
-        if n <= 0:
+        if n <= 0 or not self.qos.can_consume():
             return
         with self.conn_or_acquire() as client:
             if self._take is None or self._take.registered_client is not client:

@@ -149,6 +149,12 @@ class Runtime:
         self.circuit = Circuit(self.sync_redis, settings.circuit_probe_interval)
         self.loop = LoopThread()
         self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
+        #: Attempts started and not ended (running, or waiting for a session). Past the limit
+        #: the consumer stops fetching (workers/broker.py `busy`), so a worker never hoards
+        #: batches that other workers could be sending; `on_room` runs when it falls below.
+        self.backlog = 0
+        self.backlog_limit = 2 * settings.worker_connections
+        self.on_room: Callable[[], None] | None = None
         self.loop.run(self._start())
 
     async def _start(self) -> None:
@@ -208,6 +214,7 @@ class Runtime:
     ) -> Result:
         """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
         phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
+        self.backlog += 1
         try:
             async with asyncio.timeout(self._attempt_budget()):  # a timer, not a task per message
                 if stream:
@@ -215,6 +222,10 @@ class Runtime:
                 return await self.adeliver(payload, released)
         except TimeoutError:
             raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
+        finally:
+            self.backlog -= 1
+            if self.backlog == self.backlog_limit - 1 and self.on_room is not None:
+                self.on_room()
 
     def deliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
         try:

@@ -23,6 +23,7 @@ per-task log lines (MAILER_CELERY_TASK_LOGS=1), turn this off: every attempt is 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,6 +38,8 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from celery.utils.saferepr import saferepr
 from celery.worker.strategy import default as default_strategy
 
+from workers import broker
+from workers import runtime as runtime_module
 from workers.classify import Failure, Kind, Phase
 from workers.runtime import Result, runtime
 
@@ -257,6 +260,17 @@ def _probing() -> bool:
         return False
 
 
+def _busy() -> bool:
+    """workers/broker.py `busy`: the process has twice as many attempts started as it has
+    sessions. Its runtime wakes the consumer once the backlog falls below that."""
+    rt = runtime_module._runtime
+    if rt is None or rt.pid != os.getpid():
+        return False
+    if rt.on_room is None and _stream is not None and _stream.hub is not None:
+        rt.on_room = partial(_stream.hub.call_soon, _nothing)
+    return rt.backlog >= rt.backlog_limit
+
+
 def _nothing() -> None:
     pass
 
@@ -286,6 +300,7 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     streamed = stream()
     streamed.eventer = eventer if events else None
     streamed.hub = consumer.hub
+    broker.busy = _busy
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         payload = None if callbacks else plain_first_attempt(message)

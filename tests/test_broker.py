@@ -235,3 +235,33 @@ def test_ack_many_acknowledges_a_group_in_one_call_and_frees_the_prefetch(redis_
                     conn.drain_events(timeout=0.3)
             assert len(got) == 10
     assert client.llen("group") + client.hlen("unacked") == 7  # five more restored on close
+
+
+def test_a_busy_worker_leaves_the_queue_to_others(redis_url: str) -> None:
+    """`broker.busy` (the worker's runtime holds twice the attempts it has sessions for) stops
+    fetching without touching the prefetch; the queue stays whole for other workers."""
+    from workers import broker
+
+    client = redis.Redis.from_url(redis_url)
+    for n in range(3):
+        publish(redis_url, "busy", {"n": n})
+    got: list[Any] = []
+    full = True
+    broker.busy = lambda: full
+    try:
+        with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
+            q = Queue("busy", Exchange("busy", type="direct"), routing_key="busy")
+            with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
+                with contextlib.suppress(TimeoutError):
+                    for _ in range(3):
+                        conn.drain_events(timeout=0.3)
+                assert got == [] and client.llen("busy") == 3
+                full = False
+                with contextlib.suppress(TimeoutError):
+                    for _ in range(5):
+                        conn.drain_events(timeout=0.3)
+                assert [m.payload for m in got] == [{"n": n} for n in range(3)]
+                for message in got:
+                    message.ack()
+    finally:
+        broker.busy = None

@@ -149,11 +149,9 @@ class Runtime:
         self.circuit = Circuit(self.sync_redis, settings.circuit_probe_interval)
         self.loop = LoopThread()
         self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
-        #: Attempts started and not ended (running, or waiting for a session). Past the limit
-        #: the consumer stops fetching (workers/broker.py `busy`), so a worker never hoards
-        #: batches that other workers could be sending; `on_room` runs when it falls below.
+        #: Attempts of batch tasks started and not ended (running, or waiting for a session):
+        #: part of what workers/strategy.py `room` counts; `on_room` runs as each one ends.
         self.backlog = 0
-        self.backlog_limit = 2 * settings.worker_connections
         self.on_room: Callable[[], None] | None = None
         self.loop.run(self._start())
 
@@ -214,7 +212,7 @@ class Runtime:
     ) -> Result:
         """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
         phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
-        self.backlog += 1
+        self.backlog += not stream
         try:
             async with asyncio.timeout(self._attempt_budget()):  # a timer, not a task per message
                 if stream:
@@ -223,8 +221,8 @@ class Runtime:
         except TimeoutError:
             raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
         finally:
-            self.backlog -= 1
-            if self.backlog == self.backlog_limit - 1 and self.on_room is not None:
+            self.backlog -= not stream
+            if not stream and self.on_room is not None:
                 self.on_room()
 
     def deliver(self, payload: Mapping[str, Any], released: str = "") -> Result:

@@ -40,6 +40,7 @@ from celery.worker.strategy import default as default_strategy
 
 from workers import broker
 from workers import runtime as runtime_module
+from workers.app import settings
 from workers.classify import Failure, Kind, Phase
 from workers.runtime import Result, runtime
 
@@ -109,6 +110,11 @@ class Stream:
         with self._idle:
             self._pending += 1
         self.inbox.put(job)
+
+    @property
+    def pending(self) -> int:
+        """Jobs put and not settled yet."""
+        return self._pending
 
     def drain(self, timeout: float) -> int:
         """Waits until every job put so far is settled; returns how many are left."""
@@ -260,15 +266,17 @@ def _probing() -> bool:
         return False
 
 
-def _busy() -> bool:
-    """workers/broker.py `busy`: the process has twice as many attempts started as it has
-    sessions. Its runtime wakes the consumer once the backlog falls below that."""
+def _room(stream: Stream, limit: int) -> int:
+    """workers/broker.py `room`: the process holds at most `limit` messages it has not
+    finished (streamed ones, and attempts of batch tasks), twice what its sessions can carry at
+    once; a batch task's runtime wakes the consumer as its attempts end."""
     rt = runtime_module._runtime
-    if rt is None or rt.pid != os.getpid():
-        return False
-    if rt.on_room is None and _stream is not None and _stream.hub is not None:
-        rt.on_room = partial(_stream.hub.call_soon, _nothing)
-    return rt.backlog >= rt.backlog_limit
+    batches = 0
+    if rt is not None and rt.pid == os.getpid():
+        batches = rt.backlog
+        if rt.on_room is None and stream.hub is not None:
+            rt.on_room = partial(stream.hub.call_soon, _nothing)
+    return limit - stream.pending - batches
 
 
 def _nothing() -> None:
@@ -300,7 +308,7 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     streamed = stream()
     streamed.eventer = eventer if events else None
     streamed.hub = consumer.hub
-    broker.busy = _busy
+    broker.room = partial(_room, streamed, 2 * settings.worker_connections)
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         payload = None if callbacks else plain_first_attempt(message)

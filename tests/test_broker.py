@@ -195,10 +195,12 @@ def test_a_fetch_takes_the_backlog_up_to_the_prefetch_recorded_as_kombu_records_
     with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
         q = Queue("backlog", Exchange("backlog", type="direct"), routing_key="backlog")
         conn.default_channel.basic_qos(0, 10, False)
-        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
-            with contextlib.suppress(TimeoutError):
-                for _ in range(20):
-                    conn.drain_events(timeout=0.5)
+        with (
+            Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]),
+            contextlib.suppress(TimeoutError),
+        ):
+            for _ in range(20):
+                conn.drain_events(timeout=0.5)
         assert [m.payload for m in got] == [{"n": n} for n in range(10)]
         assert client.llen("backlog") == 40 and client.hlen("unacked") == 10
         assert client.zcard("unacked_index") == 10

@@ -111,6 +111,12 @@ class ReusedClient:
             yield client
             return
         this: Any = self
+        if this._pool is None and this.connection.client is None:
+            # kombu already closed the connection (a broker outage) and a new pool cannot be
+            # built from nothing: say so with the error kombu and Celery handle here (a close
+            # then leaves unacknowledged messages to the visibility-timeout restore), not with
+            # an AttributeError that Celery treats as unrecoverable and shuts the worker down.
+            raise redis.ConnectionError("the broker connection is closed")
         pool, reused = self._reused or (None, None)
         if reused is None or pool is not this.pool:
             reused = this._create_client()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import bootsteps
@@ -45,6 +45,7 @@ from workers.classify import Failure, Kind, Phase
 from workers.runtime import Result, runtime
 
 log = logging.getLogger("mailer.worker")
+T = TypeVar("T")
 CELERY_TASK_LOG = logging.getLogger("celery.worker.strategy")  # "Task ... received"
 
 #: The most attempts one dispatch starts at once (the prefetch limit bounds them anyway).
@@ -54,7 +55,7 @@ DISPATCH_MAX = 256
 DRAIN_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity
 class Job:
     message: Any  # kombu Message: acknowledged once settled
     task_id: str
@@ -89,12 +90,10 @@ class Stream:
     """The two threads and two queues of one worker process (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         #: (job, outcome, waited): `waited` when the outcome is the circuit breaker's wait, which
         #: must not trip the breaker again (see `decide`).
-        self.ended: queue.SimpleQueue[tuple[Job, Result | Failure, bool] | None] = (
-            queue.SimpleQueue()
-        )
+        self.ended: queue.SimpleQueue[tuple[Job, Result | Failure, bool]] = queue.SimpleQueue()
         self.eventer: Any = None
         self.hub: Any = None  # the consumer's kombu event loop
         self._pending = 0
@@ -127,39 +126,33 @@ class Stream:
     # -- dispatch ------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        from workers.tasks import wait_for_circuit
-
-        while (first := self.inbox.get()) is not None:
-            jobs = [first]
-            while len(jobs) < DISPATCH_MAX:
-                try:
-                    job = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.inbox.put(None)
-                    break
-                jobs.append(job)
-            waiting = wait_for_circuit()
-            if waiting is None and len(jobs) > 1 and _probing():
-                # This group won the fleet's one probe of the interval: one message is the
-                # probe, as in the task path; the others wait like every other message.
-                waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT)
-                for job in jobs[1:]:
-                    self.ended.put((job, waiting, True))
-                jobs, waiting = jobs[:1], None
-            if waiting is not None:
-                for job in jobs:
-                    self.ended.put((job, waiting, True))
-                continue
+        while True:
+            jobs = _ready(self.inbox, DISPATCH_MAX)
             try:
-                runtime().start_many([job.payload for job in jobs], partial(self._ended, jobs))
-            except Exception as exc:  # the runtime could not start: retry them as usual
+                self._start(jobs)
+            except Exception as exc:  # whatever it was, the jobs are retried as usual
                 log.exception("could not start %d attempts", len(jobs))
                 from workers.tasks import _unexpected
 
                 for job in jobs:
                     self.ended.put((job, _unexpected(exc), False))
+
+    def _start(self, jobs: list[Job]) -> None:
+        from workers.tasks import wait_for_circuit
+
+        waiting = wait_for_circuit()
+        if waiting is None and len(jobs) > 1 and _probing():
+            # This group won the fleet's one probe of the interval: one message is the probe,
+            # as in the task path; the others wait like every other message.
+            waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT)
+            for job in jobs[1:]:
+                self.ended.put((job, waiting, True))
+            jobs, waiting = jobs[:1], None
+        if waiting is not None:
+            for job in jobs:
+                self.ended.put((job, waiting, True))
+            return
+        runtime().start_many([job.payload for job in jobs], partial(self._ended, jobs))
 
     def _ended(self, jobs: list[Job], index: int, outcome: Result | Failure) -> None:
         self.ended.put((jobs[index], outcome, False))
@@ -169,25 +162,20 @@ class Stream:
     def _settle(self) -> None:
         from workers.tasks import _close_circuit
 
-        while (first := self.ended.get()) is not None:
-            batch = [first]
-            while True:
-                try:
-                    item = self.ended.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.ended.put(None)
-                    break
-                batch.append(item)
-            statuses = [self._settle_one(job, outcome, waited) for job, outcome, waited in batch]
-            _ack_all([job.message for (job, _, _), st in zip(batch, statuses, strict=True) if st])
-            if "sent" in statuses:
-                _close_circuit()
-            with self._idle:
-                self._pending -= len(batch)
-                if not self._pending:
-                    self._idle.notify_all()
+        while True:
+            batch = _ready(self.ended, DISPATCH_MAX)
+            try:
+                statuses = {job: self._settle_one(job, outcome, w) for job, outcome, w in batch}
+                _ack_all([job.message for job, status in statuses.items() if status])
+                if "sent" in statuses.values():
+                    _close_circuit()
+            except Exception:  # never stop settling: unacknowledged, they come back anyway
+                log.exception("settling %d messages failed", len(batch))
+            finally:
+                with self._idle:
+                    self._pending -= len(batch)
+                    if not self._pending:
+                        self._idle.notify_all()
             if self.hub is not None:
                 # The acks freed prefetch slots, but a consumer whose slots were all taken has
                 # no fetch outstanding and sleeps in its poll for up to a second: wake it.
@@ -234,6 +222,17 @@ def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         call(*args, **kwargs)
     except Exception as exc:
         log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
+
+
+def _ready(source: queue.SimpleQueue[T], most: int) -> list[T]:
+    """The next item of `source` (waiting for it) and whatever else it holds, up to `most`."""
+    items = [source.get()]
+    while len(items) < most:
+        try:
+            items.append(source.get_nowait())
+        except queue.Empty:
+            break
+    return items
 
 
 def _ack_all(messages: list[Any]) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The benchmark suite in one command: ours against the peers and smtp-source, in one run.
 
-    python bench/run.py            # the full run (~6-9 minutes on 2 cores); also `make bench`,
+    python bench/run.py            # the full run (~2.5 minutes on 2 cores); also `make bench`,
                                    # `mailer bench` from a checkout
     python bench/run.py --smoke    # seconds: every part once with tiny counts (tests use it)
 

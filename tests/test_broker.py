@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -183,24 +184,38 @@ def test_a_fetch_whose_reply_is_lost_with_the_connection_is_fetched_again(redis_
     assert client.llen(channel.inflight_key) == 0
 
 
+@contextlib.contextmanager
+def holding(
+    url: str, queue: str, n: int, prefetch: int | None = None
+) -> Iterator[tuple[Connection, list[Any]]]:
+    """`n` messages published to `queue`, and a consumer with our transport that keeps every
+    message it gets unacknowledged in the yielded list (closing it restores what is left)."""
+    for i in range(n):
+        publish(url, queue, {"n": i})
+    got: list[Any] = []
+    with Connection(url, transport=OURS, transport_options=OPTIONS) as conn:
+        if prefetch is not None:
+            conn.default_channel.basic_qos(0, prefetch, False)
+        q = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
+        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
+            yield conn, got
+
+
+def pump(conn: Connection, times: int, timeout: float = 0.3) -> None:
+    """Runs the consumer `times` rounds (or until a round gets nothing)."""
+    with contextlib.suppress(TimeoutError):
+        for _ in range(times):
+            conn.drain_events(timeout=timeout)
+
+
 def test_a_fetch_takes_the_backlog_up_to_the_prefetch_recorded_as_kombu_records_it(
     redis_url: str,
 ) -> None:
     """One BLMOVE, then `_TAKE` for the rest of the prefetch room: every message taken is in
     `unacked` exactly as kombu's own `QoS.append` writes it, and is restored like one."""
     client = redis.Redis.from_url(redis_url)
-    for n in range(50):
-        publish(redis_url, "backlog", {"n": n})
-    got: list[Any] = []
-    with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
-        q = Queue("backlog", Exchange("backlog", type="direct"), routing_key="backlog")
-        conn.default_channel.basic_qos(0, 10, False)
-        with (
-            Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]),
-            contextlib.suppress(TimeoutError),
-        ):
-            for _ in range(20):
-                conn.drain_events(timeout=0.5)
+    with holding(redis_url, "backlog", 50, prefetch=10) as (conn, got):
+        pump(conn, 20, timeout=0.5)
         assert [m.payload for m in got] == [{"n": n} for n in range(10)]
         assert client.llen("backlog") == 40 and client.hlen("unacked") == 10
         assert client.zcard("unacked_index") == 10
@@ -216,26 +231,16 @@ def test_a_fetch_takes_the_backlog_up_to_the_prefetch_recorded_as_kombu_records_
 
 def test_ack_many_acknowledges_a_group_in_one_call_and_frees_the_prefetch(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    for n in range(12):
-        publish(redis_url, "group", {"n": n})
-    got: list[Any] = []
-    with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
-        q = Queue("group", Exchange("group", type="direct"), routing_key="group")
-        channel = conn.default_channel
-        channel.basic_qos(0, 5, False)
-        with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
-            with contextlib.suppress(TimeoutError):
-                for _ in range(10):
-                    conn.drain_events(timeout=0.3)
-            assert len(got) == 5 and client.hlen("unacked") == 5
-            assert not channel.qos.can_consume()
-            channel.qos.ack_many([m.delivery_tag for m in got])
-            assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
-            assert channel.qos.can_consume()
-            with contextlib.suppress(TimeoutError):
-                for _ in range(10):
-                    conn.drain_events(timeout=0.3)
-            assert len(got) == 10
+    with holding(redis_url, "group", 12, prefetch=5) as (conn, got):
+        qos = conn.default_channel.qos
+        pump(conn, 10)
+        assert len(got) == 5 and client.hlen("unacked") == 5
+        assert not qos.can_consume()
+        qos.ack_many([m.delivery_tag for m in got])
+        assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        assert qos.can_consume()
+        pump(conn, 10)
+        assert len(got) == 10
     assert client.llen("group") + client.hlen("unacked") == 7  # five more restored on close
 
 
@@ -245,25 +250,16 @@ def test_a_busy_worker_leaves_the_queue_to_others(redis_url: str) -> None:
     from workers import broker
 
     client = redis.Redis.from_url(redis_url)
-    for n in range(3):
-        publish(redis_url, "busy", {"n": n})
-    got: list[Any] = []
     limit = 0  # messages the worker may hold unfinished
-    broker.room = lambda: limit - len(got)
     try:
-        with Connection(redis_url, transport=OURS, transport_options=OPTIONS) as conn:
-            q = Queue("busy", Exchange("busy", type="direct"), routing_key="busy")
-            with Consumer(conn, [q], callbacks=[lambda body, message: got.append(message)]):
-                with contextlib.suppress(TimeoutError):
-                    for _ in range(3):
-                        conn.drain_events(timeout=0.3)
-                assert got == [] and client.llen("busy") == 3
-                limit = 2
-                with contextlib.suppress(TimeoutError):
-                    for _ in range(5):
-                        conn.drain_events(timeout=0.3)
-                assert [m.payload for m in got] == [{"n": n} for n in range(2)]
-                for message in got:
-                    message.ack()
+        with holding(redis_url, "busy", 3) as (conn, got):
+            broker.room = lambda: limit - len(got)
+            pump(conn, 3)
+            assert got == [] and client.llen("busy") == 3
+            limit = 2
+            pump(conn, 5)
+            assert [m.payload for m in got] == [{"n": n} for n in range(2)]
+            for message in got:
+                message.ack()
     finally:
         broker.room = None

@@ -13,12 +13,12 @@ import mailer
 from mailer.client import Mailer
 from mailer.config import Settings
 from mailer.publish import QUEUE, ProducerChannel
-from tests.conftest import relay_env
+from tests.conftest import Relay
 from tests.support.helpers import wait_until
 from workers.devredis import RedisServer
 from workers.devworker import WorkerProcess
 from workers.logs import parse_events
-from workers.sink import SinkServer, TLSMaterial
+from workers.sink import SinkServer
 
 RECEIVED = "] received"  # Celery: "Task mailer.send[<id>] received"
 SUCCEEDED = "] succeeded in "  # Celery: "Task mailer.send[<id>] succeeded in 0.01s: ..."
@@ -45,17 +45,12 @@ def _send_and_wait(worker: WorkerProcess, sink: SinkServer, n: int) -> list[str]
 def test_sent_events_always_celery_task_lines_only_when_asked(
     switch: str,
     args: tuple[str, ...],
-    redis_url: str,
-    make_sink: Callable[..., SinkServer],
-    tls_material: TLSMaterial,
+    relay: Callable[..., Relay],
     api_key: str,
     workers: Callable[..., WorkerProcess],
-    producer_env: Callable[[dict[str, str]], None],
 ) -> None:
-    sink = make_sink(tls="starttls", auth=("apikey", api_key))
     extra = {"MAILER_CELERY_TASK_LOGS": switch} if switch else {}
-    env = relay_env(redis_url, sink, tls_material, api_key, MAILER_WORKER_CONNECTIONS=4, **extra)
-    producer_env(env)
+    sink, env = relay(MAILER_WORKER_CONNECTIONS=4, **extra)
     worker = workers(env, args=args)
 
     ids = _send_and_wait(worker, sink, 5)

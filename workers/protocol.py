@@ -183,4 +183,8 @@ def adopt(protocol: SMTPProtocol | None) -> PipeliningProtocol:
     protocol.__class__ = PipeliningProtocol
     adopted = cast(PipeliningProtocol, protocol)
     adopted._init_pipelining()
+    if adopted.transport is not None:
+        # uvloop's transports keep the bound `data_received` they found at connection time:
+        # handing the protocol over again makes them look up the subclass's.
+        adopted.transport.set_protocol(adopted)
     return adopted

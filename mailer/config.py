@@ -6,6 +6,7 @@ which `Settings.require_relay()` checks at start-up so a bad key fails the worke
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -90,6 +91,15 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(name, f"must be 1 or 0, got {raw!r}")
 
 
+def _event_loop(env: Mapping[str, str]) -> str:
+    raw = env.get("MAILER_EVENT_LOOP", "").strip().lower() or "auto"
+    if raw not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("MAILER_EVENT_LOOP", f"must be auto, uvloop or asyncio, got {raw!r}")
+    if raw == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("MAILER_EVENT_LOOP", "uvloop is not installed (pip install uvloop)")
+    return raw
+
+
 def _password(env: Mapping[str, str]) -> Secret:
     name = "MAILER_SMTP_PASSWORD" if "MAILER_SMTP_PASSWORD" in env else "SENDGRID_API_KEY"
     value = env.get(name, "").strip()
@@ -138,6 +148,7 @@ class Settings:
     circuit_probe_interval: float = 10.0
     hostname: str = field(default_factory=socket.gethostname)
     celery_task_logs: bool = False  # Celery's own per-task INFO lines (ours are the audit trail)
+    event_loop: str = "auto"  # the worker's SMTP loop: uvloop when installed, else asyncio
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -225,6 +236,7 @@ class Settings:
             circuit_probe_interval=_float(env, "MAILER_CIRCUIT_PROBE_INTERVAL", 10.0, 0.1, 3600.0),
             hostname=env.get("MAILER_HOSTNAME", "").strip() or socket.gethostname(),
             celery_task_logs=_flag(env, "MAILER_CELERY_TASK_LOGS"),
+            event_loop=_event_loop(env),
         )
         return settings
 

@@ -11,6 +11,7 @@ import pytest
 
 from mailer.config import Secret, Settings
 from mailer.errors import ConfigError
+from workers.loop import new_loop
 
 KEY = "SG." + "a" * 22 + "." + "b" * 43
 
@@ -32,6 +33,17 @@ def test_tls_mode_follows_the_port() -> None:
     assert settings(MAILER_SMTP_PORT="465").smtp_tls == "tls"
     for port in ("25", "587", "2525"):
         assert settings(MAILER_SMTP_PORT=port).smtp_tls == "starttls"
+
+
+def test_event_loop_is_uvloop_when_installed_unless_asyncio_is_asked_for() -> None:
+    assert settings().event_loop == "auto"
+    assert settings(MAILER_EVENT_LOOP=" AsyncIO ").event_loop == "asyncio"
+    for kind, module in (("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")):
+        loop = new_loop(kind)
+        try:
+            assert type(loop).__module__.split(".")[0] == module
+        finally:
+            loop.close()
 
 
 def test_redis_url_defaults_to_the_broker() -> None:
@@ -63,6 +75,7 @@ def test_password_falls_back_to_sendgrid_api_key_and_is_stripped() -> None:
         ({"MAILER_UNCERTAIN_POLICY": "guess"}, "MAILER_UNCERTAIN_POLICY"),
         ({"MAILER_SMTP_ALLOW_INSECURE": "maybe"}, "MAILER_SMTP_ALLOW_INSECURE"),
         ({"MAILER_CELERY_TASK_LOGS": "verbose"}, "MAILER_CELERY_TASK_LOGS"),
+        ({"MAILER_EVENT_LOOP": "trio"}, "MAILER_EVENT_LOOP"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

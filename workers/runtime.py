@@ -147,7 +147,7 @@ class Runtime:
         self.sync_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self.dead = DeadLetters(self.sync_redis)
         self.circuit = Circuit(self.sync_redis, settings.circuit_probe_interval)
-        self.loop = LoopThread()
+        self.loop = LoopThread(kind=settings.event_loop)
         self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
         #: Attempts of batch tasks started and not ended (running, or waiting for a session):
         #: part of what workers/strategy.py `room` counts; `on_room` runs as each one ends.

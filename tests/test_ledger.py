@@ -1,5 +1,6 @@
 """The ledger's coalesced script calls, against a real Redis: concurrent transitions share round
-trips, yet every caller gets exactly the result or error a call of its own would have got.
+trips (and one script call per transition), yet every caller gets exactly the result or error a
+call of its own would have got.
 
 Round trips are counted two ways: the ledger's own count of pipelines, and Redis' count of
 reads from its clients (`total_reads_processed`), which a pipeline costs once."""
@@ -104,7 +105,7 @@ def test_calls_made_together_leave_in_one_round_trip(redis_url: str) -> None:
         assert results == [None] * n
         assert lg.round_trips - trips == 1
         d = delta(await stats(r), before)
-        assert d["evalsha"] == n  # each call ran once; no SCRIPT EXISTS, no EVAL fallback
+        assert d["evalsha"] == 1  # all 300 in one call; no SCRIPT EXISTS, no EVAL fallback
         assert d["script|exists"] == d["script|load"] == d["eval"] == 0
         assert d["reads"] <= 10, d  # one pipeline (a large write may take a few reads) + INFO
         for i in (0, 150, n - 1):
@@ -133,7 +134,7 @@ def test_steady_load_batches_behind_the_round_trip_in_flight(redis_url: str) -> 
         calls = sessions * each * 3
         trips = lg.round_trips - trips
         d = delta(await stats(r), before)
-        assert d["evalsha"] == calls
+        assert d["evalsha"] <= 3 * trips  # at most one call per transition and round trip
         assert trips <= calls // 8, (trips, calls)
         assert d["reads"] <= calls // 8, (d, calls)
         record = await lg.get("s7-9")
@@ -175,7 +176,7 @@ def test_each_caller_gets_its_own_result(redis_url: str) -> None:
 
 def test_results_match_calls_made_one_by_one(redis_url: str) -> None:
     """The same transitions through the ledger (coalesced, 20 messages at once) and through
-    redis-py's own per-call scripts (as before coalescing) give the same answers."""
+    redis-py's own per-call scripts (each step alone, KEYS[1] and ARGV) give the same answers."""
 
     steps: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
         ("claim", ("a",), {}),
@@ -205,12 +206,12 @@ def test_results_match_calls_made_one_by_one(redis_url: str) -> None:
 
     async def body(lg: Ledger, r: aioredis.Redis) -> None:
         claim, data, settle, release = (
-            r.register_script(s)
+            r.register_script(s.single)
             for s in (
-                ledger_module._CLAIM,
-                ledger_module._DATA,
-                ledger_module._SETTLE,
-                ledger_module._RELEASE,
+                ledger_module._CLAIM_SCRIPT,
+                ledger_module._DATA_SCRIPT,
+                ledger_module._SETTLE_SCRIPT,
+                ledger_module._RELEASE_SCRIPT,
             )
         )
 
@@ -261,7 +262,7 @@ def test_results_match_calls_made_one_by_one(redis_url: str) -> None:
 def test_an_error_fails_only_its_own_caller(redis_url: str) -> None:
     async def body(lg: Ledger, r: aioredis.Redis) -> None:
         await r.set(Ledger.key("garbled"), "not json")  # the claim script fails on it
-        reference = r.register_script(ledger_module._CLAIM)
+        reference = r.register_script(ledger_module._CLAIM_SCRIPT.single)
         with pytest.raises(redis.ResponseError) as alone:
             await reference(keys=[Ledger.key("garbled")], args=["o", 60_000, "0", 600])
         trips = lg.round_trips
@@ -274,7 +275,9 @@ def test_an_error_fails_only_its_own_caller(redis_url: str) -> None:
         )
         assert results[0] is None and results[3] is None
         assert isinstance(results[1], redis.ResponseError)
-        assert str(results[1]) == str(alone.value)  # the error a call of its own gets
+        # The error a call of its own gets (the script's name aside)
+        assert "Expected value but found invalid token" in str(alone.value)
+        assert "Expected value but found invalid token" in str(results[1]), results[1]
         assert isinstance(results[2], redis.DataError)  # refused before it joined the pipeline
         assert lg.round_trips - trips == 1
         assert await lg.get("bad-arg") is None
@@ -304,10 +307,10 @@ def test_scripts_flushed_are_loaded_again_and_the_calls_retried_once(redis_url: 
         assert isinstance(blocking, Record) and (blocking.state, blocking.owner) == ("data", "a")
         assert results[41:] == [True, None]
         # One round trip found the scripts gone; one more loaded the three it needed and ran
-        # those calls again. No call ran twice.
+        # those calls again (one script call per transition). No call ran twice.
         assert lg.round_trips - trips == 2
         d = delta(await stats(r), before)
-        assert (d["script|load"], d["evalsha"]) == (3, 2 * 43)
+        assert (d["script|load"], d["evalsha"]) == (3, 2 * 3)
         assert (await lg.get("k0")).state == "sent"  # type: ignore[union-attr]
         assert await r.script_exists(ledger_module._DATA_SCRIPT.sha) == [False]
         assert await lg.begin_data("k1", "b", 30)  # the one still missing: loaded when needed

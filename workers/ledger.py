@@ -54,83 +54,97 @@ local function record(state, owner, reply, window)
 end
 """
 
-# KEYS[1]; ARGV: owner, claim ttl ms, takeover ("1": take over `data`/`uncertain`), ledger ttl s,
-# then released owners (earlier attempts of this task that ended certain the relay does not
-# have the message: a leftover `claimed`/`data` record of any of them is free).
+# Each transition is a Lua function of one record, `step(key, argv)`. The ledger runs it over
+# many records at once (`_EACH`: one EVALSHA per transition and round trip, see `_Coalescer`);
+# `_Script.single` runs it once, KEYS[1] and ARGV as usual (tests compare the two).
+
+# argv: owner, claim ttl ms, takeover ("1": take over `data`/`uncertain`), ledger ttl s, then
+# released owners (earlier attempts of this task that ended certain the relay does not have
+# the message: a leftover `claimed`/`data` record of any of them is free).
 # nil when the claim is ours; otherwise the record that stands in the way. A `data` record
 # still inside its window belongs to a live attempt waiting for the relay's reply: it stands.
 # Past its window, its sender died after starting the terminator: without takeover it becomes
 # `uncertain`.
-_CLAIM = (
-    _LIB
-    + """
-local cur = redis.call('GET', KEYS[1])
+_CLAIM = """
+local cur = redis.call('GET', key)
 if cur then
   local rec = cjson.decode(cur)
-  local mine = rec['state'] == 'claimed' and rec['owner'] == ARGV[1]
+  local mine = rec['state'] == 'claimed' and rec['owner'] == argv[1]
   local released = false
   if rec['state'] == 'claimed' or rec['state'] == 'data' then
-    for i = 5, #ARGV do
-      if rec['owner'] == ARGV[i] then released = true end
+    for i = 5, #argv do
+      if rec['owner'] == argv[i] then released = true end
     end
   end
   if not mine and not released then
     if rec['state'] == 'data' and tonumber(rec['until'] or 0) > now() then return cur end
     local ambiguous = rec['state'] == 'data' or rec['state'] == 'uncertain'
-    if not (ambiguous and ARGV[3] == '1') then
+    if not (ambiguous and argv[3] == '1') then
       if rec['state'] == 'data' then
         cur = record('uncertain', '', 'its sender died after starting the terminator', 0)
-        redis.call('SET', KEYS[1], cur, 'EX', ARGV[4])
+        redis.call('SET', key, cur, 'EX', argv[4])
       end
       return cur
     end
   end
 end
-redis.call('SET', KEYS[1], record('claimed', ARGV[1], '', 0), 'PX', ARGV[2])
+redis.call('SET', key, record('claimed', argv[1], '', 0), 'PX', argv[2])
 return nil
 """
-)
 
-# KEYS[1]; ARGV: owner, ledger ttl s, window s. 1 when `claimed` by owner (or lapsed and
-# unclaimed) -> `data`, live for `window` seconds (the longest the attempt waits for the reply).
-_DATA = (
-    _LIB
-    + """
-local cur = redis.call('GET', KEYS[1])
+# argv: owner, ledger ttl s, window s. 1 when `claimed` by owner (or lapsed and unclaimed) ->
+# `data`, live for `window` seconds (the longest the attempt waits for the reply).
+_DATA = """
+local cur = redis.call('GET', key)
 if cur then
   local rec = cjson.decode(cur)
-  if rec['state'] ~= 'claimed' or rec['owner'] ~= ARGV[1] then return 0 end
+  if rec['state'] ~= 'claimed' or rec['owner'] ~= argv[1] then return 0 end
 end
-redis.call('SET', KEYS[1], record('data', ARGV[1], '', tonumber(ARGV[3])), 'EX', ARGV[2])
+redis.call('SET', key, record('data', argv[1], '', tonumber(argv[3])), 'EX', argv[2])
 return 1
 """
-)
 
-# KEYS[1]; ARGV: owner, state, reply, ledger ttl s. Records how our attempt ended, unless the
-# record has meanwhile become someone else's (never overwrite another attempt's outcome).
-_SETTLE = (
-    _LIB
-    + """
-local cur = redis.call('GET', KEYS[1])
-if cur and ARGV[2] ~= 'sent' then
+# argv: owner, state, reply, ledger ttl s. Records how our attempt ended, unless the record
+# has meanwhile become someone else's (never overwrite another attempt's outcome).
+_SETTLE = """
+local cur = redis.call('GET', key)
+if cur and argv[2] ~= 'sent' then
   local rec = cjson.decode(cur)
-  if rec['owner'] ~= ARGV[1] then return 0 end
+  if rec['owner'] ~= argv[1] then return 0 end
 end
-redis.call('SET', KEYS[1], record(ARGV[2], ARGV[1], ARGV[3], 0), 'EX', ARGV[4])
+redis.call('SET', key, record(argv[2], argv[1], argv[3], 0), 'EX', argv[4])
 return 1
 """
-)
 
-# KEYS[1]; ARGV: owner. Deletes our own `claimed` or `data` record: the caller knows the relay
-# does not have the message (it never got the terminator, or answered it with a 4xx/421).
+# argv: owner. Deletes our own `claimed` or `data` record: the caller knows the relay does not
+# have the message (it never got the terminator, or answered it with a 4xx/421).
 _RELEASE = """
-local cur = redis.call('GET', KEYS[1])
+local cur = redis.call('GET', key)
 if not cur then return 0 end
 local rec = cjson.decode(cur)
-if (rec['state'] == 'claimed' or rec['state'] == 'data') and rec['owner'] == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if (rec['state'] == 'claimed' or rec['state'] == 'data') and rec['owner'] == argv[1] then
+  return redis.call('DEL', key)
 end
 return 0
+"""
+
+# KEYS: one per call; ARGV: for each call, its argument count, then its arguments. One reply
+# per call, in order: its result (nil as nil), or its own error, which leaves the others be.
+_EACH = """
+local out = {}
+local at = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  local ok, result = pcall(step, KEYS[k], {unpack(ARGV, at + 1, at + n)})
+  at = at + n + 1
+  if not ok then
+    if type(result) ~= 'table' then result = {err = tostring(result)} end
+  elseif result == nil then
+    result = false
+  end
+  out[k] = result
+end
+return out
 """
 
 
@@ -155,13 +169,16 @@ class Record:
 
 
 class _Script:
-    """A Lua script sent by its SHA1 (EVALSHA); its source goes over only if Redis lacks it."""
+    """A transition run over many records per call (`_EACH`), sent by its SHA1 (EVALSHA); its
+    source goes over only if Redis lacks it."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("sha", "single", "source")
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+    def __init__(self, step: str) -> None:
+        function = f"{_LIB}local function step(key, argv)\n{step}\nend\n"
+        self.source = function + _EACH
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.single = function + "return step(KEYS[1], ARGV)\n"  # one record, as usual
 
 
 _CLAIM_SCRIPT = _Script(_CLAIM)
@@ -175,56 +192,61 @@ MAX_BATCH = 1000
 
 
 class _Call:
-    __slots__ = ("args", "future", "numkeys", "script")
+    __slots__ = ("args", "future", "key", "script")
 
     def __init__(
-        self, script: _Script, numkeys: int, args: tuple[Any, ...], future: asyncio.Future[Any]
+        self, script: _Script, key: bytes, args: list[bytes], future: asyncio.Future[Any]
     ) -> None:
         self.script = script
-        self.numkeys = numkeys
-        self.args = args
+        self.key = key
+        self.args = args  # its argument count first, as `_EACH` reads them
         self.future = future
 
 
 class _Coalescer:
-    """Runs concurrent script calls as pipelined EVALSHAs: one round trip for many callers.
+    """Runs concurrent transitions together: one round trip, one script call per transition.
 
     Each call is queued with a future of its own. The first call of a burst starts the flusher
     task, whose first step runs on the next loop iteration (no timer, no added wait): every call
-    made until then rides in the same pipeline. While that pipeline is in flight new calls queue
-    up, and leave together as soon as it returns; the flusher ends when the queue is empty.
+    made until then rides in the same round trip. While that is in flight new calls queue up,
+    and leave together as soon as it returns; the flusher ends when the queue is empty.
 
-    One pipeline in flight at a time, on purpose. The CPU saved is per batch, and with a single
-    flight batches grow with the load, when CPU is shortest (the busier the loop, the more calls
-    queue behind a round trip): Nagle without the timer. It also keeps the ledger on one pooled
-    connection instead of one per session, and Redis runs commands one at a time anyway, so
-    parallel pipelines would not finish sooner. A call waits for at most the round trip in
-    flight before its own.
+    One round trip in flight at a time, on purpose. The CPU saved is per batch, and with a
+    single flight batches grow with the load, when CPU is shortest (the busier the loop, the
+    more calls queue behind a round trip): Nagle without the timer. It also keeps the ledger on
+    one pooled connection instead of one per session, and Redis runs commands one at a time
+    anyway, so parallel pipelines would not finish sooner. A call waits for at most the round
+    trip in flight before its own.
 
-    Non-transactional: the calls are independent and each script is atomic by itself; one
-    caller's error (a script error, NOSCRIPT) must not touch the others. An error of the whole
-    pipeline (connection, timeout) is raised in each of its callers, which may not know whether
-    their script ran: exactly what an error of a single EVALSHA means. Calls run in the order
-    they were made, except those retried after NOSCRIPT, which run after the rest of their
-    batch (concurrent callers never had an order: each used a pooled connection of its own).
+    The calls of one transition leave as a single EVALSHA over all their records (`_EACH`):
+    per call, Redis then runs a Lua function instead of a command, and redis-py packs and parses
+    a few arguments instead of a command. Each record's step is atomic, as a script of its own
+    would be; one caller's error (a script error on a garbled record) is returned to that caller
+    only. An error of a whole command (NOSCRIPT, OOM) or of the round trip (connection,
+    timeout) is raised in each of its callers, who may not know whether their step ran: exactly
+    what an error of a single EVALSHA means. The calls of one transition run in the order they
+    were made; transitions run in the order their first call was made, except those retried
+    after NOSCRIPT, which run after the rest of their round trip. Concurrent callers never had
+    an order anyway (each used a pooled connection of its own); one attempt makes one call at a
+    time, so its own steps never share a round trip.
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         # Arguments are encoded when the call is made, so a bad one fails that call, not the
-        # pipeline it would have joined (packing then passes the bytes through).
+        # round trip it would have joined (packing then passes the bytes through).
         self._encode = redis.connection_pool.get_encoder().encode
         self._queue: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.round_trips = 0  # pipelines sent
+        self.round_trips = 0  # round trips (pipelines) sent
 
-    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def call(self, script: _Script, key: str, args: Sequence[Any]) -> Any:
         loop = asyncio.get_running_loop()
         encode = self._encode
         call = _Call(
             script,
-            len(keys),
-            (*map(encode, keys), *map(encode, args)),
+            encode(key),
+            [encode(len(args)), *map(encode, args)],
             loop.create_future(),
         )
         self._queue.append(call)
@@ -264,40 +286,56 @@ class _Coalescer:
             self._flusher = None
 
     async def _send(self, batch: list[_Call]) -> None:
-        calls = [c for c in batch if not c.future.done()]  # cancelled while queued: not sent
-        if not calls:
+        groups: dict[_Script, list[_Call]] = {}
+        for call in batch:
+            if not call.future.done():  # cancelled while queued: not sent
+                groups.setdefault(call.script, []).append(call)
+        if not groups:
             return
+        calls = list(groups.values())
         replies = await self._pipeline(calls, ())
         # NOSCRIPT: Redis restarted or its scripts were flushed. Those calls did not run: load
         # their scripts and send them again, once, in one more round trip.
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             again = [calls[i] for i in missing]
-            load = list({c.script.sha: c.script for c in again}.values())
+            load = [group[0].script for group in again]
             for i, reply in zip(missing, await self._pipeline(again, load), strict=True):
                 replies[i] = reply
-        for call, reply in zip(calls, replies, strict=True):
-            if call.future.done():  # its caller was cancelled meanwhile
-                continue
+        for group, reply in zip(calls, replies, strict=True):
             if isinstance(reply, Exception):
-                call.future.set_exception(reply)
-            else:
-                call.future.set_result(reply)
+                _fail(group, reply)
+                continue
+            for call, result in zip(group, reply, strict=True):
+                if call.future.done():  # its caller was cancelled meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    call.future.set_exception(result)
+                else:
+                    call.future.set_result(result)
 
-    async def _pipeline(self, calls: list[_Call], load: Sequence[_Script]) -> list[Any]:
-        """One round trip: the replies of `calls`, in order; an error of the whole pipeline is
-        returned once per call, each its own copy (raised in many tasks, a shared exception
-        would have its traceback and context rewritten by each)."""
+    async def _pipeline(self, groups: list[list[_Call]], load: Sequence[_Script]) -> list[Any]:
+        """One round trip: the reply of each group (a list, one result per call), in order; an
+        error of the whole round trip is returned once per group."""
         pipe = self.redis.pipeline(transaction=False)
         for script in load:
             pipe.execute_command("SCRIPT LOAD", script.source)
-        for call in calls:
-            pipe.execute_command("EVALSHA", call.script.sha, call.numkeys, *call.args)
+        for group in groups:
+            args: list[bytes] = []
+            for call in group:
+                args += call.args
+            pipe.execute_command(
+                "EVALSHA",
+                group[0].script.sha,
+                len(group),
+                *[call.key for call in group],
+                *args,
+            )
         self.round_trips += 1
         try:
             replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
-            return [_copy(exc) for _ in calls]
+            return [exc for _ in groups]
         return list(replies[len(load) :])
 
 
@@ -354,7 +392,7 @@ class Ledger:
         may own the record."""
         raw = await self._calls.call(
             _CLAIM_SCRIPT,
-            (self.key(message_id),),
+            self.key(message_id),
             (owner, self.claim_ttl_ms, "1" if takeover else "0", self.ttl, *released),
         )
         return None if raw is None else Record.parse(raw)
@@ -366,14 +404,14 @@ class Ledger:
         then a copy that finds `data` waits (the attempt is alive); after it, the sender is
         known to have died inside the ambiguous window."""
         return bool(
-            await self._calls.call(_DATA_SCRIPT, (self.key(message_id),), (owner, self.ttl, window))
+            await self._calls.call(_DATA_SCRIPT, self.key(message_id), (owner, self.ttl, window))
         )
 
     async def settle(self, message_id: str, owner: str, state: str, reply: str = "") -> bool:
         """`sent` (always: the relay's 250 is the truth), `failed` or `uncertain` (if ours)."""
         return bool(
             await self._calls.call(
-                _SETTLE_SCRIPT, (self.key(message_id),), (owner, state, reply[:200], self.ttl)
+                _SETTLE_SCRIPT, self.key(message_id), (owner, state, reply[:200], self.ttl)
             )
         )
 
@@ -384,4 +422,4 @@ class Ledger:
     async def release(self, message_id: str, owner: str) -> None:
         """Forgets our attempt when the relay certainly does not have the message (failed before
         the terminator, or a definite 4xx/421 reply to it), so a retry may send at once."""
-        await self._calls.call(_RELEASE_SCRIPT, (self.key(message_id),), (owner,))
+        await self._calls.call(_RELEASE_SCRIPT, self.key(message_id), (owner,))

@@ -512,3 +512,18 @@ def test_protocol_keeps_every_reply_of_a_pipelined_group(
     assert replies[1][1] == "sink.localhost"  # the first line of the multi-line EHLO reply
     (record,) = sink.sessions
     assert record.pipelined_reads == 1
+
+
+@pytest.mark.parametrize(
+    ("rendered", "wire"),
+    [
+        (b"a\r\nb", b"a\r\nb\r\n.\r\n"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b".a\r\n", b"..a\r\n.\r\n"),
+        (b"a\r\n.\r\n..b\r\nc.d\r\n", b"a\r\n..\r\n...b\r\nc.d\r\n.\r\n"),
+    ],
+)
+def test_wire_body_dot_stuffs_every_line_and_ends_with_the_terminator(
+    rendered: bytes, wire: bytes
+) -> None:
+    assert wire_body(rendered) == wire

@@ -42,7 +42,9 @@ def wire_body(data: bytes) -> bytes:
     """Dot-stuffs the rendered message and adds the terminator (RFC 5321 §4.5.2)."""
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+    if data.startswith(b".") or b"\n." in data:  # rare: the scan alone is cheap
+        data = _LEADING_DOT.sub(b"..", data)
+    return data + b".\r\n"
 
 
 @dataclass

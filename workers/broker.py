@@ -166,7 +166,11 @@ class QoS(kredis.QoS):
             super().append(message, delivery_tag)
             return
         delivery = message.delivery_info
-        raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # kombu's record, `dumps([payload, exchange, routing_key])`, with the payload as it was
+        # fetched rather than encoded again (a batch is ~150 KB of JSON).
+        raw = "[{},{},{}]".format(
+            bytes_to_str(staged), dumps(delivery["exchange"]), dumps(delivery["routing_key"])
+        )
         with self.pipe_or_acquire() as pipe:  # MULTI/EXEC
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
             pipe.hset(self.unacked_key, delivery_tag, raw)

@@ -427,6 +427,8 @@ def test_redacting_filter_keeps_the_key_out_of_every_part_of_a_line(api_key: str
         logger.warning(f"key {api_key} in the message", extra={"custom": ""})
         logger.warning("wire AUTH PLAIN %s", auth_plain, extra={"custom": ""})
         logger.warning("broker redis://:hunter22@redis:6379/0", extra={"custom": ""})
+        event = {"event_name": "retried", "event_fields": {"reason": f"535 {api_key}", "n": 1}}
+        logger.warning("retried", extra=event)  # an event line: its fields are what get cleaned
         try:
             raise RuntimeError(f"login failed for {api_key}")
         except RuntimeError:
@@ -435,8 +437,9 @@ def test_redacting_filter_keeps_the_key_out_of_every_part_of_a_line(api_key: str
         logger.handlers = []
     text = stream.getvalue()
     assert api_key not in text and auth_plain not in text and "hunter22" not in text
-    assert text.count("[REDACTED]") == 6
+    assert text.count("[REDACTED]") == 7
     assert "RuntimeError: login failed for [REDACTED]" in text
+    assert '"reason":"535 [REDACTED]","n":1' in text
 
 
 def test_a_lease_wait_ends_at_shutdown_and_a_late_lease_is_never_stranded() -> None:

@@ -134,6 +134,15 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.redact:
             return True
+        fields = getattr(record, "event_name", None) and getattr(record, "event_fields", None)
+        plain = not (record.args or record.exc_info or record.stack_info)
+        if plain and isinstance(fields, Mapping):
+            # One of our events (a line per message): its name is ours and its values are all
+            # it carries, so they are all there is to clean.
+            record.event_fields = {
+                k: self.redact(v) if isinstance(v, str) else v for k, v in fields.items()
+            }
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a malformed call: show the raw template, never the args

@@ -21,7 +21,12 @@ from email.utils import getaddresses
 from functools import lru_cache
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+
+try:  # not email_validator's public API: without it every address takes the full check
+    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+except ImportError:  # pragma: no cover
+    CASE_INSENSITIVE_MAILBOX_NAMES = None
 
 from mailer.errors import InvalidMessage
 
@@ -81,6 +86,31 @@ _NAME_SPECIALS = frozenset('()<>[]:;@\\,"')
 _PLAIN_ADDRESS = re.compile(
     r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 )
+
+# The shape nearly every recipient has: a dot-atom local part and a lower-case host name under
+# a top-level domain of letters, with no "--" (Punycode, R-LDH) in it. email_validator takes
+# such an address as it is, in a twentieth of the time it needs to find that out (a fifth of
+# what `send_many` costs per message). `_common_address` leaves everything else to it, and
+# tests/test_smtpapi.py checks the shortcut against it with hypothesis, so a stricter release
+# of email_validator shows up there.
+_COMMON_ADDRESS = re.compile(
+    r"([A-Za-z0-9_+=-]{1,64}(?:\.[A-Za-z0-9_+=-]+)*)"
+    r"@((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63})",
+    re.ASCII,
+)
+
+
+def _common_address(addr: str) -> bool:
+    """Whether email_validator would accept `addr` unchanged, known without asking it."""
+    match = _COMMON_ADDRESS.fullmatch(addr)
+    if match is None or CASE_INSENSITIVE_MAILBOX_NAMES is None or len(addr) > 254:
+        return False
+    local, domain = match.groups()
+    if len(local) > 64 or len(domain) > 253 or "--" in domain:
+        return False
+    if local.lower() in CASE_INSENSITIVE_MAILBOX_NAMES:  # postmaster@... is lower-cased
+        return False
+    return not any(domain == d or domain.endswith("." + d) for d in SPECIAL_USE_DOMAIN_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +254,8 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
         parsed = getaddresses([text])
         if len(parsed) != 1 or parsed[0][1] != addr:
             return f"{value!r} is ambiguous (it can be read as more than one address)"
+    if _common_address(addr):
+        return name, addr
     try:
         result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:

@@ -9,11 +9,18 @@ import warnings
 from typing import Any
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailer.errors import InvalidMessage
-from mailer.smtpapi import SMTPAPIHeader, _fold_pieces, fold_header_value, parse_mailbox
+from mailer.smtpapi import (
+    SMTPAPIHeader,
+    _common_address,
+    _fold_pieces,
+    fold_header_value,
+    parse_mailbox,
+)
 
 NOW = time.time()
 
@@ -173,6 +180,59 @@ def test_parse_mailbox_refuses_non_strings() -> None:
     with pytest.raises(InvalidMessage) as exc:
         parse_mailbox("reply_to", 42)
     assert field_of(exc) == "reply_to"
+
+
+def _validator_says(addr: str) -> str | None:
+    """email_validator's own verdict: the address it would send to, or None."""
+    try:
+        return validate_email(addr, check_deliverability=False, allow_smtputf8=False).ascii_email
+    except EmailNotValidError:
+        return None
+
+
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_ADDRESS = st.builds(
+    lambda local, labels, tld: f"{local}@{'.'.join([*labels, tld])}",
+    st.from_regex(r"[A-Za-z0-9_+=.-]{1,70}", fullmatch=True)
+    | st.sampled_from(["postmaster", "Abuse", "a..b", ".a", "a.", "x" * 65]),
+    st.lists(_LABEL, min_size=1, max_size=3) | st.just([]),
+    st.from_regex(r"[a-z]{2,6}", fullmatch=True)
+    | st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)
+    | st.sampled_from(["test", "local", "localhost", "invalid", "onion", "arpa", "com"]),
+)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(_ADDRESS)
+def test_common_address_shortcut_agrees_with_email_validator(addr: str) -> None:
+    """The shortcut only ever says yes to an address email_validator takes unchanged."""
+    if _common_address(addr):
+        assert _validator_says(addr) == addr
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "postmaster@example.com",
+        "a@b--c.example.com",
+        "a@xn--bcher-kva.example",
+        "a@Example.com",
+        "a@example.test",
+        "a@mail.localhost",
+        "a@example.123",
+        "a@" + "b" * 64 + ".com",
+        "x" * 65 + "@example.com",
+        "a@" + ".".join(["b" * 60] * 5) + ".com",
+    ],
+)
+def test_uncommon_addresses_take_the_full_check(addr: str) -> None:
+    assert not _common_address(addr)
+
+
+def test_common_addresses_take_the_shortcut() -> None:
+    for addr in ("john.smith+tag@mail.example.co.uk", "A_b=c-d@example.com", "x@a1.io"):
+        assert _common_address(addr) and _validator_says(addr) == addr
+        assert parse_mailbox("to", f"Ann <{addr}>") == ("Ann", addr)
 
 
 # ---------------------------------------------------------------------------------------------

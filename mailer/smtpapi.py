@@ -24,9 +24,11 @@ from typing import Any
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 try:  # not email_validator's public API: without it every address takes the full check
-    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES as _MAILBOXES
+
+    _LOWERED: frozenset[str] | None = frozenset(_MAILBOXES)
 except ImportError:  # pragma: no cover
-    CASE_INSENSITIVE_MAILBOX_NAMES = None
+    _LOWERED = None
 
 from mailer.errors import InvalidMessage
 
@@ -103,12 +105,12 @@ _COMMON_ADDRESS = re.compile(
 def _common_address(addr: str) -> bool:
     """Whether email_validator would accept `addr` unchanged, known without asking it."""
     match = _COMMON_ADDRESS.fullmatch(addr)
-    if match is None or CASE_INSENSITIVE_MAILBOX_NAMES is None or len(addr) > 254:
+    if match is None or _LOWERED is None or len(addr) > 254:
         return False
     local, domain = match.groups()
     if len(local) > 64 or len(domain) > 253 or "--" in domain:
         return False
-    if local.lower() in CASE_INSENSITIVE_MAILBOX_NAMES:  # postmaster@... is lower-cased
+    if local.lower() in _LOWERED:  # postmaster@... is lower-cased
         return False
     return not any(domain == d or domain.endswith("." + d) for d in SPECIAL_USE_DOMAIN_NAMES)
 

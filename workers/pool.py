@@ -12,7 +12,6 @@ QUIT; its lease is released only after the abort.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -69,7 +68,10 @@ class SessionPool:
         self._opening = 0
         self._spare_leases: list[LeaseLike] = []  # from rotations: reuse before acquiring
         self._quitting: set[Session] = set()  # closing with QUIT; fence must still find them
-        self._freed = asyncio.Condition()
+        #: Checkouts waiting, first come first served: a freed session is handed to the first
+        #: (a checkout never takes an idle session past them), or the first is woken with None
+        #: when room to open one appeared.
+        self._waiters: deque[asyncio.Future[Session | None]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -99,22 +101,71 @@ class SessionPool:
             if self._closing:
                 raise Failure(Kind.RECONNECT, None, "worker is shutting down", Phase.CONNECT)
             now = time.monotonic()
-            while self._idle:
+            while self._idle and not self._waiters:
                 session = self._idle.pop()
                 if self._usable(session, now):
                     self._busy.add(session)
                     return session
                 await self._retire(session)
-            if self.open_sessions + self._opening < self.capacity:
+            if not self._waiters and self.open_sessions + self._opening < self.capacity:
                 return await self._open(deadline)
-            async with self._freed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Failure(
-                        Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT
-                    )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), remaining)
+            handed = await self._wait(deadline)
+            if handed is not None:
+                return handed
+            # Woken first in line because a session closed: the room is ours to open.
+            if not self._closing and self.open_sessions + self._opening < self.capacity:
+                return await self._open(deadline)
+
+    async def _wait(self, deadline: float) -> Session | None:
+        """Queues for the next session freed (returned busy), or for room to open one (None)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
+        waiter: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        got = False
+        try:
+            async with asyncio.timeout(remaining):
+                handed = await waiter
+            got = True
+            return handed
+        except TimeoutError:
+            raise Failure(
+                Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT
+            ) from None
+        finally:
+            if not got:
+                self._abandon(waiter)
+
+    def _abandon(self, waiter: asyncio.Future[Session | None]) -> None:
+        """A waiter gave up (timeout, cancelled): what it was handed just then goes on."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        elif waiter.done() and not waiter.cancelled():
+            handed = waiter.result()
+            if handed is None:
+                self._wake_one()
+            else:
+                self._busy.discard(handed)
+                self._give(handed)
+
+    def _give(self, session: Session) -> None:
+        """An idle, usable session: to the first waiter, else to the idle stack."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._busy.add(session)
+                waiter.set_result(session)
+                return
+        self._idle.append(session)
+
+    def _wake_one(self) -> None:
+        """Room to open a session appeared (one closed): the first waiter may open it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _usable(self, session: Session, now: float, idle_limit: float | None = None) -> bool:
         lease = session.lease
@@ -168,12 +219,13 @@ class SessionPool:
                 self._spare_leases.append(lease)
             elif lease is not None:
                 await self.leases.release(lease)
-        elif session.connected and not self._closing:
-            self._idle.append(session)
-        else:
-            await self._retire(session)
-        async with self._freed:
-            self._freed.notify()
+            self._wake_one()
+            return
+        if session.connected and not self._closing and self._usable(session, now):
+            self._give(session)
+            return
+        await self._retire(session)
+        self._wake_one()
 
     async def _retire(self, session: Session) -> None:
         """Closes the session (QUIT if it still can), then gives its lease back."""
@@ -243,9 +295,8 @@ class SessionPool:
                 spare, self._spare_leases = self._spare_leases, []
                 for lease in spare:
                     await self.leases.release(lease)
-            if stale:
-                async with self._freed:
-                    self._freed.notify_all()
+            for _ in stale:
+                self._wake_one()
 
     async def close(self, timeout: float = 30.0) -> None:
         """Waits for in-flight transactions, QUITs every session and releases every lease."""
@@ -262,5 +313,5 @@ class SessionPool:
         for lease in self._spare_leases:
             await self.leases.release(lease)
         self._spare_leases = []
-        async with self._freed:
-            self._freed.notify_all()
+        while self._waiters:  # they see `_closing` and give up
+            self._wake_one()

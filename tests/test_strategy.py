@@ -162,3 +162,25 @@ def test_anything_but_a_plain_first_attempt_is_left_to_celery(
 
 def test_a_plain_first_attempt_is_taken_with_its_payload() -> None:
     assert plain_first_attempt(_Message({**PLAIN, "timelimit": [None, None]})) == {"id": "x"}
+
+
+def test_a_worker_reserves_two_messages_per_session_so_a_freed_session_never_waits_for_a_fetch(
+    redis_url: str, relay: Callable[..., Relay], workers: Callable[..., WorkerProcess]
+) -> None:
+    """`mailer worker` reserves `ATTEMPTS_PER_SESSION` messages per session (its prefetch): while
+    every session is busy, as many more are held, claimed and waiting for the first session
+    that frees up; the rest stays in the queue for other workers. With Celery's default of one
+    per thread, a session's next message is only fetched once its last one is acknowledged."""
+    sink, env = relay(sink={"mail_delay": 1.0}, MAILER_WORKER_CONNECTIONS=3)
+    worker = workers(env)
+    ids = [mailer.send(to=f"r{i}@example.com", subject="held", text="hi\n") for i in range(20)]
+    client = redis.Redis.from_url(redis_url)
+    held: list[int] = []
+
+    def all_arrived() -> bool:
+        held.append(client.hlen("unacked"))
+        return len(sink.received) == 20
+
+    assert wait_until(all_arrived, timeout=120, interval=0.05), worker.log[-3000:]
+    assert {m.split("@")[0] for m in ids_at(sink)} == set(ids)
+    assert max(held) == 6, held  # two per session: never more, and reached

@@ -199,6 +199,7 @@ class SessionPool:
         except BaseException:
             if lease is not None:
                 await self.leases.release(lease)
+            self._wake_one()  # the room this open held is free: the first waiter may try it
             raise
         finally:
             self._opening -= 1

@@ -6,7 +6,6 @@ and torn down on worker shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -54,7 +53,10 @@ async def _unless(
     orphan: Callable[[T], Awaitable[Any]],
 ) -> T | None:
     """`coro`'s result, or None if `stop` is set first (then `coro` is cancelled). A result
-    that arrives when we were cancelled ourselves (nobody will use it) goes to `orphan`."""
+    that arrives when nobody will use it (we were cancelled, or `stop` won) goes to `orphan`."""
+    if stop.is_set():
+        coro.close()
+        return None
     task = asyncio.ensure_future(coro)
     stopped = asyncio.ensure_future(stop.wait())
     try:
@@ -65,11 +67,21 @@ async def _unless(
         raise
     finally:
         stopped.cancel()
-    if not task.done():
+    if task.done():
+        return task.result()
+    await _cancel(task)
+    _adopt(task, orphan)
+    return None
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancels `task` and waits until it ends, cancelling again while it runs: Python 3.11's
+    `asyncio.wait_for` (redis-py connects through it) drops a cancellation that lands just as
+    what it waits for completes (CPython gh-86296), and one lost cancel would leave an acquire
+    polling until its deadline."""
+    while not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return None if task.cancelled() else task.result()
+        await asyncio.wait({task}, timeout=0.05)
 
 
 def _adopt(done: asyncio.Future[T | None], orphan: Callable[[T], Awaitable[Any]]) -> None:

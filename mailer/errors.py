@@ -26,4 +26,5 @@ class InvalidMessage(MailerError, ValueError):
 
 
 class PublishError(MailerError):
-    """The broker could not take the message after the bounded publish retries."""
+    """The broker did not take the message: unreachable past the bounded publish retries, or it
+    refused the commands (out of memory). Nothing of the call was queued."""

@@ -154,10 +154,23 @@ def _envelope(body: Any, headers: dict[str, Any], properties: dict[str, Any]) ->
     }
 
 
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+_LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"  # then the key and the value as bulk strings
+_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
+
+
+def _bulk(text: str) -> bytes:
+    """A RESP bulk string."""
+    data = text.encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 class RedisPublisher:
-    """Writes with redis-py the broker messages Celery's `send_task` writes for our calls, all
-    of one call in one MULTI/EXEC round trip: each task's LPUSH (Celery protocol 2 in kombu's
-    Redis envelope) and its task-sent event (kombu's fanout PUBLISH on the event exchange).
+    """Writes the broker messages Celery's `send_task` writes for our calls, all of one call in
+    one MULTI/EXEC round trip over a redis-py connection: each task's LPUSH (Celery protocol 2
+    in kombu's Redis envelope) and its task-sent event (kombu's fanout PUBLISH on the event
+    exchange).
 
     Celery spends ~0.5 ms of producer CPU per task on this (`as_task_v2`, kombu's publish and
     its retry wrapper, a second round trip for the event). It covers what `Publisher` sends: no
@@ -170,8 +183,8 @@ class RedisPublisher:
         self.app = app
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
-        self._queue_key = ""
-        self._event_topic = ""
+        self._queue_key = b""  # RESP bulk strings, packed once
+        self._event_topic = b""
         self._event_exchange = app.conf.event_exchange
 
     def publish(self, tasks: Sequence[Task]) -> None:
@@ -247,15 +260,31 @@ class RedisPublisher:
         return message, _envelope(event, {"hostname": origin}, event_properties)
 
     def _push(self, messages: list[tuple[dict, dict]]) -> None:
-        client = self._connect()
-        with client.pipeline(transaction=True) as pipe:
-            for message, event in messages:
-                # A fresh delivery tag per attempt, as kombu gives each publish it retries.
-                message["properties"]["delivery_tag"] = uuid()
-                event["properties"]["delivery_tag"] = uuid()
-                pipe.lpush(self._queue_key, dumps(message))
-                pipe.publish(self._event_topic, dumps(event))
-            pipe.execute()
+        """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends ~60 us per call
+        building and packing commands, a fifth of what `mailer.send` costs its caller."""
+        pool = self._connect().connection_pool
+        packed = [_MULTI]
+        for message, event in messages:
+            # A fresh delivery tag per attempt, as kombu gives each publish it retries.
+            message["properties"]["delivery_tag"] = uuid()
+            event["properties"]["delivery_tag"] = uuid()
+            packed += (_LPUSH, self._queue_key, _bulk(dumps(message)))
+            packed += (_PUBLISH, self._event_topic, _bulk(dumps(event)))
+        packed.append(_EXEC)
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(packed)])
+            for _ in range(2 * len(messages) + 1):  # +OK, then +QUEUED per command
+                conn.read_response()
+            replies = conn.read_response()
+            errors = [reply for reply in replies if isinstance(reply, Exception)]
+            if errors:
+                raise errors[0]
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never hand it back mid-stream
+            raise
+        finally:
+            pool.release(conn)
 
     def _connect(self) -> redis.Redis:
         """kombu reads the URL and the transport options (db, password, TLS, timeouts) into its
@@ -269,9 +298,9 @@ class RedisPublisher:
                 with self.app.connection_for_write(transport_options=options) as conn:
                     channel = conn.default_channel
                     self.app.amqp.default_queue(channel).declare()
-                    self._queue_key = channel._q_for_pri(QUEUE, 0)
-                    self._event_topic = channel._get_publish_topic(
-                        self._event_exchange, "task.sent"
+                    self._queue_key = _bulk(channel._q_for_pri(QUEUE, 0))
+                    self._event_topic = _bulk(
+                        channel._get_publish_topic(self._event_exchange, "task.sent")
                     )
                     pool = redis.BlockingConnectionPool(**channel._connparams())
                 self._client = redis.Redis(connection_pool=pool)
@@ -346,6 +375,13 @@ class Publisher:
     def _errors(self, name: str) -> Iterator[None]:
         try:
             yield
+        except redis.ResponseError as exc:
+            # Redis refused the commands (out of memory, the queue's key of another type):
+            # retrying would not help. Its reply names no credential.
+            raise PublishError(
+                f"the broker at {redact_url(self.settings.broker_url)} refused {name}: {exc}; "
+                "the message was not queued"
+            ) from None
         except CONNECTION_ERRORS as exc:
             # The exception text may carry the broker URL and its password: name the type only.
             raise PublishError(

@@ -318,3 +318,33 @@ def test_rediss_writes_what_celery_writes(tls_redis_url: str) -> None:
     assert client.connection_pool.connection_kwargs["db"] == 2
     celery, fast = client.lrange(QUEUE, 0, -1)
     assert normalized(fast) == normalized(celery)
+
+
+def test_a_refused_transaction_raises_publish_error_and_the_pool_stays_usable(
+    own_server: RedisServer,
+) -> None:
+    """Redis refusing the commands (here: the queue's key holds a string) is not a connection
+    error: no retry, a PublishError naming Redis' reply, nothing queued, and the connection
+    that carried it (replies possibly unread) never serves the next call half-read."""
+    client = redis.Redis(port=own_server.port)
+    publisher = publisher_for(own_server.url)
+    publisher.send(payload(1))
+    client.delete(QUEUE)
+    client.set(QUEUE, "not a list")
+    with pytest.raises(PublishError, match=r"refused mailer\.send_batch: WRONGTYPE") as info:
+        publisher.send_batches([[payload(2)], [payload(3)]])
+    assert "not queued" in str(info.value) and info.value.__cause__ is None
+    assert client.get(QUEUE) == b"not a list"
+    client.delete(QUEUE)
+    # Out of memory: refused while queueing, so EXEC aborts and replies are left unread.
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)
+    with pytest.raises(PublishError, match=r"refused mailer\.send: .*maxmemory"):
+        publisher.send(payload(3))
+    client.config_set("maxmemory", 0)
+    for n in range(4, 8):
+        publisher.send(payload(n))
+    queued = client.lrange(QUEUE, 0, -1)
+    ids = [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]["id"] for m in queued]
+    assert sorted(ids) == [f"{n:032x}" for n in range(4, 8)]
+    publisher.close()

@@ -15,14 +15,18 @@ from typing import Any
 
 import pytest
 import redis
+from kombu import Connection
 
 import mailer
+from mailer.config import Settings
 from tests.conftest import Relay
 from tests.support.helpers import ids_at, wait_until
+from workers.app import app
 from workers.deadletters import DeadLetters
 from workers.devworker import WorkerProcess
 from workers.sink import FaultPlan
 from workers.strategy import plain_first_attempt
+from workers.tasks import DecodedRequest, send_batch
 
 
 class EventTap:
@@ -184,3 +188,21 @@ def test_a_worker_reserves_two_messages_per_session_so_a_freed_session_never_wai
     assert wait_until(all_arrived, timeout=120, interval=0.05), worker.log[-3000:]
     assert {m.split("@")[0] for m in ids_at(sink)} == set(ids)
     assert max(held) == 6, held  # two per session: never more, and reached
+
+
+def test_a_batch_reaches_the_pool_decoded_once(redis_url: str) -> None:
+    """Celery's strategy decodes a message's body in the consumer (to tell protocol 1 from 2);
+    `mailer.send_batch`'s Request hands the pool that decoded body, so the pool thread does not
+    parse the ~150 KB of JSON a second time. Read back here: a real batch published by the
+    producer, fetched by kombu from a real Redis."""
+    assert send_batch.Request is DecodedRequest
+    payloads = [{"id": f"{n:032x}", "data": "x"} for n in range(3)]
+    publisher = mailer.Mailer(Settings.from_env({"MAILER_BROKER_URL": redis_url}))
+    publisher.publisher.send_batch(payloads)
+    with Connection(redis_url) as conn:
+        message = conn.SimpleQueue("mailer", no_ack=True).get(timeout=5)
+    request = DecodedRequest(message, app=app, task=send_batch, hostname="test")
+    assert request.content_type is None  # fast_trace_task then unpacks the body as it is
+    assert request.body is message.payload  # the consumer's decode, not a second one
+    assert request.body[0] == [payloads]
+    publisher.close()

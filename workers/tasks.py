@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import redis
 from celery import Task, signals
 from celery.exceptions import Reject
+from celery.worker.request import Request
 
 from mailer.publish import QUEUE, describe, describe_batch
 from workers import deadletters
@@ -290,12 +291,23 @@ def send(
     raise PermanentFailure(outcome.reason)
 
 
+class DecodedRequest(Request):
+    """Hands the pool the body kombu already decoded (Celery's strategy reads it to tell the
+    message protocols apart), not the JSON again: a batch's is ~150 KB, decoded once not twice."""
+
+    def __init__(self, message: Any, *, body: Any = None, decoded: bool = False, **kw: Any):
+        if not decoded:
+            body, decoded = message.payload, True
+        super().__init__(message, body=body, decoded=decoded, **kw)
+
+
 @app.task(
     name="mailer.send_batch",
     bind=True,
     max_retries=None,
     acks_late=True,
     ignore_result=True,
+    Request=DecodedRequest,
 )
 def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
     """Sends a batch concurrently; any message that needs a retry becomes its own `mailer.send`

@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -345,7 +344,7 @@ class Runtime:
         follows MAILER_UNCERTAIN_POLICY: `hold` returns "held", `retry` takes it over.
         """
         message_id = str(payload["id"])
-        owner = uuid.uuid4().hex
+        owner = os.urandom(16).hex()  # what uuid4().hex is, less the UUID object
         try:
             body = wire_body(str(payload["data"]).encode("ascii"))
         except UnicodeError:

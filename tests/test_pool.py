@@ -1,6 +1,8 @@
 """The session pool's queue, against the real aiosmtpd sink: a freed session goes to the
-checkout that has waited longest (a newcomer never takes it past them), and a waiter that gives
-up just as it is handed a session passes it on instead of stranding it.
+checkout that has waited longest (a newcomer never takes it past them), a waiter that gives
+up just as it is handed a session passes it on instead of stranding it, and a busy session
+carries the next message's commands behind its body without either message paying for the
+other's failure.
 
 Leases are a stand-in here (the pool only needs an id and a validity); workers/semaphore.py
 and tests/test_fleet_cap.py cover the real ones."""
@@ -16,10 +18,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from mailer.config import Secret, Settings
-from workers.classify import Failure, Kind
+from workers.classify import Failure, Kind, Phase
 from workers.pool import SessionPool
-from workers.session import Session
-from workers.sink import SinkServer, TLSMaterial
+from workers.session import Delivered, Session, wire_body
+from workers.sink import FaultPlan, SinkServer, TLSMaterial
 
 _ids = itertools.count()
 
@@ -163,3 +165,128 @@ def test_a_session_closing_lets_the_first_waiter_open_another(
         await pool.close(5)
 
     asyncio.run(scenario())
+
+
+def _body(n: int) -> bytes:
+    return wire_body(f"Message-ID: <m{n}@example.com>\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode())
+
+
+async def _send(pool: SessionPool, n: int, **kw: object) -> Delivered | Failure:
+    try:
+        return await pool.send("s@example.com", [f"r{n}@example.com"], _body(n), **kw)  # type: ignore[arg-type]
+    except Failure as failure:
+        return failure
+
+
+def test_a_busy_session_carries_the_next_message_behind_its_body(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str
+) -> None:
+    """One session, six messages at once: each one's MAIL, RCPT and DATA leave behind the body
+    before it, every message arrives whole and in order, on the one connection."""
+    sink = make_sink(tls="starttls", auth=("apikey", api_key))
+
+    async def scenario() -> None:
+        pool = pool_for(sink, tls_material, api_key)
+        pool.start()
+        results = await asyncio.gather(*(_send(pool, n) for n in range(6)))
+        assert all(isinstance(r, Delivered) for r in results), results
+        assert pool.stats.chained == 5 and pool.stats.opened == 1
+        await pool.close(5)
+
+    asyncio.run(scenario())
+    received = sink.received
+    assert [r.message_id for r in received] == [f"m{n}@example.com" for n in range(6)]
+    assert [r.rcpt_tos for r in received] == [(f"r{n}@example.com",) for n in range(6)]
+    assert len({r.session_id for r in received}) == 1
+
+
+def test_a_refused_body_does_not_stop_the_message_behind_it(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str
+) -> None:
+    sink = make_sink(
+        tls="starttls", auth=("apikey", api_key), faults=FaultPlan(p_451_data=1.0, max_faults=1)
+    )
+
+    async def scenario() -> None:
+        pool = pool_for(sink, tls_material, api_key)
+        pool.start()
+        first, second = await asyncio.gather(_send(pool, 1), _send(pool, 2))
+        assert isinstance(first, Failure) and (first.kind, first.code) == (Kind.RETRY, 451)
+        assert isinstance(second, Delivered)
+        assert pool.stats.chained == 1 and pool.stats.opened == 1
+        await pool.close(5)
+
+    asyncio.run(scenario())
+    assert [r.message_id for r in sink.received] == ["m2@example.com"]
+
+
+def test_a_message_behind_a_lost_connection_fails_before_any_of_it_is_delivered(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str
+) -> None:
+    """The relay takes the first body and hangs up before its 250: that one is ambiguous, the
+    one whose commands rode behind it is a plain reconnect (no body of it ever left), and the
+    pool opens a new session for the next message."""
+    sink = make_sink(
+        tls="starttls",
+        auth=("apikey", api_key),
+        faults=FaultPlan(p_drop_after_data=1.0, max_faults=1),
+    )
+
+    async def scenario() -> None:
+        pool = pool_for(sink, tls_material, api_key)
+        pool.start()
+        first, second = await asyncio.gather(_send(pool, 1), _send(pool, 2))
+        assert isinstance(first, Failure) and first.kind is Kind.UNCERTAIN
+        assert isinstance(second, Failure) and second.kind is Kind.RECONNECT
+        assert second.phase is Phase.MAIL
+        assert pool.stats.chained == 1
+        assert isinstance(await _send(pool, 3), Delivered)
+        assert pool.stats.opened == 2
+        await pool.close(5)
+
+    asyncio.run(scenario())
+    assert [r.message_id for r in sink.received] == ["m1@example.com", "m3@example.com"]
+
+
+@pytest.mark.parametrize("when", ["handed", "waiting its turn"])
+def test_a_chained_message_cancelled_before_its_turn_never_cuts_off_the_one_ahead(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str, when: str
+) -> None:
+    """The second message is cancelled while the first still waits for its 250 (slow relay),
+    as the session is handed to it or once it waits for its turn: the first gets its reply all
+    the same, the session (whose relay now waits for a body that never comes) is closed and
+    its lease given back, and the next message opens a new one."""
+    sink = make_sink(tls="starttls", auth=("apikey", api_key), faults=FaultPlan(delay=0.3))
+
+    async def scenario() -> None:
+        pool = pool_for(sink, tls_material, api_key)
+        pool.start()
+        first = asyncio.ensure_future(_send(pool, 1))
+        second = asyncio.ensure_future(_send(pool, 2))
+        if when == "handed":  # before it runs again: its checkout gives the session up
+            chain = pool._chain
+
+            def chain_then_cancel(session: Session) -> tuple[bytes, int] | None:
+                chained = chain(session)
+                if chained is not None:
+                    second.cancel()
+                return chained
+
+            pool._chain = chain_then_cancel  # type: ignore[method-assign]
+        for _ in range(500):
+            if pool.stats.chained:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.stats.chained == 1
+        second.cancel()
+        assert isinstance(await first, Delivered)
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert isinstance(await _send(pool, 3), Delivered)
+        assert pool.stats.opened == 2 and pool.open_sessions == 1
+        leases = pool.leases
+        await pool.close(5)
+        assert isinstance(leases, Leases) and leases.granted == leases.released == 2
+
+    asyncio.run(scenario())
+    assert [r.message_id for r in sink.received] == ["m1@example.com", "m3@example.com"]

@@ -7,6 +7,9 @@ sessions are closed and their leases released, so idle workers don't starve busy
 the idle timeout, or after `CONTENDED_IDLE` seconds while another process waits for a lease.
 A session whose lease lapsed (lost, or not renewed in time) is aborted, never written to or
 QUIT; its lease is released only after the abort.
+
+A busy session passes straight from one message to the next checkout in line: with PIPELINING,
+the next message's commands leave behind the body (see `Session.transaction`'s `hand_over`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class PoolStats:
     closed_idle: int = 0
     lease_waits: int = 0
     fenced: int = 0
+    chained: int = 0  # messages whose commands left behind the previous message's body
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A checkout in line: handed a session, or None when it may open one. `envelope`
+    (sender, recipients, body size) lets a busy session write its commands early."""
+
+    future: asyncio.Future[Session | None]
+    envelope: tuple[str, list[str], int] | None
 
 
 class SessionPool:
@@ -71,7 +84,8 @@ class SessionPool:
         #: Checkouts waiting, first come first served: a freed session is handed to the first
         #: (a checkout never takes an idle session past them), or the first is woken with None
         #: when room to open one appeared.
-        self._waiters: deque[asyncio.Future[Session | None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()  # retiring sessions nobody checks in
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -89,13 +103,44 @@ class SessionPool:
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered:
-        session = await self._checkout()
-        try:
-            return await session.transaction(mail_from, rcpt_to, body, before_body)
-        finally:
-            await self._checkin(session)
+        session = await self._checkout((mail_from, rcpt_to, len(body)))
+        passed = False
 
-    async def _checkout(self) -> Session:
+        def hand_over(busy: Session) -> tuple[bytes, int] | None:
+            nonlocal passed
+            chained = self._chain(busy)
+            passed = chained is not None
+            return chained
+
+        try:
+            return await session.transaction(mail_from, rcpt_to, body, before_body, hand_over)
+        finally:
+            if not passed:  # else the next message has it and checks it in
+                await self._checkin(session)
+
+    def _chain(self, session: Session) -> tuple[bytes, int] | None:
+        """The commands of the first checkout in line, if `session` may carry its message: it
+        is then handed the session, before the body it rides behind is even written."""
+        if self._closing or not self._waiters or session.due_for_rotation(time.monotonic()):
+            return None
+        lease = session.lease
+        if lease is not None and getattr(lease, "valid_until", 0.0) <= time.monotonic() + 1.0:
+            return None
+        while self._waiters and self._waiters[0].future.done():
+            self._waiters.popleft()  # gave up
+        waiter = self._waiters[0] if self._waiters else None
+        if waiter is None or waiter.envelope is None:
+            return None
+        try:
+            chained = session.commands(*waiter.envelope)
+        except Failure:
+            return None  # an unsendable address: it fails in its own transaction, not here
+        self._waiters.popleft()
+        waiter.future.set_result(session)
+        self.stats.chained += 1
+        return chained
+
+    async def _checkout(self, envelope: tuple[str, list[str], int] | None = None) -> Session:
         deadline = time.monotonic() + self.settings.lease_wait
         while True:
             if self._closing:
@@ -109,24 +154,26 @@ class SessionPool:
                 await self._retire(session)
             if not self._waiters and self.open_sessions + self._opening < self.capacity:
                 return await self._open(deadline)
-            handed = await self._wait(deadline)
+            handed = await self._wait(deadline, envelope)
             if handed is not None:
                 return handed
             # Woken first in line because a session closed: the room is ours to open.
             if not self._closing and self.open_sessions + self._opening < self.capacity:
                 return await self._open(deadline)
 
-    async def _wait(self, deadline: float) -> Session | None:
+    async def _wait(
+        self, deadline: float, envelope: tuple[str, list[str], int] | None
+    ) -> Session | None:
         """Queues for the next session freed (returned busy), or for room to open one (None)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
-        waiter: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), envelope)
         self._waiters.append(waiter)
         got = False
         try:
             async with asyncio.timeout(remaining):
-                handed = await waiter
+                handed = await waiter.future
             got = True
             return handed
         except TimeoutError:
@@ -137,25 +184,39 @@ class SessionPool:
             if not got:
                 self._abandon(waiter)
 
-    def _abandon(self, waiter: asyncio.Future[Session | None]) -> None:
+    def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up (timeout, cancelled): what it was handed just then goes on."""
+        future = waiter.future
         if waiter in self._waiters:
             self._waiters.remove(waiter)
-        elif waiter.done() and not waiter.cancelled():
-            handed = waiter.result()
+        elif future.done() and not future.cancelled():
+            handed = future.result()
             if handed is None:
                 self._wake_one()
+            elif handed.owes_turn:
+                # Its commands were written behind the previous body: the relay will answer
+                # them and wait for a body nobody sends. That session is done.
+                task = asyncio.get_running_loop().create_task(self._retire_after_turn(handed))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             else:
                 self._busy.discard(handed)
                 self._give(handed)
+
+    async def _retire_after_turn(self, session: Session) -> None:
+        await session.wait_turn()
+        session.broken = True
+        self._busy.discard(session)
+        await self._retire(session)
+        self._wake_one()
 
     def _give(self, session: Session) -> None:
         """An idle, usable session: to the first waiter, else to the idle stack."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
+            if not waiter.future.done():
                 self._busy.add(session)
-                waiter.set_result(session)
+                waiter.future.set_result(session)
                 return
         self._idle.append(session)
 
@@ -163,8 +224,8 @@ class SessionPool:
         """Room to open a session appeared (one closed): the first waiter may open it."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
                 return
 
     def _usable(self, session: Session, now: float, idle_limit: float | None = None) -> bool:
@@ -208,6 +269,11 @@ class SessionPool:
         return session
 
     async def _checkin(self, session: Session) -> None:
+        if session.owes_turn:
+            # Its message ended before taking over the commands written for it (cancelled):
+            # let the message ahead read its reply, then close what the relay waits on.
+            await session.wait_turn()
+            session.broken = True
         self._busy.discard(session)
         now = time.monotonic()
         if session.connected and session.due_for_rotation(now):
@@ -307,6 +373,8 @@ class SessionPool:
         deadline = time.monotonic() + timeout
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
         sessions = [*self._idle, *self._busy]
         self._idle.clear()
         self._busy.clear()

@@ -4,7 +4,10 @@ TLS is enforced before AUTH (STARTTLS required, or implicit TLS on 465), certifi
 verified with TLS 1.2 at least. The transaction is written on aiosmtplib's protocol layer
 rather than `sendmail()` so we know exactly whether the DATA terminator left us: a failure
 before it is safe to retry, a failure after it is ambiguous. When the relay advertises
-PIPELINING, MAIL, RCPT... and DATA leave in one write (workers/protocol.py keeps every reply).
+PIPELINING, MAIL, RCPT... and DATA leave in one write (workers/protocol.py keeps every reply),
+and the next message's MAIL, RCPT... and DATA may ride behind a body (`hand_over`, RFC 2920
+§3.1: message content may open a group), so a busy session costs one write and one round trip
+per message instead of two.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class Session:
         self._size = False
         self._smtp: aiosmtplib.SMTP | None = None
         self._protocol: PipeliningProtocol | None = None
+        #: Set when a transaction wrote the next one's commands behind its body: done once it
+        #: has read its own final reply, the next one's replies follow on the stream.
+        self._turn: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -118,23 +124,56 @@ class Session:
     def idle_for(self, now: float) -> float:
         return now - self.last_used
 
+    @property
+    def owes_turn(self) -> bool:
+        """A transaction wrote the next message's commands and that message has not taken
+        them over: nobody else may use the session (see `transaction`)."""
+        return self._turn is not None
+
+    async def wait_turn(self) -> None:
+        """Until the transaction that wrote the next message's commands has read its reply."""
+        if self._turn is not None:
+            await asyncio.shield(self._turn)
+
+    def commands(self, mail_from: str, rcpt_to: list[str], size: int) -> tuple[bytes, int]:
+        """The pipelined MAIL, RCPT... and DATA of a message (one write) and their reply count;
+        Failure (PERMANENT) for an address that can never be written."""
+        mail, rcpts = _commands(mail_from, rcpt_to, size if self._size else None)
+        return b"".join((mail, *rcpts, b"DATA\r\n")), len(rcpts) + 2
+
     async def transaction(
         self,
         mail_from: str,
         rcpt_to: list[str],
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
+        hand_over: Callable[[Session], tuple[bytes, int] | None] | None = None,
     ) -> Delivered:
         """MAIL, RCPT..., DATA; `body` is already dot-stuffed and terminated (see `wire_body`).
 
         With PIPELINING the commands leave in one write and their replies are read in order
         (RFC 2920); without it each command waits for its reply. Either way the body is
         written only after the 354, right after `before_body` and the fence check.
+
+        `hand_over(session)`, called just before the body is written, may return the next
+        message's commands (`commands()`): they leave in the same write, and from then on the
+        session is that message's, whose transaction finds its commands written and reads
+        their replies once this one has read its own.
         """
+        turn = self._turn
+        written = turn is not None  # our commands left behind the previous message's body
+        if turn is not None:
+            try:
+                await asyncio.shield(turn)  # the previous message reads its final reply first
+            except BaseException:
+                self.broken = True  # our replies are owed and nobody will read them
+                raise
+            self._turn = None
         smtp = self._smtp
         protocol = self._protocol
         if smtp is None or protocol is None or not self.connected:
-            raise Failure(Kind.RECONNECT, None, "session is not connected", Phase.MAIL)
+            said = "the message before it failed" if written else "the session is not connected"
+            raise Failure(Kind.RECONNECT, None, said, Phase.MAIL)
         self.mail_count += 1  # every MAIL counts toward the relay's per-connection limit
         self.last_used = time.monotonic()
         mail, rcpts = _commands(mail_from, rcpt_to, len(body) if self._size else None)
@@ -142,13 +181,15 @@ class Session:
         timeout = self.settings.smtp_timeout
         phase = Phase.MAIL
         body_owed = False  # after the 354 the relay reads everything we write as the body
+        passed: asyncio.Future[None] | None = None  # our turn, once the next one has our session
         try:
-            self._fence_check(phase)  # no await between this check and the write
-            if pipelined:
-                group = [mail, *rcpts, b"DATA\r\n"]
-                protocol.send(b"".join(group), len(group))
-            else:
-                protocol.send(mail, 1)
+            if not written:
+                self._fence_check(phase)  # no await between this check and the write
+                if pipelined:
+                    group = [mail, *rcpts, b"DATA\r\n"]
+                    protocol.send(b"".join(group), len(group))
+                else:
+                    protocol.send(mail, 1)
             reply = await protocol.read_response(timeout)
             if reply.code != 250:
                 failure = by_code(reply.code, reply.message, phase)
@@ -183,7 +224,12 @@ class Session:
             if before_body is not None:
                 await before_body()
             self._fence_check(phase)  # no await between this check and the write
-            protocol.send(body, 1)
+            chained = hand_over(self) if hand_over is not None and pipelined else None
+            if chained is None:
+                protocol.send(body, 1)
+            else:
+                passed = self._turn = asyncio.get_running_loop().create_future()
+                protocol.send(body + chained[0], 1 + chained[1])
             body_owed = False
             phase = Phase.REPLY
             reply = await protocol.read_response(self.settings.data_timeout)
@@ -209,6 +255,8 @@ class Session:
             raise classify(exc, phase) from None
         finally:
             self.last_used = time.monotonic()
+            if passed is not None and not passed.done():
+                passed.set_result(None)  # the next message may read its replies now
 
     async def _skip_replies(self, protocol: PipeliningProtocol, count: int) -> None:
         """Reads the replies to pipelined commands that follow a refusal (RFC 2920 §3.1).

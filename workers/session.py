@@ -176,7 +176,10 @@ class Session:
             raise Failure(Kind.RECONNECT, None, said, Phase.MAIL)
         self.mail_count += 1  # every MAIL counts toward the relay's per-connection limit
         self.last_used = time.monotonic()
-        mail, rcpts = _commands(mail_from, rcpt_to, len(body) if self._size else None)
+        mail = b""
+        rcpts: list[bytes] = []  # when `written`, `commands()` built and checked them already
+        if not written:
+            mail, rcpts = _commands(mail_from, rcpt_to, len(body) if self._size else None)
         pipelined = self.pipelining
         timeout = self.settings.smtp_timeout
         phase = Phase.MAIL
@@ -194,14 +197,14 @@ class Session:
             if reply.code != 250:
                 failure = by_code(reply.code, reply.message, phase)
                 if pipelined and reply.code != 421:
-                    await self._skip_replies(protocol, len(rcpts) + 1)  # RCPT..., DATA
+                    await self._skip_replies(protocol, len(rcpt_to) + 1)  # RCPT..., DATA
                 raise failure
             phase = Phase.RCPT
             refused: dict[str, tuple[int, str]] = {}
-            for rcpt, command in zip(rcpt_to, rcpts, strict=True):
+            for index, rcpt in enumerate(rcpt_to):
                 if not pipelined:
                     self._fence_check(phase)
-                    protocol.send(command, 1)
+                    protocol.send(rcpts[index], 1)
                 reply = await protocol.read_response(timeout)
                 code = reply.code
                 if code != 250 and code != 251:

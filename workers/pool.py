@@ -85,7 +85,7 @@ class SessionPool:
         #: (a checkout never takes an idle session past them), or the first is woken with None
         #: when room to open one appeared.
         self._waiters: deque[_Waiter] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()  # retiring sessions nobody checks in
+        self._tasks: set[asyncio.Task[None]] = set()  # check-ins of abandoned hand-overs
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -121,10 +121,7 @@ class SessionPool:
     def _chain(self, session: Session) -> tuple[bytes, int] | None:
         """The commands of the first checkout in line, if `session` may carry its message: it
         is then handed the session, before the body it rides behind is even written."""
-        if self._closing or not self._waiters or session.due_for_rotation(time.monotonic()):
-            return None
-        lease = session.lease
-        if lease is not None and getattr(lease, "valid_until", 0.0) <= time.monotonic() + 1.0:
+        if self._closing or not self._waiters or not self._usable(session, time.monotonic()):
             return None
         while self._waiters and self._waiters[0].future.done():
             self._waiters.popleft()  # gave up
@@ -193,22 +190,13 @@ class SessionPool:
             handed = future.result()
             if handed is None:
                 self._wake_one()
-            elif handed.owes_turn:
-                # Its commands were written behind the previous body: the relay will answer
-                # them and wait for a body nobody sends. That session is done.
-                task = asyncio.get_running_loop().create_task(self._retire_after_turn(handed))
+            elif handed.owes_turn:  # its commands were written: the check-in closes it
+                task = asyncio.get_running_loop().create_task(self._checkin(handed))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
                 self._busy.discard(handed)
                 self._give(handed)
-
-    async def _retire_after_turn(self, session: Session) -> None:
-        await session.wait_turn()
-        session.broken = True
-        self._busy.discard(session)
-        await self._retire(session)
-        self._wake_one()
 
     def _give(self, session: Session) -> None:
         """An idle, usable session: to the first waiter, else to the idle stack."""
@@ -271,7 +259,8 @@ class SessionPool:
     async def _checkin(self, session: Session) -> None:
         if session.owes_turn:
             # Its message ended before taking over the commands written for it (cancelled):
-            # let the message ahead read its reply, then close what the relay waits on.
+            # the relay will answer them and wait for a body nobody sends. Let the message
+            # ahead read its reply, then close the session.
             await session.wait_turn()
             session.broken = True
         self._busy.discard(session)

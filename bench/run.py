@@ -59,8 +59,10 @@ class Sizes:
     lat_cap: int = 500
     think: int = 1
     bulk_chunk: int = 1_000
+    # Warm-ups open every session a system has in steady state (ours: 2 x 32 sessions in the
+    # zero regime, 500 in the latency one; the naive peer: one per child) before the clock starts.
     warm: int = 200
-    lat_warm: int = 20
+    lat_warm: int = 500
     peer_lat_warm: int = 2
     rss_many: int = 200
     rss_few: int = 20
@@ -84,7 +86,7 @@ SMOKE = Sizes(
     lat_cap=20,
     bulk_chunk=100,
     warm=10,
-    lat_warm=2,
+    lat_warm=20,
     peer_lat_warm=0,
     rss_many=6,
     rss_few=2,

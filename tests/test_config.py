@@ -134,3 +134,22 @@ def test_a_worker_with_bad_configuration_fails_at_start_up_naming_it() -> None:
     assert proc.returncode != 0
     assert "MAILER_SMTP_TLS" in proc.stderr
     assert KEY not in proc.stderr + proc.stdout
+
+
+def test_a_ready_worker_has_frozen_its_start_up_heap() -> None:
+    """Full GC passes skip what start-up built (workers.app `freeze_heap`): the signal Celery
+    sends once the worker is ready freezes it, in the worker's own interpreter."""
+    code = (
+        "import gc\n"
+        "from celery import signals\n"
+        "import workers.app\n"
+        "before = gc.get_freeze_count()\n"
+        "signals.worker_ready.send(sender=None)\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, after = map(int, proc.stdout.split())
+    assert before == 0
+    assert after > 10_000  # Celery, kombu and our modules

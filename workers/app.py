@@ -26,6 +26,7 @@ errors about tasks are never lowered.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -88,6 +89,18 @@ def log_secrets() -> list[str]:
         settings.smtp_username,
         urls=(settings.broker_url, settings.redis_url),
     )
+
+
+@signals.worker_ready.connect
+@signals.worker_process_init.connect
+def freeze_heap(**_: object) -> None:
+    """Moves what start-up built (Celery, kombu, our modules: ~75,000 objects) out of the
+    cyclic GC's reach. A full collection walks every tracked object with the GIL held, stalling
+    all of the process's sessions at once: 35-70 ms every few seconds at 250 sessions, 8-20 ms
+    once the start-up heap is frozen (gc callbacks, latency bench). Refcounting still frees
+    frozen objects; only cycles among them would stay, and start-up objects live as long as
+    the process. In a prefork child this runs again after the fork."""
+    gc.freeze()
 
 
 @signals.worker_init.connect

@@ -236,6 +236,7 @@ def test_ack_many_acknowledges_a_group_in_one_call_and_frees_the_prefetch(redis_
         pump(conn, 10)
         assert len(got) == 5 and client.hlen("unacked") == 5
         assert not qos.can_consume()
+        qos.ack_many([])  # nothing to acknowledge: no call, no error
         qos.ack_many([m.delivery_tag for m in got])
         assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
         assert qos.can_consume()

@@ -179,11 +179,14 @@ class QoS(kredis.QoS):
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack_many(self, delivery_tags: list[str]) -> None:
-        """`ack` for many messages in one round trip (workers/strategy.py settles in groups)."""
+        """`ack` for many messages in one round trip (workers/strategy.py settles in groups):
+        one ZREM and one HDEL naming them all, not two commands each (which redis-py packed and
+        parsed one by one: a quarter of the settle thread's time on the single-message path)."""
+        if not delivery_tags:
+            return
         with self.pipe_or_acquire() as pipe:  # MULTI/EXEC
-            for tag in delivery_tags:
-                pipe.zrem(self.unacked_index_key, tag)
-                pipe.hdel(self.unacked_key, tag)
+            pipe.zrem(self.unacked_index_key, *delivery_tags)
+            pipe.hdel(self.unacked_key, *delivery_tags)
             pipe.execute()
         for tag in delivery_tags:
             virtual.QoS.ack(self, tag)

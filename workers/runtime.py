@@ -419,6 +419,9 @@ _lock = threading.Lock()
 def runtime() -> Runtime:
     """The process's runtime, created on first use in this process (never inherited by fork)."""
     global _runtime
+    rt = _runtime  # the lock only for creating it: every settled message asks for it
+    if rt is not None and rt.pid == os.getpid():
+        return rt
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
             _runtime = Runtime(Settings.from_env())

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import redis
@@ -201,9 +201,7 @@ class Stream:
             return None
         runtime_s = time.monotonic() - job.started
         if status in ("sent", "duplicate", "failed"):
-            self._event(
-                "task-succeeded", job, result=saferepr({"status": status}), runtime=runtime_s
-            )
+            self._event("task-succeeded", job, result=_result_repr(status), runtime=runtime_s)
         elif status == "retry":
             self._event("task-retried", job, exception=saferepr(outcome), traceback="")
         else:
@@ -225,6 +223,13 @@ def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         call(*args, **kwargs)
     except Exception as exc:
         log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
+
+
+@lru_cache(maxsize=8)
+def _result_repr(status: str) -> str:
+    """A task-succeeded event's `result` as Celery writes it (`saferepr`, ~7 us), once per
+    status rather than once per message."""
+    return saferepr({"status": status})
 
 
 def _ready(source: queue.SimpleQueue[T], most: int) -> list[T]:

@@ -402,6 +402,7 @@ class Runtime:
             await self.pool.close(timeout)
             await self.keeper.stop()
             await self.semaphore.close()
+            await self.ledger.close()
             await self.lease_redis.aclose()
             await self.redis.aclose()
 

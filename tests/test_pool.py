@@ -60,8 +60,7 @@ def pool_for(sink: SinkServer, tls: TLSMaterial, key: str, **settings: object) -
             smtp_password=Secret(key),
             smtp_ca_file=str(tls.ca_file),
             smtp_timeout=10.0,
-            worker_connections=1,
-            **settings,  # type: ignore[arg-type]
+            **{"worker_connections": 1, **settings},  # type: ignore[arg-type]
         ),
         Leases(),
     )
@@ -290,3 +289,36 @@ def test_a_chained_message_cancelled_before_its_turn_never_cuts_off_the_one_ahea
 
     asyncio.run(scenario())
     assert [r.message_id for r in sink.received] == ["m1@example.com", "m3@example.com"]
+
+
+def test_the_heap_is_trimmed_once_sessions_stop_opening(
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a burst of TLS handshakes the sweeper gives glibc's freed heap back to the OS
+    (`trim_heap`, here the real `malloc_trim`), once per burst, not on every sweep."""
+    from workers import pool as pool_module
+
+    assert pool_module.trim_heap() in (0, 1)  # glibc's malloc_trim: 1 if memory was released
+    calls: list[float] = []
+
+    def counted() -> object:
+        calls.append(time.monotonic())
+        return pool_module._malloc_trim()()
+
+    monkeypatch.setattr(pool_module, "trim_heap", counted)
+    sink = make_sink(tls="starttls", auth=("apikey", api_key))
+
+    async def scenario() -> None:
+        pool = pool_for(sink, tls_material, api_key, worker_connections=3, session_idle_timeout=0.4)
+        pool.start()
+        sessions = [await pool._checkout() for _ in range(3)]
+        for session in sessions:
+            await pool._checkin(session)
+        await asyncio.sleep(0.35)  # sweeps every 0.1 s here
+        assert len(calls) == 1
+        await pool.close(5)
+
+    asyncio.run(scenario())

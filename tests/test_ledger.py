@@ -408,3 +408,24 @@ def test_a_cancelled_flusher_fails_its_callers_and_a_new_one_takes_over() -> Non
             assert await lg.claim("n0", "a") is None  # never sent: free
 
         run(server.url, body)
+
+
+def test_closing_lets_the_round_trip_in_flight_land_then_drops_its_connection(
+    redis_url: str,
+) -> None:
+    """The coalescer keeps one connection of its own; `close` (at worker shutdown) waits for
+    the calls already sent, closes it, and a later call opens another."""
+
+    async def body(lg: Ledger, r: aioredis.Redis) -> None:
+        await lg.claim("warm", "w")
+        (conn,) = [c for c in [lg._calls._conn] if c is not None]
+        pending = [asyncio.ensure_future(lg.claim(f"c{i}", "o")) for i in range(50)]
+        await asyncio.sleep(0)  # the flusher takes them
+        await lg.close()
+        assert [await p for p in pending] == [None] * 50  # none cut off by the close
+        assert lg._calls._conn is None and not conn.is_connected
+        assert await lg.begin_data("c0", "o", 30) is True  # a new connection, same ledger
+        record = await lg.get("c0")
+        assert record is not None and (record.state, record.owner) == ("data", "o")
+
+    run(redis_url, body)

@@ -363,8 +363,12 @@ class _Coalescer:
             await self.redis.connection_pool.release(conn)
             raise
 
-    async def close(self) -> None:
-        """Closes its connection and gives it back to the pool."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Lets the round trip in flight land (its callers may be settling), then closes the
+        connection and gives it back to the pool."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            await asyncio.wait([flusher], timeout=timeout)
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect()

@@ -348,3 +348,39 @@ def test_a_refused_transaction_raises_publish_error_and_the_pool_stays_usable(
     ids = [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]["id"] for m in queued]
     assert sorted(ids) == [f"{n:032x}" for n in range(4, 8)]
     publisher.close()
+
+
+def test_a_forked_child_publishes_on_connections_of_its_own(redis_url: str) -> None:
+    """The publisher keeps its idle connections itself (not in redis-py's pool, which checks
+    the pid): a child forked after a send (gunicorn --preload, a prefork pool) must not write
+    on the parent's socket, nor close it."""
+    import os
+
+    def local_ports() -> set[int]:
+        assert publisher.fast is not None
+        return {conn._sock.getsockname()[1] for conn in publisher.fast._idle if conn._sock}
+
+    client = redis.Redis.from_url(redis_url)
+    publisher = publisher_for(redis_url)
+    publisher.send(payload(1))
+    ours = local_ports()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: publish, then leave without running the parent's cleanup
+        code = 0
+        try:
+            publisher.send(payload(2))
+            os.write(write, json.dumps(sorted(local_ports())).encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    childs = set(json.loads(os.read(read, 1000)))
+    assert childs and not childs & ours  # its own connection, not the parent's socket
+    publisher.send(payload(3))  # the parent's connection still works: the child left it alone
+    assert local_ports() == ours
+    queued = client.lrange(QUEUE, 0, -1)
+    ids = sorted(json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]["id"] for m in queued)
+    assert ids == [f"{n:032x}" for n in (1, 2, 3)]
+    publisher.close()

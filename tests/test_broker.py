@@ -264,3 +264,22 @@ def test_a_busy_worker_leaves_the_queue_to_others(redis_url: str) -> None:
                 message.ack()
     finally:
         broker.room = None
+
+
+def test_loads_matches_kombu_and_leaves_tagged_values_to_it() -> None:
+    """`broker.loads` skips kombu's per-object hook only when nothing in the text needs it."""
+    import datetime
+    import uuid as uuid_module
+
+    from kombu.utils.json import dumps
+    from kombu.utils.json import loads as kombu_loads
+
+    from workers.broker import loads
+
+    plain = dumps({"headers": {"task": "mailer.send", "eta": None}, "body": ["a", 1, 2.5, True]})
+    tagged = dumps({"when": datetime.datetime(2026, 11, 29, 7, 0), "id": uuid_module.uuid4()})
+    quoted = dumps({"text": 'a value that says "__type__"'})  # escaped: not a tag
+    for text in (plain, tagged, quoted):
+        for form in (text, text.encode()):
+            assert loads(form) == kombu_loads(form)
+    assert isinstance(loads(tagged)["when"], datetime.datetime)

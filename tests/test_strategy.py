@@ -130,10 +130,12 @@ def test_streamed_first_attempts_report_every_outcome_and_retries_run_as_celery_
 
 @dataclass
 class _Message:
-    """The two things `plain_first_attempt` reads of a kombu message."""
+    """What `plain_first_attempt` reads of a kombu message; not JSON, so it calls `decode()`."""
 
     headers: dict[str, Any]
     body: Any = field(default_factory=lambda: [[{"id": "x"}], {}, {"callbacks": None}])
+    content_type: str = "application/data"
+    content_encoding: str = "binary"
 
     def decode(self) -> Any:
         return self.body
@@ -205,4 +207,21 @@ def test_a_batch_reaches_the_pool_decoded_once(redis_url: str) -> None:
     assert request.content_type is None  # fast_trace_task then unpacks the body as it is
     assert request.body is message.payload  # the consumer's decode, not a second one
     assert request.body[0] == [payloads]
+    publisher.close()
+
+
+def test_a_published_send_is_decoded_once_and_as_kombu_would(redis_url: str) -> None:
+    """A real `mailer.send` message, published by the producer and fetched by kombu: the
+    stream decodes its JSON body itself (no kombu hook per object) into the message's own
+    cache, so whoever calls `decode()` later gets that same object."""
+    from kombu.utils.json import loads as kombu_loads
+
+    payload = {"id": f"{7:032x}", "data": "x", "meta": {"to": ["a@example.com"]}}
+    publisher = mailer.Mailer(Settings.from_env({"MAILER_BROKER_URL": redis_url}))
+    publisher.publisher.send(payload)
+    with Connection(redis_url) as conn:
+        message = conn.SimpleQueue("mailer", no_ack=True).get(timeout=5)
+    assert plain_first_attempt(message) == payload
+    assert message.decode() is message._decoded_cache
+    assert message.decode() == kombu_loads(message.body)
     publisher.close()

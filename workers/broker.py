@@ -23,6 +23,7 @@ prefix (what `mailer worker` does); anything else falls back to kombu's own fetc
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from typing import Any
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
+from kombu.utils.json import loads as kombu_loads
 
 from mailer.publish import BATCH_TASK, ReusedClient
 
@@ -143,6 +145,17 @@ room: Callable[[], int | None] | None = None
 #: 50 ms 1,358 (workers idle); a message waits at most that long, nothing for e-mail.
 LINGER = 0.02
 LINGER_BELOW = 8
+
+
+def loads(text: str | bytes) -> Any:
+    """kombu's JSON `loads`, without its per-object hook when the text has nothing for it.
+
+    The hook turns `{"__type__": ..., "__value__": ...}` objects (kombu's encoder writes them
+    for datetimes, UUIDs, bytes...) back into values, at the price of a Python call for every
+    JSON object decoded; a task envelope or a `mailer.send` body holds none, and the C
+    decoder alone takes half the time. Text that names `"__type__"` anywhere goes to kombu."""
+    tagged = b'"__type__"' in text if isinstance(text, bytes) else '"__type__"' in text
+    return kombu_loads(text) if tagged else json.loads(text)
 
 
 class QoS(kredis.QoS):

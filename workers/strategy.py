@@ -78,7 +78,10 @@ def plain_first_attempt(message: Any) -> dict[str, Any] | None:
         or any(headers.get("timelimit") or ())
     ):
         return None
-    body = message.decode()
+    if message.content_type == "application/json" and message.content_encoding == "utf-8":
+        body = message._decoded_cache = broker.loads(message.body)  # what `decode()` keeps
+    else:
+        body = message.decode()  # kombu checks the content type against `accept`
     if not isinstance(body, list | tuple) or len(body) != 3:
         return None
     args, kwargs, embed = body

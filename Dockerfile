@@ -5,7 +5,10 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mailer mailer
 COPY workers workers
-RUN pip install . "flower>=2.0,<3"
+COPY devkit devkit
+# EXTRAS=devkit (the compose `dev` profile builds with it) adds the development sink.
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" "flower>=2.0,<3"
 # Named volumes take their owner from these directories: Flower's state, the dev sink's CA.
 RUN useradd --create-home --uid 10001 mailer && mkdir -p /data /tls && chown mailer:mailer /data /tls
 USER mailer

@@ -314,7 +314,7 @@ class AiosmtpdSink:
     name = "aiosmtpd-sink"
 
     def __init__(self, workdir: Path, *, think: int = 0, max_sessions: int = 2048) -> None:
-        from workers.sink import SinkServer
+        from devkit.sink import SinkServer
 
         del workdir, max_sessions
         self.think = float(think)

@@ -26,10 +26,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devkit.redis_server import RedisServer  # noqa: E402
 from mailer.client import BATCH_SIZE, Mailer  # noqa: E402
 from mailer.config import Settings  # noqa: E402
 from mailer.message import Message  # noqa: E402
-from workers.devredis import RedisServer  # noqa: E402
 
 FROM = "Bench <bench@example.com>"
 BODY = ("The quick brown fox jumps over the lazy dog. " * 20 + "\n") * 1  # ~900 bytes

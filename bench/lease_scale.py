@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import PostfixSink, proc_cpu, sessions_at  # noqa: E402
-from workers.devredis import RedisServer  # noqa: E402
+from devkit.redis_server import RedisServer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "lease_scale.json"
 MESSAGE = (
@@ -101,12 +101,12 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     import aiosmtplib
     import redis.asyncio as aioredis
 
-    from workers.semaphore import Lease, LeaseKeeper, LeaseSemaphore, Limit
+    from workers.state.semaphore import Lease, LeaseKeeper, LeaseSemaphore, Limit
 
     client = aioredis.Redis(
         connection_pool=aioredis.BlockingConnectionPool.from_url(
             args.redis_url,
-            max_connections=32,  # as a worker's lease client (workers/runtime.py)
+            max_connections=32,  # as a worker's lease client (workers/engine/runtime.py)
             timeout=30,
             socket_timeout=10,
             socket_connect_timeout=5,

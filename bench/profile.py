@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import CLK_TCK, Sink, make_sink, start_all, stop_all, tree_cpu  # noqa: E402
 from bench.throughput import DB_ENQUEUE, Bench  # noqa: E402
-from workers.devredis import RedisServer  # noqa: E402
+from devkit.redis_server import RedisServer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -65,16 +65,16 @@ CATEGORIES = [
 
 #: Frames whose inclusive share answers a question the brief asks.
 MARKERS = [
-    ("Session.transaction (the SMTP commands)", "transaction (workers/session.py"),
-    ("Session.open (connect, EHLO)", "open (workers/session.py"),
+    ("Session.transaction (the SMTP commands)", "transaction (workers/engine/session.py"),
+    ("Session.open (connect, EHLO)", "open (workers/engine/session.py"),
     ("aiosmtplib execute_command", "execute_command (aiosmtplib/"),
     ("aiosmtplib read_response", "read_response (aiosmtplib/"),
-    ("ledger claim", "claim (workers/ledger.py"),
-    ("ledger begin_data", "begin_data (workers/ledger.py"),
-    ("ledger settle", "settle (workers/ledger.py"),
-    ("lease acquire", "acquire (workers/semaphore.py"),
+    ("ledger claim", "claim (workers/state/ledger.py"),
+    ("ledger begin_data", "begin_data (workers/state/ledger.py"),
+    ("ledger settle", "settle (workers/state/ledger.py"),
+    ("lease acquire", "acquire (workers/state/semaphore.py"),
     ("redis-py (any call)", "redis/"),
-    ("structured log events (log_event)", "log_event (workers/logs.py"),
+    ("structured log events (log_event)", "log_event (workers/observe/logs.py"),
     ("logging (any)", "logging/"),
     ("json (any)", "json/"),
     ("celery task tracer (around the task body)", "trace_task (celery/app/trace.py"),
@@ -83,8 +83,8 @@ MARKERS = [
     ("Redis Lua scripts (EVALSHA: ledger, leases)", "AsyncScript.__call__"),
     ("asyncio timeouts (wait_for, timeout)", "asyncio/timeouts.py"),
     ("celery task events (dispatcher)", "celery/events/dispatcher.py"),
-    ("circuit breaker checks (sync Redis)", "(workers/circuit.py"),
-    ("metrics (prometheus)", "(workers/metrics.py"),
+    ("circuit breaker checks (sync Redis)", "(workers/state/circuit.py"),
+    ("metrics (prometheus)", "(workers/observe/metrics.py"),
     ("kombu redis transport (consume, ack)", "kombu/transport/redis.py"),
     ("kombu publish (events, retries)", "publish (kombu/"),
     ("kombu ack", "basic_ack"),

@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import Service, Sink, make_sink, start_all, stop_all  # noqa: E402
 from bench.throughput import PEER_LABELS, Bench, Run  # noqa: E402
-from workers.devredis import RedisServer  # noqa: E402
+from devkit.redis_server import RedisServer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 

@@ -43,7 +43,7 @@ from bench.common import (
     tree_cpu,
     vm_rss_kib,
 )
-from workers.devredis import RedisServer
+from devkit.redis_server import RedisServer
 
 # Redis databases: one per system, so queues and Celery's bookkeeping never mix.
 DB_OURS, DB_NAIVE, DB_DJCE, DB_RSS, DB_ENQUEUE = 0, 1, 2, 3, 9  # RSS: 3 to 6
@@ -371,9 +371,9 @@ class Bench:
         how many sessions they open. Task threads are fixed at 2 in both. Sessions are counted
         from the worker's own sockets (/proc). All four workers run at once (own databases).
         """
+        from devkit.sink import SinkServer, make_tls_material
         from mailer.client import Mailer
         from mailer.config import Settings
-        from workers.sink import SinkServer, make_tls_material
 
         material = make_tls_material(tls_dir)
         key = "SG." + secrets.token_urlsafe(16)[:22] + "." + secrets.token_urlsafe(32)[:43]

@@ -18,7 +18,7 @@ from mailer.errors import MailerError
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:
-    from workers.runtime import ATTEMPTS_PER_SESSION
+    from workers.engine.runtime import ATTEMPTS_PER_SESSION
 
     settings = Settings.from_env().require_relay()
     concurrency = args.concurrency or settings.worker_connections
@@ -196,7 +196,7 @@ def _send_file(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from workers.status import collect, render
+    from workers.observe.status import collect, render
 
     data = collect(Settings.from_env())
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
@@ -216,8 +216,8 @@ def _failures(args: argparse.Namespace) -> int:
     import redis
 
     from mailer.publish import Publisher
-    from workers.deadletters import DeadLetters
-    from workers.ledger import Ledger
+    from workers.state.deadletters import DeadLetters
+    from workers.state.ledger import Ledger
 
     settings = Settings.from_env()
     store = DeadLetters(redis.Redis.from_url(settings.redis_url))
@@ -271,13 +271,13 @@ def _failures(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mailer.demo import run_demo
+    from devkit.demo import run_demo
 
     return run_demo(count=args.count, per_connection=args.per_connection)
 
 
 def _sink(args: argparse.Namespace, extra: list[str]) -> int:
-    from workers import sink
+    from devkit import sink
 
     sys.argv = ["mailer sink", *extra]
     sink.main()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from typing import Any
 
 from celery import Celery, signals
@@ -82,7 +81,7 @@ _process = _Process()
 
 def log_secrets() -> list[str]:
     """What no log line may contain: the API key (and its AUTH encodings), URL passwords."""
-    from workers.logs import secrets_of
+    from workers.observe.logs import secrets_of
 
     return secrets_of(
         settings.smtp_password.reveal(),
@@ -110,10 +109,12 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
     settings.require_relay()
     import redis
 
-    from workers import logs, metrics
-    from workers.status import Throughput
+    from workers.engine.runtime import occupancy
+    from workers.observe import logs, metrics
+    from workers.observe.status import Throughput
 
-    _process.exporter = metrics.install(settings, pool_cls=getattr(sender, "pool_cls", None))
+    pool_cls = getattr(sender, "pool_cls", None)
+    _process.exporter = metrics.install(settings, pool_cls=pool_cls, probe=occupancy)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _process.throughput = Throughput(client).start()
     logs.subscribe(_process.throughput.on_event)
@@ -122,7 +123,7 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
 @signals.after_setup_logger.connect
 @signals.after_setup_task_logger.connect
 def _structured_logs(logger: logging.Logger | None = None, **_: object) -> None:
-    from workers import logs
+    from workers.observe import logs
 
     if logger is not None:
         logs.configure(logger, log_secrets())
@@ -143,20 +144,21 @@ def _celery_task_logs(logger: logging.Logger | None) -> bool:
 def _drain(**_: object) -> None:
     """Runs in the signal handler of SIGTERM/SIGINT/SIGQUIT: tasks still waiting for a lease
     give up now and go back to the queue, so the warm shutdown waits only for transactions."""
-    from workers import runtime
+    from workers.engine import runtime
 
-    rt = runtime._runtime  # no lock in a signal handler; a stale read is harmless here
-    if rt is not None and rt.pid == os.getpid():
+    rt = runtime.current()  # no lock in a signal handler; a stale read is harmless here
+    if rt is not None:
         rt.drain()
 
 
 @signals.worker_shutdown.connect
 @signals.worker_process_shutdown.connect
 def _close_sessions(**_: object) -> None:
-    from workers import logs, runtime
+    from workers.engine import runtime
+    from workers.observe import logs
 
-    rt = runtime._runtime
-    if rt is not None and rt.pid == os.getpid():
+    rt = runtime.current()
+    if rt is not None:
         logs.log_event(
             "shutdown", open_sessions=rt.pool.open_sessions, leases=len(rt.keeper.leases)
         )

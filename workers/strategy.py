@@ -23,7 +23,6 @@ per-task log lines (MAILER_CELERY_TASK_LOGS=1), turn this off: every attempt is 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -39,10 +38,19 @@ from celery.utils.saferepr import saferepr
 from celery.worker.strategy import default as default_strategy
 
 from workers import broker
-from workers import runtime as runtime_module
 from workers.app import settings
-from workers.classify import Failure, Kind, Phase
-from workers.runtime import Result, runtime
+from workers.engine import runtime as runtime_module
+from workers.engine.classify import Failure, Kind, Phase
+from workers.engine.runtime import Result, runtime
+from workers.settle import (
+    REQUEUE_PAUSE,
+    HeldForReview,
+    PermanentFailure,
+    close_circuit,
+    settle_one,
+    unexpected,
+    wait_for_circuit,
+)
 
 log = logging.getLogger("mailer.worker")
 T = TypeVar("T")
@@ -138,14 +146,10 @@ class Stream:
                 self._start(jobs)
             except Exception as exc:  # whatever it was, the jobs are retried as usual
                 log.exception("could not start %d attempts", len(jobs))
-                from workers.tasks import _unexpected
-
                 for job in jobs:
-                    self.ended.put((job, _unexpected(exc), False))
+                    self.ended.put((job, unexpected(exc), False))
 
     def _start(self, jobs: list[Job]) -> None:
-        from workers.tasks import wait_for_circuit
-
         waiting = wait_for_circuit()
         if waiting is None and len(jobs) > 1 and _probing():
             # This group won the fleet's one probe of the interval: one message is the probe,
@@ -166,15 +170,13 @@ class Stream:
     # -- settle --------------------------------------------------------------------------------
 
     def _settle(self) -> None:
-        from workers.tasks import _close_circuit
-
         while True:
             batch = _ready(self.ended, DISPATCH_MAX)
             try:
                 statuses = {job: self._settle_one(job, outcome, w) for job, outcome, w in batch}
                 _ack_all([job.message for job, status in statuses.items() if status])
                 if "sent" in statuses.values():
-                    _close_circuit()
+                    close_circuit()
             except Exception:  # never stop settling: unacknowledged, they come back anyway
                 log.exception("settling %d messages failed", len(batch))
             finally:
@@ -190,13 +192,11 @@ class Stream:
     def _settle_one(self, job: Job, outcome: Result | Failure, waited: bool) -> str | None:
         """The message's status once settled (then it is to be acknowledged), or None when it
         went back to the queue instead."""
-        from workers.tasks import REQUEUE_PAUSE, HeldForReview, PermanentFailure, _settle_one
-
         if isinstance(outcome, Result) and outcome.status == "not_started":
             _quietly(job.message.reject, requeue=True)  # shutdown: back to the queue, untouched
             return None
         try:
-            status = _settle_one(job.payload, outcome, task_id=job.task_id, trip=not waited)
+            status = settle_one(job.payload, outcome, task_id=job.task_id, trip=not waited)
         except Exception as exc:
             log.error("could not settle %s (%s); requeueing it", job.task_id, type(exc).__name__)
             time.sleep(REQUEUE_PAUSE)
@@ -280,9 +280,9 @@ def _room(stream: Stream, limit: int) -> int:
     """workers/broker.py `room`: the process holds at most `limit` messages it has not
     finished (streamed ones, and attempts of batch tasks), twice what its sessions can carry at
     once; a batch task's runtime wakes the consumer as its attempts end."""
-    rt = runtime_module._runtime
+    rt = runtime_module.current()
     batches = 0
-    if rt is not None and rt.pid == os.getpid():
+    if rt is not None:
         batches = rt.backlog
         if rt.on_room is None and stream.hub is not None:
             rt.on_room = partial(stream.hub.call_soon, _nothing)

@@ -4,7 +4,7 @@ Retries go through Celery's own `retry`, so Flower shows RETRY, the count and th
 reprs are passed again on every retry (Celery drops them otherwise, celery#6086). Our own
 `attempts` counts SMTP attempts only: waiting for a lease, for the ledger's Redis, for another
 copy of the same message or for the circuit breaker to close does not spend a message's retries
-(see the table in workers/classify.py).
+(see the table in workers/engine/classify.py).
 
 No path acknowledges a message that was neither delivered, dead-lettered nor handed back to the
 broker: an unexpected error becomes a retry, and a retry that cannot be published (the broker is
@@ -22,156 +22,39 @@ expired) and FAILURE `HeldForReview` (dead-lettered as "uncertain" under the `ho
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
-from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import redis
-from celery import Task, signals
+from celery import Task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mailer.publish import QUEUE, describe, describe_batch
-from workers import deadletters
-from workers.app import app, settings
-from workers.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
-from workers.logs import log_event, log_retried
-from workers.runtime import Result, runtime
+from workers.app import app
+from workers.engine.classify import Failure
+from workers.engine.runtime import runtime
+from workers.observe.logs import log_retried
+from workers.settle import (
+    REQUEUE_PAUSE,
+    HeldForReview,
+    PermanentFailure,
+    close_circuit,
+    countdown_for,
+    dead_letter,
+    decide,
+    finish,
+    retry_kwargs,
+    settle_one,
+    unexpected,
+    wait_for_circuit,
+)
 from workers.strategy import DrainStream
 
 log = logging.getLogger("mailer.worker")
 
 app.steps["consumer"].add(DrainStream)
 
-#: A task whose message must wait for the circuit breaker holds its thread this long (bounded
-#: well below the visibility timeout) before handing the message back with a retry: while every
-#: thread waits the worker fetches nothing, so queued messages stay queued instead of churning.
-CIRCUIT_HOLD = min(30.0, settings.retry_countdown_max)
-#: Before requeueing a message whose retry could not be published: no hot loop on a sick broker.
-REQUEUE_PAUSE = 1.0
-
-_shutting_down = threading.Event()
-
-
-@signals.worker_shutting_down.connect
-def _on_shutting_down(**_: object) -> None:
-    """Tasks holding for the circuit breaker hand their messages back at once."""
-    _shutting_down.set()
-
-
-class PermanentFailure(Exception):
-    """Raised after dead-lettering so Flower shows FAILURE with the relay's reply."""
-
-
-class HeldForReview(Exception):
-    """The relay may have the message (no reply after the DATA terminator); policy `hold`
-    dead-lettered it as "uncertain" rather than risk a duplicate."""
-
-
-def backoff(attempts: int) -> float:
-    """Exponential with full jitter, capped well below the visibility timeout."""
-    cap = settings.retry_countdown_max
-    return random.uniform(0.5, min(cap, 5.0 * 2 ** max(0, attempts - 1)))
-
-
-def countdown_for(failure: Failure, attempts: int) -> float:
-    """Seconds before the retry runs; always below `retry_countdown_max` (< visibility / 4)."""
-    cap = float(settings.retry_countdown_max)
-    if failure.kind is Kind.RECONNECT:
-        seconds = random.uniform(0.1, 1.0)
-    elif failure.kind in (Kind.NO_LEASE, Kind.UNAVAILABLE):
-        seconds = random.uniform(1.0, 5.0)
-    elif failure.kind is Kind.IN_FLIGHT:
-        seconds = random.uniform(2.0, 10.0)
-    elif failure.kind in CIRCUIT_KINDS:
-        seconds = random.uniform(0.5, 1.5) * settings.circuit_probe_interval
-    else:
-        seconds = backoff(attempts)
-    return min(cap, seconds)
-
-
-def _dead(
-    payload: Mapping[str, Any],
-    kind: str,
-    failure: Failure | None,
-    attempts: int,
-    result: Result | None = None,
-) -> None:
-    letter = deadletters.record(
-        payload,
-        kind=kind,
-        code=failure.code if failure else None,
-        text=failure.reason if failure else (result.reply if result else ""),
-        attempts=attempts,
-        refused=failure.refused if failure else (result.refused if result else None),
-    )
-    runtime().dead.add(letter)
-    log_event(
-        "dead_lettered",
-        message_id=letter.id,
-        kind=kind,
-        code=letter.code,
-        attempts=attempts,
-        reason=letter.text,
-        level=logging.WARNING,
-    )
-
-
-def _too_old(payload: Mapping[str, Any]) -> bool:
-    created = float(payload.get("meta", {}).get("created_at", time.time()))
-    return time.time() - created > settings.max_message_age
-
-
-def _expired(payload: Mapping[str, Any], attempts: int) -> bool:
-    return attempts > settings.max_retries or _too_old(payload)
-
-
-def decide(
-    payload: Mapping[str, Any], attempts: int, failure: Failure, *, trip: bool = True
-) -> tuple[str, int, float]:
-    """(verdict, attempts, countdown): verdict is retry | dead | held | expired.
-
-    Waits (circuit, lease, ledger, in flight) keep `attempts` but not past the maximum age;
-    a circuit failure from the relay trips the fleet-wide breaker (`trip=False` for a message
-    that only waited for it: re-opening a breaker a probe just closed would stall the fleet)."""
-    if failure.kind in WAIT_KINDS:
-        if failure.kind in CIRCUIT_KINDS and trip:
-            try:
-                runtime().circuit.trip(failure.reason)
-            except (redis.RedisError, OSError):
-                log.warning("could not open the circuit breaker (Redis unavailable)")
-        if _too_old(payload):
-            return "expired", attempts, 0.0
-        return "retry", attempts, countdown_for(failure, attempts)
-    if failure.kind is Kind.PERMANENT:
-        return "dead", attempts + 1, 0.0
-    if failure.kind is Kind.UNCERTAIN and settings.uncertain_policy == "hold":
-        return "held", attempts + 1, 0.0
-    attempts += 1
-    if _expired(payload, attempts):
-        return "expired", attempts, 0.0
-    return "retry", attempts, countdown_for(failure, attempts)
-
-
-def wait_for_circuit(hold: float = CIRCUIT_HOLD) -> Failure | None:
-    """None when sending may go ahead: the breaker is closed, or this task won the fleet's one
-    probe of the interval. Otherwise holds the thread up to `hold` seconds and returns why the
-    message must wait. A Redis error counts as closed: the ledger then fails fast (UNAVAILABLE)."""
-    circuit = runtime().circuit
-    deadline = time.monotonic() + hold
-    while True:
-        try:
-            state = circuit.state()
-            if not state.open or circuit.try_probe():
-                return None
-        except (redis.RedisError, OSError):
-            return None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or _shutting_down.is_set():
-            return Failure(Kind.AUTH, None, f"circuit open: {state.reason}", Phase.CONNECT)
-        _shutting_down.wait(min(0.5, remaining))
 
 
 def _republish(task: Task, countdown: float, exc: BaseException, **options: Any) -> NoReturn:
@@ -182,52 +65,6 @@ def _republish(task: Task, countdown: float, exc: BaseException, **options: Any)
         log.error("retry could not be published (%s); requeueing the message", reject.reason)
         time.sleep(REQUEUE_PAUSE)
         raise Reject(reject.reason, requeue=True) from None
-
-
-def _close_circuit() -> None:
-    """A message went through: if the breaker is open, a probe authenticated, so close it for
-    the fleet."""
-    rt = runtime()
-    try:
-        if rt.circuit.state().open:
-            rt.circuit.reset()
-    except (redis.RedisError, OSError):
-        pass
-
-
-def _finish(
-    payload: Mapping[str, Any], result: Result, attempts: int, *, circuit: bool = True
-) -> dict[str, Any]:
-    """`circuit=False`: the caller (a batch) checks the breaker once for all its messages."""
-    rt = runtime()
-    if result.status == "sent" and circuit:
-        _close_circuit()
-    if result.refused:
-        _dead(payload, "recipients", None, attempts + 1, result)
-    if result.status == "held":
-        _dead(payload, "uncertain", None, attempts + 1, result)
-    if result.status == "failed" and rt.dead.get(str(payload["id"])) is None:
-        # Redelivered after a permanent failure whose dead letter was never written.
-        _dead(payload, "permanent", None, attempts + 1, result)
-    log_event(result.status, message_id=payload.get("id"), attempts=attempts)
-    return {"id": payload.get("id"), "status": result.status}
-
-
-RELEASED_KEPT = 32  # earlier attempts a retry remembers; far more than one outage produces
-
-
-def _retry_kwargs(attempts: int, released: str, attempt: str = "") -> dict[str, Any]:
-    """`released` (space-separated ledger owners) plus this attempt's owner when it ended
-    certain the relay does not have the message but could not clear its record."""
-    owners = [*released.split(), *([attempt] if attempt else [])][-RELEASED_KEPT:]
-    if not owners:
-        return {"attempts": attempts}
-    return {"attempts": attempts, "released": " ".join(owners)}
-
-
-def _unexpected(exc: Exception) -> Failure:
-    kind = Kind.UNAVAILABLE if isinstance(exc, redis.RedisError | OSError) else Kind.RECONNECT
-    return Failure(kind, None, f"unexpected {type(exc).__name__}", Phase.CONNECT)
 
 
 @app.task(
@@ -252,7 +89,7 @@ def send(
             countdown,
             exc,
             args=(payload,),
-            kwargs=_retry_kwargs(attempts, released, exc.attempt),
+            kwargs=retry_kwargs(attempts, released, exc.attempt),
             argsrepr=describe(payload),
             kwargsrepr=repr({"attempts": attempts}),
         )
@@ -264,12 +101,12 @@ def send(
             waited = True
             raise waiting
         result = runtime().deliver(payload, released)
-        finished = _finish(payload, result, attempts)
+        finished = finish(payload, result, attempts)
     except Failure as failure:
         outcome: Failure = failure
     except Exception as exc:  # never let an error acknowledge a message that went nowhere
         log.exception("unexpected error delivering %s", payload.get("id"))
-        outcome = _unexpected(exc)
+        outcome = unexpected(exc)
     else:
         if finished["status"] == "held":  # a redelivered copy found it ambiguous: dead-lettered
             raise HeldForReview(result.reply)
@@ -279,7 +116,7 @@ def send(
         retry(countdown, attempts, outcome)
     kind = {"held": "uncertain", "dead": "permanent"}.get(verdict, "expired")
     try:
-        _dead(payload, kind, outcome, attempts)
+        dead_letter(payload, kind, outcome, attempts)
     except (redis.RedisError, OSError) as exc:
         # Not recorded anywhere yet: give the message back; its ledger record (failed, or
         # data/uncertain) makes the next copy dead-letter it without sending again.
@@ -328,48 +165,16 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
         outcomes = runtime().deliver_many(payloads)
     except Exception as exc:
         log.exception("unexpected error delivering a batch")
-        outcomes = [_unexpected(exc) for _ in payloads]
+        outcomes = [unexpected(exc) for _ in payloads]
     counts: dict[str, int] = {}
     try:
         for payload, outcome in zip(payloads, outcomes, strict=True):
-            status = _settle_one(payload, outcome)
+            status = settle_one(payload, outcome)
             counts[status] = counts.get(status, 0) + 1
     except Exception as exc:
         log.error("batch follow-up failed (%s); requeueing the batch", type(exc).__name__)
         time.sleep(REQUEUE_PAUSE)
         raise Reject(f"batch follow-up failed: {type(exc).__name__}", requeue=True) from None
     if counts.get("sent"):
-        _close_circuit()
+        close_circuit()
     return counts
-
-
-def _settle_one(
-    payload: dict[str, Any],
-    outcome: Result | Failure,
-    *,
-    task_id: str | None = None,
-    trip: bool = True,
-) -> str:
-    """One first attempt (of a batch, or of `workers/strategy.py`): finish the message,
-    dead-letter it or publish its retry as a `mailer.send` task. `task_id`: the retry keeps
-    that task's id (Flower shows one task going to RETRY); `trip` as in `decide`."""
-    if isinstance(outcome, Result):
-        return str(_finish(payload, outcome, 0, circuit=False)["status"])
-    verdict, attempts, countdown = decide(payload, 0, outcome, trip=trip)
-    if verdict == "retry":
-        log_retried(payload.get("id"), outcome, attempts, countdown)
-        send.apply_async(
-            args=(payload,),
-            kwargs=_retry_kwargs(attempts, "", outcome.attempt),
-            countdown=countdown,
-            queue=QUEUE,
-            task_id=task_id,
-            retries=1 if task_id else 0,
-            argsrepr=describe(payload),
-            kwargsrepr=repr({"attempts": attempts}),
-        )
-    elif verdict == "held":
-        _dead(payload, "uncertain", outcome, attempts)
-    else:
-        _dead(payload, "permanent" if verdict == "dead" else "expired", outcome, attempts)
-    return verdict

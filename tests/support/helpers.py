@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from workers.deadletters import DeadLetters
-from workers.devworker import WorkerProcess
-from workers.ledger import PREFIX as LEDGER_PREFIX
-from workers.sink import SinkServer
+from devkit.sink import SinkServer
+from devkit.worker import WorkerProcess
+from workers.state.deadletters import DeadLetters
+from workers.state.ledger import PREFIX as LEDGER_PREFIX
 
 
 def ids_at(sink: SinkServer) -> Counter[str]:

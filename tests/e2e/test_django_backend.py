@@ -1,0 +1,140 @@
+"""`EMAIL_BACKEND = "mailer.django.EmailBackend"` with real Django, through a real worker to the
+SMTP test server: what Django users build arrives with the right envelope and parts."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from email.mime.image import MIMEImage
+
+import pytest
+import redis
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        EMAIL_BACKEND="mailer.django.EmailBackend",
+        DEFAULT_FROM_EMAIL="Django App <app@example.com>",
+        USE_TZ=True,
+    )
+
+from django.core import mail
+from django.core.mail import EmailMessage, EmailMultiAlternatives
+
+import mailer
+from devkit.worker import WorkerProcess
+from mailer.django import EmailBackend
+from tests.support.relay import Relay
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+def unix(text: str) -> str:
+    """Text parts come back with the wire's CRLF line endings."""
+    return text.replace("\r\n", "\n")
+
+
+def test_django_messages_arrive_with_envelope_headers_and_parts(
+    relay: Callable[..., Relay],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    sink, env = relay()
+    workers(env)
+
+    rich = EmailMultiAlternatives(
+        subject="Rechnung für März",
+        body="Plain text body\nsecond line\n",
+        from_email="Billing <billing@example.com>",
+        to=["Alice <alice@example.com>"],
+        cc=["carol@example.com"],
+        bcc=["audit@example.com"],
+        reply_to=["support@example.com"],
+        headers={"X-Campaign": "march-2026"},
+    )
+    rich.attach_alternative("<p>HTML <b>body</b></p>", "text/html")
+    rich.attach("invoice.csv", "item,price\nwidget,3\n", "text/csv")
+    logo = MIMEImage(PNG, "png")
+    logo.add_header("Content-Disposition", "attachment", filename="logo.png")
+    rich.attach(logo)
+    simple = [
+        EmailMessage(subject=f"simple {i}", body=f"body {i}\n", to=[f"u{i}@example.com"])
+        for i in range(3)
+    ]
+    # Through Django's own API: the configured backend, one send_messages call for all four.
+    with mail.get_connection() as connection:
+        assert isinstance(connection, EmailBackend)
+        assert connection.send_messages([rich, *simple]) == 4
+    assert mail.send_mail("via send_mail", "hi\n", None, ["v@example.com"]) == 1
+    assert sink.wait_for(5, timeout=60), f"only {len(sink.received)} arrived"
+
+    by_subject = {}
+    for received in sink.received:
+        parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+        by_subject[str(parsed["Subject"])] = (received, parsed)
+    assert set(by_subject) == {
+        "Rechnung für März",
+        "simple 0",
+        "simple 1",
+        "simple 2",
+        "via send_mail",
+    }
+    received, parsed = by_subject["Rechnung für März"]
+    # Envelope: bcc is a recipient but never a header.
+    assert received.mail_from == "billing@example.com"
+    assert sorted(received.rcpt_tos) == [
+        "alice@example.com",
+        "audit@example.com",
+        "carol@example.com",
+    ]
+    assert "Bcc" not in parsed and b"audit@example.com" not in received.data
+    assert parsed["From"].addresses[0].display_name == "Billing"
+    assert str(parsed["To"]) == "Alice <alice@example.com>"
+    assert str(parsed["Cc"]) == "carol@example.com"
+    assert str(parsed["Reply-To"]) == "support@example.com"
+    assert parsed["X-Campaign"] == "march-2026"
+    # Parts: text and HTML alternatives, a text/csv and an image/png attachment.
+    assert unix(parsed.get_body(("plain",)).get_content()) == "Plain text body\nsecond line\n"
+    assert parsed.get_body(("html",)).get_content().strip() == "<p>HTML <b>body</b></p>"
+    attachments = {a.get_filename(): a for a in parsed.iter_attachments()}
+    assert set(attachments) == {"invoice.csv", "logo.png"}
+    assert attachments["invoice.csv"].get_content_type() == "text/csv"
+    assert unix(attachments["invoice.csv"].get_content()) == "item,price\nwidget,3\n"
+    assert attachments["logo.png"].get_content_type() == "image/png"
+    assert attachments["logo.png"].get_content() == PNG
+
+    received, parsed = by_subject["via send_mail"]
+    assert received.mail_from == "app@example.com"  # DEFAULT_FROM_EMAIL
+    assert received.rcpt_tos == ("v@example.com",)
+
+
+def _queued(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.llen("mailer"))
+    finally:
+        client.close()
+
+
+def test_an_invalid_address_refuses_the_call_and_publishes_nothing(
+    redis_url: str, producer_env: Callable[[dict[str, str]], None]
+) -> None:
+    producer_env({"MAILER_BROKER_URL": redis_url})
+    good = EmailMessage(subject="fine", body="x", to=["ok@example.com"])
+    bad = EmailMessage(subject="bad", body="x", to=["ok@example.com"], cc=["not an address"])
+    backend = EmailBackend()
+    with pytest.raises(mailer.InvalidMessage) as info:
+        backend.send_messages([good, bad])
+    assert info.value.field == "messages[1].cc"
+    with pytest.raises(mailer.InvalidMessage) as info:
+        backend.send_messages([bad])
+    assert info.value.field == "cc"
+    assert _queued(redis_url) == 0, "something was published for a refused call"
+
+    silent = EmailBackend(fail_silently=True)
+    assert silent.send_messages([bad]) == 0
+    assert _queued(redis_url) == 0
+    # fail_silently skips the bad one and enqueues the rest, like Django's SMTP backend.
+    assert silent.send_messages([bad, good]) == 1
+    assert _queued(redis_url) == 1
+    assert mail.send_mail("s", "b", None, ["a@ex ample.com"], fail_silently=True) == 0

@@ -1,0 +1,399 @@
+"""The process's pool of SMTP sessions, owned by its one asyncio loop.
+
+Every open session holds one lease of the fleet-wide semaphore. A session that reaches the
+per-connection limit or its maximum age is rotated: QUIT, wait for the close, reconnect under
+the same lease (close-before-open keeps the fleet under the cap without lease churn). Idle
+sessions are closed and their leases released, so idle workers don't starve busy ones: after
+the idle timeout, or after `CONTENDED_IDLE` seconds while another process waits for a lease.
+A session whose lease lapsed (lost, or not renewed in time) is aborted, never written to or
+QUIT; its lease is released only after the abort.
+
+A busy session passes straight from one message to the next checkout in line: with PIPELINING,
+the next message's commands leave behind the body (see `Session.transaction`'s `hand_over`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from mailer.config import Settings
+from workers.engine.classify import Failure, Kind, Phase
+from workers.engine.session import Delivered, Session
+from workers.observe.logs import log_event
+
+log = logging.getLogger("mailer.pool")
+
+ABORT_GRACE = 0.01  # after an abort, before the lease is released: the RST leaves first
+CONTENDED_IDLE = 1.0  # how long an idle session keeps its lease while others wait for one
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's `malloc_trim(0)`, or a no-op where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return partial(trim, 0)
+
+
+#: Gives the heap's free pages back to the OS. The sweeper calls it once sessions stop opening:
+#: a burst of TLS handshakes leaves tens of KiB per session freed but still resident (glibc
+#: keeps freed heap memory), so a worker that opened 200 sessions read 53-67 KiB of RSS per
+#: session from run to run, 50-54 KiB once trimmed (bench/run.py --only rss).
+trim_heap = _malloc_trim()
+
+
+class LeaseLike(Protocol):
+    id: str
+    valid_until: float
+
+
+class Leases(Protocol):
+    """What the pool needs of the semaphore (see workers.state.semaphore)."""
+
+    async def acquire(self, deadline: float) -> LeaseLike | None: ...
+    async def release(self, lease: LeaseLike) -> None: ...
+    @property
+    def contended(self) -> bool:
+        """Someone is waiting for a lease: idle sessions should give theirs back soon."""
+        ...
+
+
+@dataclass
+class PoolStats:
+    opened: int = 0
+    rotations: int = 0
+    closed_idle: int = 0
+    lease_waits: int = 0
+    fenced: int = 0
+    chained: int = 0  # messages whose commands left behind the previous message's body
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A checkout in line: handed a session, or None when it may open one. `envelope`
+    (sender, recipients, body size) lets a busy session write its commands early."""
+
+    future: asyncio.Future[Session | None]
+    envelope: tuple[str, list[str], int] | None
+
+
+class SessionPool:
+    """Up to `worker_connections` sessions, reused across tasks; LIFO so spares idle out."""
+
+    def __init__(self, settings: Settings, leases: Leases) -> None:
+        self.settings = settings
+        self.leases = leases
+        self.capacity = settings.worker_connections
+        self.stats = PoolStats()
+        self._idle: deque[Session] = deque()
+        self._busy: set[Session] = set()
+        self._opening = 0
+        self._spare_leases: list[LeaseLike] = []  # from rotations: reuse before acquiring
+        self._quitting: set[Session] = set()  # closing with QUIT; fence must still find them
+        #: Checkouts waiting, first come first served: a freed session is handed to the first
+        #: (a checkout never takes an idle session past them), or the first is woken with None
+        #: when room to open one appeared.
+        self._waiters: deque[_Waiter] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()  # check-ins of abandoned hand-overs
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: list[str],
+        body: bytes,
+        before_body: Callable[[], Awaitable[None]] | None = None,
+    ) -> Delivered:
+        session = await self._checkout((mail_from, rcpt_to, len(body)))
+        passed = False
+
+        def hand_over(busy: Session) -> tuple[bytes, int] | None:
+            nonlocal passed
+            chained = self._chain(busy)
+            passed = chained is not None
+            return chained
+
+        try:
+            return await session.transaction(mail_from, rcpt_to, body, before_body, hand_over)
+        finally:
+            if not passed:  # else the next message has it and checks it in
+                await self._checkin(session)
+
+    def _chain(self, session: Session) -> tuple[bytes, int] | None:
+        """The commands of the first checkout in line, if `session` may carry its message: it
+        is then handed the session, before the body it rides behind is even written."""
+        if self._closing or not self._waiters or not self._usable(session, time.monotonic()):
+            return None
+        while self._waiters and self._waiters[0].future.done():
+            self._waiters.popleft()  # gave up
+        waiter = self._waiters[0] if self._waiters else None
+        if waiter is None or waiter.envelope is None:
+            return None
+        try:
+            chained = session.commands(*waiter.envelope)
+        except Failure:
+            return None  # an unsendable address: it fails in its own transaction, not here
+        self._waiters.popleft()
+        waiter.future.set_result(session)
+        self.stats.chained += 1
+        return chained
+
+    async def _checkout(self, envelope: tuple[str, list[str], int] | None = None) -> Session:
+        deadline = time.monotonic() + self.settings.lease_wait
+        while True:
+            if self._closing:
+                raise Failure(Kind.RECONNECT, None, "worker is shutting down", Phase.CONNECT)
+            now = time.monotonic()
+            while self._idle and not self._waiters:
+                session = self._idle.pop()
+                if self._usable(session, now):
+                    self._busy.add(session)
+                    return session
+                await self._retire(session)
+            if not self._waiters and self.open_sessions + self._opening < self.capacity:
+                return await self._open(deadline)
+            handed = await self._wait(deadline, envelope)
+            if handed is not None:
+                return handed
+            # Woken first in line because a session closed: the room is ours to open.
+            if not self._closing and self.open_sessions + self._opening < self.capacity:
+                return await self._open(deadline)
+
+    async def _wait(
+        self, deadline: float, envelope: tuple[str, list[str], int] | None
+    ) -> Session | None:
+        """Queues for the next session freed (returned busy), or for room to open one (None)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), envelope)
+        self._waiters.append(waiter)
+        got = False
+        try:
+            async with asyncio.timeout(remaining):
+                handed = await waiter.future
+            got = True
+            return handed
+        except TimeoutError:
+            raise Failure(
+                Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT
+            ) from None
+        finally:
+            if not got:
+                self._abandon(waiter)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gave up (timeout, cancelled): what it was handed just then goes on."""
+        future = waiter.future
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        elif future.done() and not future.cancelled():
+            handed = future.result()
+            if handed is None:
+                self._wake_one()
+            elif handed.owes_turn:  # its commands were written: the check-in closes it
+                task = asyncio.get_running_loop().create_task(self._checkin(handed))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self._busy.discard(handed)
+                self._give(handed)
+
+    def _give(self, session: Session) -> None:
+        """An idle, usable session: to the first waiter, else to the idle stack."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                self._busy.add(session)
+                waiter.future.set_result(session)
+                return
+        self._idle.append(session)
+
+    def _wake_one(self) -> None:
+        """Room to open a session appeared (one closed): the first waiter may open it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+                return
+
+    def _usable(self, session: Session, now: float, idle_limit: float | None = None) -> bool:
+        lease = session.lease
+        margin = 1.0
+        idle_limit = self.settings.session_idle_timeout if idle_limit is None else idle_limit
+        return (
+            session.connected
+            and not session.due_for_rotation(now)
+            and session.idle_for(now) < idle_limit
+            and (lease is None or getattr(lease, "valid_until", 0.0) > now + margin)
+        )
+
+    async def _open(self, deadline: float) -> Session:
+        self._opening += 1
+        lease: LeaseLike | None = None
+        try:
+            lease = self._spare_leases.pop() if self._spare_leases else None
+            if lease is not None and lease.valid_until <= time.monotonic() + 1.0:
+                await self.leases.release(lease)
+                lease = None
+            if lease is None:
+                lease = await self.leases.acquire(deadline)
+            if lease is None:
+                self.stats.lease_waits += 1
+                raise Failure(Kind.NO_LEASE, None, "fleet connection cap reached", Phase.CONNECT)
+            session = Session(self.settings, lease)
+            await session.open()
+            if session.lease_expired():  # stalled mid-handshake: the lease may be gone
+                session.abort()
+                raise Failure(Kind.RECONNECT, None, "lease expired while connecting", Phase.CONNECT)
+        except BaseException:
+            if lease is not None:
+                await self.leases.release(lease)
+            self._wake_one()  # the room this open held is free: the first waiter may try it
+            raise
+        finally:
+            self._opening -= 1
+        self.stats.opened += 1
+        self._busy.add(session)
+        return session
+
+    async def _checkin(self, session: Session) -> None:
+        if session.owes_turn:
+            # Its message ended before taking over the commands written for it (cancelled):
+            # the relay will answer them and wait for a body nobody sends. Let the message
+            # ahead read its reply, then close the session.
+            await session.wait_turn()
+            session.broken = True
+        self._busy.discard(session)
+        now = time.monotonic()
+        if session.connected and session.due_for_rotation(now):
+            self.stats.rotations += 1
+            log_event("rotated", transactions=session.mail_count)
+            lease = session.lease
+            await self._close(session)
+            session.lease = None
+            if lease is not None and lease.valid_until > time.monotonic():
+                self._spare_leases.append(lease)
+            elif lease is not None:
+                await self.leases.release(lease)
+            self._wake_one()
+            return
+        if session.connected and not self._closing and self._usable(session, now):
+            self._give(session)
+            return
+        await self._retire(session)
+        self._wake_one()
+
+    async def _retire(self, session: Session) -> None:
+        """Closes the session (QUIT if it still can), then gives its lease back."""
+        if session.connected and not session.lease_expired():
+            await self._close(session)
+        else:
+            session.abort()
+            await asyncio.sleep(ABORT_GRACE)  # let the RST leave before the slot frees
+        lease, session.lease = session.lease, None
+        if lease is not None:
+            await self.leases.release(lease)
+
+    async def _close(self, session: Session) -> None:
+        """QUIT and wait for the relay to hang up, still reachable by `fence` meanwhile."""
+        self._quitting.add(session)
+        try:
+            await session.close()
+        finally:
+            self._quitting.discard(session)
+
+    def on_lease_lost(self, lease: LeaseLike) -> Coroutine[Any, Any, None]:
+        """For the lease keeper: abort at once (synchronously), then give the slot back.
+
+        The release is a formality when Redis already dropped the lease (expired, epoch
+        changed); when we fenced on our own clock because Redis was slow or unreachable, it
+        frees the slot before its server-side expiry.
+        """
+        self.fence(lease.id)
+        return self._release_fenced(lease)
+
+    async def _release_fenced(self, lease: LeaseLike) -> None:
+        await asyncio.sleep(ABORT_GRACE)
+        await self.leases.release(lease)
+
+    def fence(self, lease_id: str) -> None:
+        """Our lease is gone (expired, lost, Redis emptied): stop using that socket now."""
+        for session in [*self._idle, *self._busy, *self._quitting]:
+            if session.lease is not None and session.lease.id == lease_id:
+                self.stats.fenced += 1
+                log.warning("lease lost, aborting its connection", extra={"lease": lease_id})
+                session.lease = None
+                session.abort()
+        self._spare_leases = [x for x in self._spare_leases if x.id != lease_id]
+
+    async def _sweep(self) -> None:
+        """Closes idle and lease-expiring sessions; releases spare leases nobody took.
+
+        While the fleet is contended (some process found the cap full), an idle session keeps
+        its lease only `CONTENDED_IDLE` seconds: a quiet worker must not starve a busy one.
+        """
+        interval = max(0.05, min(CONTENDED_IDLE / 2, self.settings.session_idle_timeout / 4))
+        trimmed_at = 0  # `stats.opened` when the heap was last trimmed
+        while not self._closing:
+            await asyncio.sleep(interval)
+            if self.stats.opened != trimmed_at and not self._opening:
+                trimmed_at = self.stats.opened
+                trim_heap()
+            now = time.monotonic()
+            idle_limit = self.settings.session_idle_timeout
+            if self.leases.contended:
+                idle_limit = min(idle_limit, CONTENDED_IDLE)
+            keep: deque[Session] = deque()
+            stale: list[Session] = []
+            for session in self._idle:
+                (keep if self._usable(session, now, idle_limit) else stale).append(session)
+            self._idle = keep
+            for session in stale:
+                self.stats.closed_idle += 1
+                await self._retire(session)
+            if self._spare_leases and not self._opening:
+                spare, self._spare_leases = self._spare_leases, []
+                for lease in spare:
+                    await self.leases.release(lease)
+            for _ in stale:
+                self._wake_one()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Waits for in-flight transactions, QUITs every session and releases every lease."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
+        sessions = [*self._idle, *self._busy]
+        self._idle.clear()
+        self._busy.clear()
+        await asyncio.gather(*(self._retire(s) for s in sessions), return_exceptions=True)
+        for lease in self._spare_leases:
+            await self.leases.release(lease)
+        self._spare_leases = []
+        while self._waiters:  # they see `_closing` and give up
+            self._wake_one()

@@ -1,0 +1,214 @@
+"""`mailer status`: what the fleet is doing, read from Redis alone (no worker is asked).
+
+`mailer status --json` prints one object; its keys are a stable interface (new keys may be
+added, existing ones keep their names, types and meaning):
+
+    version         1
+    broker          the broker URL, password masked
+    queue           {name, waiting, unacked}: messages waiting in the queue, and delivered to a
+                    worker but not yet acknowledged (running, prefetched or held for a countdown)
+    leases          {epoch, ttl_s, limits: {name: {cap, held, hosts: {host: n},
+                    processes: {"host:pid": n}, oldest_age_s}}}; `smtp` is the fleet-wide cap
+    circuit         {open, reason, since}
+    dead_letters    how many messages are dead-lettered
+    throughput      {window_minutes, total, last_minute, per_minute}: message outcomes (sent,
+                    duplicate, retried, failed, held) over the window, in the last complete
+                    minute, and per minute (oldest first; the last entry is the current,
+                    incomplete minute, `start` in Unix seconds)
+
+Throughput comes from per-minute counters that workers add to (batched: one pipeline every few
+seconds per worker), kept for two hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from mailer.config import Settings
+from mailer.publish import QUEUE, redact_url
+from workers.observe.logs import outcome_of
+from workers.state.circuit import Circuit
+from workers.state.deadletters import DeadLetters
+from workers.state.semaphore import LeaseSemaphore, Limit
+
+log = logging.getLogger("mailer.status")
+
+VERSION = 1
+THROUGHPUT_PREFIX = "mailer:throughput:"
+OUTCOMES = ("sent", "duplicate", "retried", "failed", "held")
+BUCKET_TTL = 2 * 3600
+WINDOW_MINUTES = 15
+# kombu's Redis transport keeps priority levels in sibling lists: "mailer", "mailer\x06\x163"...
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+class Throughput:
+    """Counts message outcomes per minute in Redis for `mailer status`.
+
+    Counted in memory and flushed every `interval` seconds (one pipeline per flush, however
+    many messages), so the delivery path never waits for it; flushed once more at shutdown.
+    """
+
+    def __init__(self, client: redis.Redis, interval: float = 5.0) -> None:
+        self.redis = client
+        self.interval = interval
+        self._counts: Counter[tuple[int, str]] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_event(self, event: str, fields: Mapping[str, Any]) -> None:
+        outcome = outcome_of(event, fields)
+        if outcome is not None:
+            self.add(outcome)
+
+    def add(self, outcome: str, n: int = 1, at: float | None = None) -> None:
+        minute = int((time.time() if at is None else at) // 60)
+        with self._lock:
+            self._counts[(minute, outcome)] += n
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for (minute, outcome), n in counts.items():
+                pipe.hincrby(f"{THROUGHPUT_PREFIX}{minute}", outcome, n)
+            for minute in {m for m, _ in counts}:
+                pipe.expire(f"{THROUGHPUT_PREFIX}{minute}", BUCKET_TTL)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("throughput flush failed (%s); kept for the next one", type(exc).__name__)
+            with self._lock:
+                self._counts.update(counts)
+
+    def start(self) -> Throughput:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mailer-throughput", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.interval + 5)
+            self._thread = None
+        self.flush()
+
+
+def read_throughput(
+    client: redis.Redis, minutes: int = WINDOW_MINUTES, now: float | None = None
+) -> dict[str, Any]:
+    current = int((time.time() if now is None else now) // 60)
+    span = range(current - minutes + 1, current + 1)
+    pipe = client.pipeline(transaction=False)
+    for minute in span:
+        pipe.hgetall(f"{THROUGHPUT_PREFIX}{minute}")
+    raw = pipe.execute()
+    per_minute: list[dict[str, int]] = []
+    for minute, bucket in zip(span, raw, strict=True):
+        counts = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in bucket.items()}
+        per_minute.append({"start": minute * 60, **{o: counts.get(o, 0) for o in OUTCOMES}})
+    total = {o: sum(m[o] for m in per_minute) for o in OUTCOMES}
+    last = per_minute[-2] if len(per_minute) > 1 else {"start": current * 60}
+    return {
+        "window_minutes": minutes,
+        "total": total,
+        "last_minute": {o: int(last.get(o, 0)) for o in OUTCOMES},
+        "per_minute": per_minute,
+    }
+
+
+async def _leases(settings: Settings) -> dict[str, Any]:
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        limits = [Limit("smtp", settings.max_connections)]
+        if settings.max_connections_per_host:
+            limits.append(Limit(f"host:{settings.hostname}", settings.max_connections_per_host))
+        semaphore = LeaseSemaphore(client, limits, settings.lease_ttl, host=settings.hostname)
+        try:
+            return await semaphore.snapshot()
+        finally:
+            await semaphore.close()
+    finally:
+        await client.aclose()
+
+
+def _waiting(client: redis.Redis) -> int:
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(QUEUE)
+    for step in PRIORITY_STEPS:
+        pipe.llen(f"{QUEUE}{PRIORITY_SEP}{step}")
+    return sum(int(n) for n in pipe.execute())
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    broker = redis.Redis.from_url(settings.broker_url)
+    state = redis.Redis.from_url(settings.redis_url)
+    try:
+        circuit = Circuit(state).state(max_age=0)
+        return {
+            "version": VERSION,
+            "broker": redact_url(settings.broker_url),
+            "queue": {
+                "name": QUEUE,
+                "waiting": _waiting(broker),
+                "unacked": int(broker.hlen("unacked")),
+            },
+            "leases": asyncio.run(_leases(settings)),
+            "circuit": {"open": circuit.open, "reason": circuit.reason, "since": circuit.since},
+            "dead_letters": DeadLetters(state).count(),
+            "throughput": read_throughput(state),
+        }
+    finally:
+        broker.close()
+        state.close()
+
+
+def _outcomes(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{counts.get(o, 0)} {o}" for o in OUTCOMES)
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [f"broker        {data['broker']}"]
+    q = data["queue"]
+    lines.append(
+        f"queue         {q['name']}: {q['waiting']} waiting, {q['unacked']} delivered unacked"
+    )
+    circuit = data["circuit"]
+    lines.append("circuit       " + (f"OPEN: {circuit['reason']}" if circuit["open"] else "closed"))
+    lines.append(f"dead letters  {data['dead_letters']}")
+    tp = data.get("throughput")
+    if tp:
+        sent = tp["total"]["sent"]
+        lines.append(f"last minute   {_outcomes(tp['last_minute'])}")
+        lines.append(
+            f"last {tp['window_minutes']} min   {_outcomes(tp['total'])} "
+            f"({sent / tp['window_minutes']:.1f} sent/min)"
+        )
+    for name, limit in sorted(data["leases"].get("limits", {}).items()):
+        lines.append(
+            f"leases {name:<7} {limit.get('held', 0)}/{limit.get('cap', '?')} held, "
+            f"oldest {limit.get('oldest_age_s') or 0:.1f}s"
+        )
+        for host, n in sorted(limit.get("hosts", {}).items()):
+            lines.append(f"  host {host:<30} {n}")
+        for proc, n in sorted(limit.get("processes", {}).items()):
+            lines.append(f"  process {proc:<27} {n}")
+    return "\n".join(lines)

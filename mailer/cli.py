@@ -258,6 +258,10 @@ def _failures(args: argparse.Namespace) -> int:
                 print(f"{message_id}: purged")
             else:
                 assert publisher is not None
+                if letter.kind == "invalid":
+                    print(f"{message_id}: an invalid payload is never replayed", file=sys.stderr)
+                    missing += 1
+                    continue
                 payload = dict(letter.payload)
                 payload["meta"] = {**payload.get("meta", {}), "created_at": time.time()}
                 store.redis.delete(Ledger.key(message_id))

@@ -27,10 +27,7 @@ from kombu.utils.uuid import uuid
 
 from mailer.config import Settings
 from mailer.errors import PublishError
-
-QUEUE = "mailer"
-SEND_TASK = "mailer.send"
-BATCH_TASK = "mailer.send_batch"
+from mailer.wire import BATCH_TASK, QUEUE, SEND_TASK
 
 PUBLISH_RETRY_POLICY = {
     "max_retries": 5,

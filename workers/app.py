@@ -33,7 +33,8 @@ from typing import Any
 from celery import Celery, signals
 
 from mailer.config import Settings
-from mailer.publish import QUEUE, celery_config
+from mailer.publish import celery_config
+from mailer.wire import QUEUE
 
 settings = Settings.from_env()
 

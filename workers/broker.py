@@ -35,7 +35,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 from kombu.utils.json import loads as kombu_loads
 
-from mailer.publish import BATCH_TASK, ReusedClient
+from mailer.publish import ReusedClient
+from mailer.wire import BATCH_TASK
 
 CONSUMERS = "_mailer.consumers"  # zset: consumer id -> last heartbeat (Redis time)
 QUEUES = "_mailer.consumer_queues"  # hash: consumer id -> the queue it moves messages from

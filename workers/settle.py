@@ -19,8 +19,10 @@ from typing import Any
 
 import redis
 from celery import signals
+from celery.exceptions import Reject
 
-from mailer.publish import QUEUE, SEND_TASK, describe
+from mailer.publish import describe
+from mailer.wire import QUEUE, SEND_TASK, message_id_of
 from workers.app import app, settings
 from workers.engine.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
 from workers.engine.runtime import Result, runtime
@@ -101,6 +103,28 @@ def dead_letter(
         reason=letter.text,
         level=logging.WARNING,
     )
+
+
+def refuse(value: object, task_id: str, reason: str) -> str:
+    """Dead-letters, as `invalid`, a task the wire contract refused (nothing is sent); returns
+    the id it is filed under. If Redis cannot take it, the task goes back to the queue."""
+    letter = deadletters.invalid(value, message_id_of(value, task_id), reason)
+    try:
+        runtime().dead.add(letter)
+    except (redis.RedisError, OSError) as exc:
+        log.error("dead letter not written (%s); requeueing the task", type(exc).__name__)
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(f"dead letter not written: {type(exc).__name__}", requeue=True) from None
+    log_event(
+        "dead_lettered",
+        message_id=letter.id,
+        kind="invalid",
+        code=None,
+        attempts=0,
+        reason=reason,
+        level=logging.WARNING,
+    )
+    return letter.id
 
 
 def _too_old(payload: Mapping[str, Any]) -> bool:

@@ -37,6 +37,7 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from celery.utils.saferepr import saferepr
 from celery.worker.strategy import default as default_strategy
 
+from mailer import wire
 from workers import broker
 from workers.app import settings
 from workers.engine import runtime as runtime_module
@@ -79,7 +80,7 @@ def plain_first_attempt(message: Any) -> dict[str, Any] | None:
     runs it). Anything unusual goes to Celery: it knows what to do with it."""
     headers = message.headers
     if (
-        headers.get("task") != "mailer.send"
+        headers.get("task") != wire.SEND_TASK
         or headers.get("retries")
         or headers.get("eta")
         or headers.get("expires")
@@ -97,6 +98,10 @@ def plain_first_attempt(message: Any) -> dict[str, Any] | None:
         return None
     if embed and any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
         return None
+    try:
+        wire.from_payload(args[0])
+    except wire.InvalidPayload:
+        return None  # the task path dead-letters it as `invalid`, with the reason
     return args[0]
 
 

@@ -30,7 +30,9 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 
-from mailer.publish import QUEUE, describe, describe_batch
+from mailer import wire
+from mailer.publish import describe, describe_batch
+from mailer.wire import QUEUE
 from workers.app import app
 from workers.engine.classify import Failure
 from workers.engine.runtime import runtime
@@ -44,6 +46,7 @@ from workers.settle import (
     dead_letter,
     decide,
     finish,
+    refuse,
     retry_kwargs,
     settle_one,
     unexpected,
@@ -54,7 +57,6 @@ from workers.strategy import DrainStream
 log = logging.getLogger("mailer.worker")
 
 app.steps["consumer"].add(DrainStream)
-
 
 
 def _republish(task: Task, countdown: float, exc: BaseException, **options: Any) -> NoReturn:
@@ -76,11 +78,16 @@ def _republish(task: Task, countdown: float, exc: BaseException, **options: Any)
     throws=(PermanentFailure, HeldForReview),
     Strategy="workers.strategy:strategy",  # first attempts skip Celery's per-task machinery
 )
-def send(
-    self: Task, payload: dict[str, Any], attempts: int = 0, released: str = ""
-) -> dict[str, Any]:
-    """`released`: the ledger owners of this task's earlier attempts, which left nothing at the
-    relay (see `Ledger.claim`); internal, so it is not in the repr Flower shows."""
+def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`(payload, attempts=0, released="")`, read through the wire contract (a task it refuses
+    is dead-lettered as `invalid`, never sent). `released`: the ledger owners of this task's
+    earlier attempts, which left nothing at the relay (see `Ledger.claim`); internal, so it is
+    not in the repr Flower shows."""
+    try:
+        payload, attempts, released = wire.send_args(args, kwargs)
+    except wire.InvalidPayload as exc:
+        refuse(args[0] if len(args) == 1 else list(args), self.request.id, str(exc))
+        raise PermanentFailure(f"invalid payload: {exc}") from None
 
     def retry(countdown: float, attempts: int, exc: Failure) -> NoReturn:
         log_retried(payload.get("id"), exc, attempts, countdown)
@@ -146,10 +153,28 @@ class DecodedRequest(Request):
     ignore_result=True,
     Request=DecodedRequest,
 )
-def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
+def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
     """Sends a batch concurrently; any message that needs a retry becomes its own `mailer.send`
     task, so a transient failure of one never resends the others. If a follow-up cannot be
-    published the whole batch is requeued: the ledger acknowledges the ones already sent."""
+    published the whole batch is requeued: the ledger acknowledges the ones already sent.
+    A payload the wire contract refuses is dead-lettered as `invalid` alone."""
+    try:
+        received = wire.batch_args(args, kwargs)
+    except wire.InvalidPayload as exc:
+        refuse(args[0] if len(args) == 1 else list(args), self.request.id, str(exc))
+        raise PermanentFailure(f"invalid payload: {exc}") from None
+    payloads: list[dict[str, Any]] = []
+    refused = 0
+    for index, item in enumerate(received):
+        try:
+            wire.from_payload(item)
+        except wire.InvalidPayload as exc:
+            refuse(item, f"{self.request.id}.{index}", str(exc))
+            refused += 1
+        else:
+            payloads.append(item)
+    if not payloads:
+        return {"invalid": refused}
     waiting = wait_for_circuit()
     if waiting is not None:
         _republish(
@@ -177,4 +202,6 @@ def send_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, int]:
         raise Reject(f"batch follow-up failed: {type(exc).__name__}", requeue=True) from None
     if counts.get("sent"):
         close_circuit()
+    if refused:
+        counts["invalid"] = refused
     return counts

@@ -212,9 +212,7 @@ class Exporter:
 _exporter: Exporter | None = None
 
 
-def install(
-    settings: Settings, pool_cls: Any = None, probe: Probe = _idle
-) -> Exporter | None:
+def install(settings: Settings, pool_cls: Any = None, probe: Probe = _idle) -> Exporter | None:
     """Once per worker process: count events and serve /metrics if MAILER_METRICS_PORT is set.
     `probe` reads the process's sessions and leases at scrape time, without building anything."""
     global _exporter

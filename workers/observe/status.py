@@ -34,7 +34,8 @@ import redis
 import redis.asyncio as aioredis
 
 from mailer.config import Settings
-from mailer.publish import QUEUE, redact_url
+from mailer.publish import redact_url
+from mailer.wire import QUEUE
 from workers.observe.logs import outcome_of
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters

@@ -25,7 +25,7 @@ INDEX = "mailer:dead:index"
 @dataclass
 class DeadLetter:
     id: str
-    kind: str  # permanent | expired | uncertain | recipients
+    kind: str  # permanent | expired | uncertain | recipients | invalid
     code: int | None
     text: str
     attempts: int
@@ -75,6 +75,22 @@ def record(
         rcpt_to=list(payload.get("rcpt_to", [])),
         refused={k: list(v) for k, v in (refused or {}).items()},
         payload=stored,
+    )
+
+
+def invalid(value: object, message_id: str, reason: str) -> DeadLetter:
+    """A task the wire contract refused: kept as received (it came as JSON) for inspection;
+    `mailer failures retry` refuses to replay it."""
+    now = time.time()
+    return DeadLetter(
+        id=message_id,
+        kind="invalid",
+        code=None,
+        text=reason,
+        attempts=0,
+        first_at=now,
+        failed_at=now,
+        payload=dict(value) if isinstance(value, Mapping) else {"received": value},
     )
 
 

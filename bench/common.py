@@ -135,8 +135,8 @@ def _established() -> dict[tuple[str, str], str]:
 
     Keyed so each socket counts once: the kernel writes these tables a page per read() and
     resumes its walk by position, so connections opened or closed elsewhere between two reads
-    make it list sockets it already listed, over and over on a busy machine (a bench run saw
-    102 for 64 open sessions; a read slowed to 2 ms per page listed 64 sockets 191 times).
+    make it list sockets it already listed, over and over on a busy machine (bench/README.md,
+    "Figures behind the code").
     A socket the sink has not accepted yet shows inode 0.
     """
     rows: dict[tuple[str, str], str] = {}

@@ -24,7 +24,7 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
     concurrency = args.concurrency or settings.worker_connections
     # Reserve as many messages as the runtime runs attempts: with one per thread (Celery's
     # default), a session that ends a message idles through its settle, ack and the next fetch
-    # before it has another (the latency bench: 1.28 s per wave of 1 s messages).
+    # before it has another (bench/README.md, "Figures behind the code").
     prefetch = ["--prefetch-multiplier", str(ATTEMPTS_PER_SESSION)]
     if _has_option(extra, "--prefetch-multiplier"):
         prefetch = []

@@ -169,7 +169,7 @@ class RedisPublisher:
     in kombu's Redis envelope) and its task-sent event (kombu's fanout PUBLISH on the event
     exchange).
 
-    Celery spends ~0.5 ms of producer CPU per task on this (`as_task_v2`, kombu's publish and
+    Celery spends far more producer CPU per task on this (`as_task_v2`, kombu's publish and
     its retry wrapper, a second round trip for the event). It covers what `Publisher` sends: no
     countdown, queue `mailer` on the anonymous exchange, JSON, `celery_config`'s transport
     options; tests/test_publish.py checks it against what Celery writes. The transaction keeps
@@ -182,7 +182,7 @@ class RedisPublisher:
         self._pool: redis.BlockingConnectionPool | None = None  # makes and closes connections
         #: Connections not in use. A list, not the pool's queue: `pop` and `append` are atomic,
         #: and the pool's checkout (a locked queue, a readiness probe of the socket, metrics)
-        #: cost 15 us per `mailer.send`. There are as many as threads ever published at once.
+        #: is a visible share of `mailer.send`. There are as many as threads ever published at once.
         self._idle: list[redis.Connection] = []
         self._pid = os.getpid()
         self._queue_key = b""  # RESP bulk strings, packed once
@@ -262,8 +262,8 @@ class RedisPublisher:
         return message, _envelope(event, {"hostname": origin}, event_properties)
 
     def _push(self, messages: list[tuple[dict, dict]]) -> None:
-        """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends ~60 us per call
-        building and packing commands, a fifth of what `mailer.send` costs its caller."""
+        """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends a large share of
+        what `mailer.send` costs its caller building and packing commands."""
         pool = self._pool
         if pool is None or self._pid != os.getpid():
             pool = self._connect()  # also packs the queue and topic keys, once per process

@@ -40,7 +40,7 @@ __all__ = [
     "parse_mailbox",
 ]
 
-# Limits from SendGrid's documentation (see the X-SMTPAPI section of the SendGrid digest).
+# Limits from SendGrid's documentation (docs/sendgrid.md, "X-SMTPAPI").
 MAX_TO = 10_000
 MAX_CATEGORIES = 10
 MAX_CATEGORY_LENGTH = 255

@@ -1,6 +1,6 @@
 """The Celery app: `celery -A workers.app worker` (or `mailer worker`) starts a real worker.
 
-Reliability defaults (see ../shared/reference/celery-redis-aiosmtplib.md §1): late acks and
+Reliability defaults (docs/fetch.md says why): late acks and
 requeue on a lost worker (at-least-once, made idempotent by the ledger), prefetch of one per
 slot, a visibility timeout in all three places and longer than any retry countdown, task events
 on for Flower, bounded publish retries, and a fetch that cannot lose a message to a killed worker
@@ -18,8 +18,8 @@ Per process, `worker_init` sets up metrics (MAILER_METRICS_PORT), the throughput
 `mailer status`, and Celery's logging is given structured events and a redacting filter keyed
 on the API key. Celery's two INFO lines per task ("Task ... received", "... succeeded in") are
 off by default: our events (`sent`, `retried`, ...) are the per-message audit trail, task events
-still reach Flower, and those lines were two thirds of the worker's logging time on the
-single-message path (py-spy: 6% of the GIL samples in logging before, 2% after).
+still reach Flower, and those lines were most of the worker's logging time on the
+single-message path (bench/README.md).
 `MAILER_CELERY_TASK_LOGS=1` (or `--loglevel DEBUG`) brings them back; Celery's warnings and
 errors about tasks are never lowered.
 """
@@ -94,10 +94,10 @@ def log_secrets() -> list[str]:
 @signals.worker_ready.connect
 @signals.worker_process_init.connect
 def freeze_heap(**_: object) -> None:
-    """Moves what start-up built (Celery, kombu, our modules: ~75,000 objects) out of the
+    """Moves what start-up built (Celery, kombu, our modules) out of the
     cyclic GC's reach. A full collection walks every tracked object with the GIL held, stalling
-    all of the process's sessions at once: 35-70 ms every few seconds at 250 sessions, 8-20 ms
-    once the start-up heap is frozen (gc callbacks, latency bench). Refcounting still frees
+    all of the process's sessions at once, for far less time once the start-up heap is frozen
+    (bench/README.md). Refcounting still frees
     frozen objects; only cycles among them would stay, and start-up objects live as long as
     the process. In a prefork child this runs again after the fork."""
     gc.freeze()

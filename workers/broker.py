@@ -2,11 +2,10 @@
 
 kombu takes a message off the queue with BRPOP and only afterwards records it as unacknowledged
 (`QoS.append`: ZADD + HSET). A worker killed in between, or whose BRPOP reply is still unread in
-its socket, loses the message for good (../shared/reference/celery-redis-aiosmtplib.md §1; our
-kill -9 test lost one in about half its runs). Here the message is moved atomically (BLMOVE)
-onto a list owned by this consumer and leaves that list in the same MULTI/EXEC that records it
-in `unacked`. So at every instant a message is in the queue, in one consumer's in-flight list,
-or in `unacked` (which kombu restores after the visibility timeout).
+its socket, loses the message for good (docs/fetch.md). Here the message is moved atomically
+(BLMOVE) onto a list owned by this consumer and leaves that list in the same MULTI/EXEC that
+records it in `unacked`. So at every instant a message is in the queue, in one consumer's
+in-flight list, or in `unacked` (which kombu restores after the visibility timeout).
 
 Consumers heartbeat (Redis `TIME`, no clock skew) in a sorted set before fetching and on kombu's
 restore timer (which keeps running while fetching is paused because every slot is busy). The sweep
@@ -141,9 +140,8 @@ room: Callable[[], int | None] | None = None
 #: After a fetch that brought fewer than LINGER_BELOW messages, the next waits LINGER
 #: seconds: a producer sending one message at a time otherwise costs a worker two round trips,
 #: a dispatch and an ack per message, where a short wait lets a few accumulate for one `_TAKE`.
-#: A queue with a backlog never waits (each fetch brings many). 20 ms: in the zero-latency
-#: bench (`mailer.send` in a loop, 2 workers) 2 ms gave 1,336 msg/s, 10 ms 1,633, 20 ms 1,754,
-#: 50 ms 1,358 (workers idle); a message waits at most that long, nothing for e-mail.
+#: A queue with a backlog never waits (each fetch brings many). 20 ms gave the best rate of
+#: the values tried (bench/README.md); a message waits at most that long, nothing for e-mail.
 LINGER = 0.02
 LINGER_BELOW = 8
 
@@ -154,7 +152,7 @@ def loads(text: str | bytes) -> Any:
     The hook turns `{"__type__": ..., "__value__": ...}` objects (kombu's encoder writes them
     for datetimes, UUIDs, bytes...) back into values, at the price of a Python call for every
     JSON object decoded; a task envelope or a `mailer.send` body holds none, and the C
-    decoder alone takes half the time. Text that names `"__type__"` anywhere goes to kombu."""
+    decoder alone is much cheaper. Text that names `"__type__"` anywhere goes to kombu."""
     tagged = b'"__type__"' in text if isinstance(text, bytes) else '"__type__"' in text
     return kombu_loads(text) if tagged else json.loads(text)
 
@@ -181,7 +179,7 @@ class QoS(kredis.QoS):
             return
         delivery = message.delivery_info
         # kombu's record, `dumps([payload, exchange, routing_key])`, with the payload as it was
-        # fetched rather than encoded again (a batch is ~150 KB of JSON).
+        # fetched rather than encoded again (a batch's JSON is large).
         raw = "[{},{},{}]".format(
             bytes_to_str(staged), dumps(delivery["exchange"]), dumps(delivery["routing_key"])
         )
@@ -195,7 +193,7 @@ class QoS(kredis.QoS):
     def ack_many(self, delivery_tags: list[str]) -> None:
         """`ack` for many messages in one round trip (workers/strategy.py settles in groups):
         one ZREM and one HDEL naming them all, not two commands each (which redis-py packed and
-        parsed one by one: a quarter of the settle thread's time on the single-message path)."""
+        parsed one by one: a large share of the settle thread's time)."""
         if not delivery_tags:
             return
         with self.pipe_or_acquire() as pipe:  # MULTI/EXEC

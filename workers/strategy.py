@@ -2,7 +2,7 @@
 
 Around a one-message task Celery spends about a millisecond of CPU (a Request, three events
 published one by one, a hand-off to a pool thread that then blocks on the loop, the tracer),
-three times what the message's own work costs (bench/profile.py --modes single). So the
+more than the message's own work costs (bench/README.md). So the
 consumer hands each plain first attempt (no retries, ETA, expiry, kwargs or callbacks) straight
 to the process's loop, and two threads of our own do the rest:
 
@@ -235,7 +235,7 @@ def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
 
 @lru_cache(maxsize=8)
 def _result_repr(status: str) -> str:
-    """A task-succeeded event's `result` as Celery writes it (`saferepr`, ~7 us), once per
+    """A task-succeeded event's `result` as Celery writes it (`saferepr`, not cheap), once per
     status rather than once per message."""
     return saferepr({"status": status})
 
@@ -303,7 +303,7 @@ def _group_events(consumer: Any) -> None:
 
     Celery buffers them already (one PUBLISH of a list, which Flower's receiver takes apart)
     but flushes after every turn of the consumer's loop and at 24 events: a PUBLISH, a
-    declare check and a serialization per dozen messages, a tenth of the worker's CPU. A
+    declare check and a serialization per dozen messages, a visible share of its CPU. A
     tenth of a second is nothing to someone watching Flower."""
     eventer = consumer.event_dispatcher
     eventer.buffer_limit = EVENT_GROUP

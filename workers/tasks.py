@@ -9,9 +9,9 @@ copy of the same message or for the circuit breaker to close does not spend a me
 No path acknowledges a message that was neither delivered, dead-lettered nor handed back to the
 broker: an unexpected error becomes a retry, and a retry that cannot be published (the broker is
 down past the publish retry policy) requeues the message instead of letting Celery drop it
-(`Task.retry` raises `Reject(requeue=False)` then, ../shared/reference/celery-redis-aiosmtplib.md
-§1). Every countdown stays below a quarter of the visibility timeout, so Redis never redelivers
-a message that is merely waiting for its ETA; longer waits are chains of retries.
+(`Task.retry` raises `Reject(requeue=False)` then, docs/fetch.md). Every countdown stays below a
+quarter of the visibility timeout, so Redis never redelivers a message that is merely waiting
+for its ETA; longer waits are chains of retries.
 
 Outcomes as Flower shows them: SUCCESS (sent, or a duplicate acknowledged without sending),
 RETRY (with the SMTP code and text), FAILURE `PermanentFailure` (dead-lettered: permanent or
@@ -137,7 +137,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 class DecodedRequest(Request):
     """Hands the pool the body kombu already decoded (Celery's strategy reads it to tell the
-    message protocols apart), not the JSON again: a batch's is ~150 KB, decoded once not twice."""
+    message protocols apart), not the JSON again: a batch's is large, decoded once not twice."""
 
     def __init__(self, message: Any, *, body: Any = None, decoded: bool = False, **kw: Any):
         if not decoded:

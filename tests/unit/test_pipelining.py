@@ -1,5 +1,5 @@
-"""SMTP PIPELINING (RFC 2920) in `workers.engine.session.Session`, against the real aiosmtpd sink over
-STARTTLS with AUTH, with PIPELINING advertised and not: every outcome must be the same, and the
+"""SMTP PIPELINING (RFC 2920) in `workers.engine.session.Session`, against the real aiosmtpd sink
+over STARTTLS with AUTH, with PIPELINING advertised and not: every outcome must be the same, and the
 session must stay in step with the server after every refusal.
 
 The sink counts how commands arrive (`SessionRecord.pipelined_reads`): that is how these tests

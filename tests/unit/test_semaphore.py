@@ -113,7 +113,7 @@ def test_cap_is_never_exceeded_by_concurrent_acquirers(redis_url: str) -> None:
         assert peak == 5
         assert await r.zcard(HOLDERS) == 0
         # 40 holds of ~60 ms through 5 slots is ~0.5 s of work; release wake-ups keep it close.
-        # Printed, not asserted: a shared machine makes any time limit flaky (one CI run: 5.3 s).
+        # Printed, not asserted: a shared machine makes any time limit flaky.
         print(f"\n40 holds through 5 slots took {time.monotonic() - started:.2f} s")
 
     run(body, redis_url)

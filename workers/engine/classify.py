@@ -1,6 +1,6 @@
 """What a failed SMTP step means for the message: reconnect, back off, give up, or stop the fleet.
 
-The map follows the relay's reply codes (../shared/reference/sendgrid-smtp.md §4) and RFC 5321:
+The map follows the relay's reply codes (docs/sendgrid.md) and RFC 5321 (docs/failures.md):
 a 421 or a dropped connection is the session's fault, not the message's; other 4xx are the
 relay asking us to come back later; 5xx on MAIL/RCPT/DATA is final for that message; an
 authentication failure (or a relay that refuses us service at connect) is the whole fleet's
@@ -8,7 +8,8 @@ configuration; silence after the DATA terminator is ambiguous because the relay 
 have queued the message.
 
 The phase is what makes a dropped connection safe or ambiguous, so it is tracked by the session
-(workers/engine/session.py): anything but a definite reply once the terminator was written is UNCERTAIN.
+(workers/engine/session.py): anything but a definite reply once the terminator was written is
+UNCERTAIN.
 
     kind         attempt  what the task does
     RECONNECT    spent    new session, retry within a second

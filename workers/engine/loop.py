@@ -6,7 +6,7 @@ process that uses it (after any fork), never in a prefork parent.
 
 The loop is uvloop's when it is installed (MAILER_EVENT_LOOP=auto, the default): the loop
 thread spends most of the worker's CPU, and uvloop's callbacks, futures and socket transports
-cost it about a sixth less per message (bench/profile.py). MAILER_EVENT_LOOP=asyncio keeps
+cost it less per message (bench/README.md). MAILER_EVENT_LOOP=asyncio keeps
 the standard loop.
 """
 
@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# asyncio allocates a read buffer of SSLProtocol.max_size (256 KiB) per TLS connection, which
-# makes an idle relay session cost ~330 KiB. What a relay sends us is short SMTP replies, so a
-# small buffer costs nothing (a larger record is simply read in several calls) and brings a
-# session under 64 KiB (bench/run.py --only rss). Set per worker process, where the loop lives.
-# uvloop's TLS buffers are allocated zeroed and stay untouched: the same run shows ~52 KiB.
+# asyncio allocates a read buffer of SSLProtocol.max_size per TLS connection, most of an idle
+# relay session's memory. What a relay sends us is short SMTP replies, so a small buffer costs
+# nothing (a larger record is simply read in several calls); bench/README.md has the RSS per
+# session. Set per worker process, where the loop lives. uvloop's TLS buffers are allocated
+# zeroed and stay untouched, so they cost no resident memory.
 TLS_READ_BUFFER = 4 * 1024
 
 

@@ -48,8 +48,8 @@ def _malloc_trim() -> Callable[[], object]:
 
 #: Gives the heap's free pages back to the OS. The sweeper calls it once sessions stop opening:
 #: a burst of TLS handshakes leaves tens of KiB per session freed but still resident (glibc
-#: keeps freed heap memory), so a worker that opened 200 sessions read 53-67 KiB of RSS per
-#: session from run to run, 50-54 KiB once trimmed (bench/run.py --only rss).
+#: keeps freed heap memory), which made the RSS per session vary from run to run
+#: (bench/README.md).
 trim_heap = _malloc_trim()
 
 

@@ -4,10 +4,10 @@ TLS is enforced before AUTH (STARTTLS required, or implicit TLS on 465), certifi
 verified with TLS 1.2 at least. The transaction is written on aiosmtplib's protocol layer
 rather than `sendmail()` so we know exactly whether the DATA terminator left us: a failure
 before it is safe to retry, a failure after it is ambiguous. When the relay advertises
-PIPELINING, MAIL, RCPT... and DATA leave in one write (workers/engine/protocol.py keeps every reply),
-and the next message's MAIL, RCPT... and DATA may ride behind a body (`hand_over`, RFC 2920
-§3.1: message content may open a group), so a busy session costs one write and one round trip
-per message instead of two.
+PIPELINING, MAIL, RCPT... and DATA leave in one write (workers/engine/protocol.py keeps every
+reply), and the next message's MAIL, RCPT... and DATA may ride behind a body (`hand_over`,
+RFC 2920 §3.1: message content may open a group), so a busy session costs one write and one
+round trip per message instead of two.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ running at once (a redelivery racing the original) can never both get past `clai
 Records other than `claimed` live for MAILER_LEDGER_TTL.
 
 Hundreds of sessions on one event loop each make three of these calls per message; awaited one
-by one, their round trips cost a third of the loop's CPU. So the calls are coalesced (see
+by one, their round trips are a large share of the loop's CPU. So the calls are coalesced (see
 `_Coalescer`): what many sessions ask at about the same time leaves as one pipeline.
 """
 
@@ -326,7 +326,7 @@ class _Coalescer:
         Packed by hand from arguments encoded when each call was made, and sent on a
         connection the coalescer keeps (one round trip in flight at a time): redis-py's
         pipeline (packing every argument again, its retry wrapper, a pool checkout with a
-        readiness probe per round trip) was a tenth of the loop's time. Nothing is retried
+        readiness probe per round trip) cost more than the commands. Nothing is retried
         here: after a lost connection no caller knows whether its step ran."""
         packed = [script.load for script in load]
         for group in groups:

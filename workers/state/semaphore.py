@@ -1,6 +1,6 @@
 """A fleet-wide counting semaphore of expiring leases in Redis (one lease = one SMTP connection).
 
-Why it is shaped this way (see the lease design in the engineering notes, section 4):
+Why it is shaped this way (docs/semaphore.md has the whole design):
 
 - Every operation is one Lua script that reads the clock with `redis.call('TIME')`, so host clocks
   never matter and no two acquirers can both see a free slot.
@@ -18,7 +18,7 @@ Why it is shaped this way (see the lease design in the engineering notes, sectio
 - Fail closed: without Redis there is no lease.
 - What no lease can fence: a frozen holder (SIGSTOP, a paused VM) cannot close its sockets, and
   the relay counts them until its own idle timeout drops them. For a hard cap that timeout must
-  be shorter than `ttl - renew_interval` (tests/test_fleet_cap.py shows both cases), or the cap
+  be shorter than `ttl - renew_interval` (tests/e2e/test_fleet_cap.py shows both cases), or the cap
   needs headroom for such zombies.
 
 Keys, per named limit (`smtp` for the fleet, `host:{hostname}` for an optional per-host cap):
@@ -62,7 +62,7 @@ BACKOFF_START = 0.02
 BACKOFF_CAP = 1.0
 # While the wake-up subscription is up, every release reaches the waiters and the expiry hint
 # covers crashed holders, so polling is only a safety net: with thousands of waiters a 1 s poll
-# was most of the lease traffic in Redis (bench/lease_scale.py).
+# would be most of the lease traffic in Redis (bench/lease_scale.py).
 BACKOFF_CAP_SUBSCRIBED = 5.0
 # A freed slot wakes a waiter in about this many of the processes waiting (not in all of them:
 # with N waiting processes every release cost N acquire attempts, all but one in vain).

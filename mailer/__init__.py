@@ -43,8 +43,10 @@ def send(
     attachments: Sequence[Any] | None = None,
     smtpapi: SMTPAPIHeader | Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
+    lane: str | None = None,
 ) -> str:
-    """Validates, renders and enqueues one message; returns its id (the Message-ID's local part)."""
+    """Validates, renders and enqueues one message; returns its id (the Message-ID's local part).
+    `lane`: its priority lane (MAILER_LANES; default MAILER_DEFAULT_LANE)."""
     return default_mailer().send_message(
         Message(
             to=to,
@@ -59,13 +61,17 @@ def send(
             attachments=attachments,
             smtpapi=smtpapi,
             idempotency_key=idempotency_key,
-        )
+        ),
+        lane=lane,
     )
 
 
-def send_many(messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
-    """Enqueues many messages in few broker round trips; ids come back in order."""
-    return default_mailer().send_many(messages)
+def send_many(
+    messages: Iterable[Message | Mapping[str, Any]], *, lane: str | None = None
+) -> list[str]:
+    """Enqueues many messages in few broker round trips; ids come back in order. A mapping may
+    name its own `lane`; `lane` is the others'."""
+    return default_mailer().send_many(messages, lane=lane)
 
 
 async def asend(**fields: Any) -> str:

@@ -18,6 +18,7 @@ from mailer.errors import MailerError
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from mailer.wire import queue_for
     from workers.engine.runtime import ATTEMPTS_PER_SESSION
 
     settings = Settings.from_env().require_relay()
@@ -40,7 +41,7 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
         "--concurrency",
         str(concurrency),
         "--queues",
-        "mailer",
+        ",".join(queue_for(lane.name) for lane in settings.lanes),  # highest priority first
         "--task-events",
         "--loglevel",
         args.loglevel,

@@ -16,6 +16,7 @@ from mailer.config import Settings
 from mailer.errors import InvalidMessage
 from mailer.message import Message, Rendered
 from mailer.publish import Publisher
+from mailer.wire import Payload, to_payload
 
 BATCH_SIZE = 100
 
@@ -38,47 +39,79 @@ class Mailer:
     def render(self, message: Message) -> Rendered:
         return message.render(default_from=self.settings.default_from)
 
-    def send_message(self, message: Message) -> str:
+    def lane(self, lane: str | None, field: str = "lane") -> str:
+        """The configured lane `lane` names (None: the default one); refused at enqueue."""
+        if lane is None:
+            return self.settings.default_lane
+        names = [configured.name for configured in self.settings.lanes]
+        if lane not in names:
+            raise InvalidMessage(field, f"{lane!r} is not a lane; MAILER_LANES has {names}")
+        return lane
+
+    def send_message(self, message: Message, *, lane: str | None = None) -> str:
+        lane = self.lane(lane)
         rendered = self.render(message)
-        self.publisher.send(rendered.to_payload())
+        self.publisher.send(to_payload(rendered, lane))
         return rendered.id
 
     def send(self, **fields: Any) -> str:
-        return self.send_message(message_from_mapping(fields))
+        lane = fields.pop("lane", None)
+        return self.send_message(message_from_mapping(fields), lane=lane)
 
     def send_many(
-        self, messages: Iterable[Message | Mapping[str, Any]], *, batch_size: int = BATCH_SIZE
+        self,
+        messages: Iterable[Message | Mapping[str, Any]],
+        *,
+        batch_size: int = BATCH_SIZE,
+        lane: str | None = None,
     ) -> list[str]:
         """Renders every message first (one bad message refuses the call, nothing published),
         then publishes them as `mailer.send_batch` tasks over one broker connection."""
-        rendered: list[Rendered] = []
+        rendered: list[tuple[Rendered, str]] = []
         for index, item in enumerate(messages):
             try:
-                message = item if isinstance(item, Message) else message_from_mapping(item)
-                rendered.append(self.render(message))
+                if isinstance(item, Message):
+                    rendered.append((self.render(item), self.lane(lane)))
+                    continue
+                fields = dict(item) if isinstance(item, Mapping) else item
+                own = fields.pop("lane", lane) if isinstance(fields, dict) else lane
+                chosen = self.lane(own)
+                rendered.append((self.render(message_from_mapping(fields)), chosen))
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
         return self.publish_rendered(rendered, batch_size=batch_size)
 
     def publish_rendered(
-        self, rendered: Sequence[Rendered], *, batch_size: int = BATCH_SIZE
+        self,
+        rendered: Sequence[Rendered | tuple[Rendered, str]],
+        *,
+        batch_size: int = BATCH_SIZE,
     ) -> list[str]:
-        """Publishes already-rendered messages as `mailer.send_batch` tasks over one broker
-        connection (for callers that validate everything before publishing anything)."""
+        """Publishes already-rendered messages (each optionally with its lane) as
+        `mailer.send_batch` tasks over one broker connection, one lane per batch (for callers
+        that validate everything before publishing anything)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        payloads = [r.to_payload() for r in rendered]
-        batches: list[Sequence[dict[str, Any]]] = [
-            payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)
+        by_lane: dict[str, list[Payload]] = {}
+        ids = []
+        for item in rendered:
+            one, lane = item if isinstance(item, tuple) else (item, self.settings.default_lane)
+            by_lane.setdefault(lane, []).append(to_payload(one, lane))
+            ids.append(one.id)
+        batches: list[Sequence[Payload]] = [
+            payloads[i : i + batch_size]
+            for payloads in by_lane.values()
+            for i in range(0, len(payloads), batch_size)
         ]
         if batches:
             self.publisher.send_batches(batches)
-        return [r.id for r in rendered]
+        return ids
 
     async def asend(self, **fields: Any) -> str:
         """Renders in the caller's loop (cheap) and publishes from a worker thread."""
+        lane = self.lane(fields.pop("lane", None))
         rendered = self.render(message_from_mapping(fields))
-        await asyncio.to_thread(self.publisher.send, rendered.to_payload())
+        await asyncio.to_thread(self.publisher.send, to_payload(rendered, lane))
         return rendered.id
 
     async def asend_many(self, messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:

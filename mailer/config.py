@@ -27,6 +27,87 @@ SENDGRID_KEY = re.compile(r"^SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}$")
 UNCERTAIN_POLICIES = ("retry", "hold")
 
 
+#: Rate window units (MAILER_RATE_LIMIT): seconds per unit.
+RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*/\s*([a-z]+)(?:\s*:\s*(\d+))?$")
+_LANE = re.compile(r"^([a-z][a-z0-9_]{0,31})(?:\s*:\s*(\d+(?:\.\d+)?)\s*%)?$")
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """`limit` messages per `period` seconds, with bursts of at most `burst` beyond the pace
+    (GCRA: in any interval of length L at most burst + L * limit / period go out)."""
+
+    limit: float
+    period: float
+    burst: int
+    spec: str  # as written, normalised: names the window's state in Redis
+
+    @property
+    def spacing(self) -> float:
+        return self.period / self.limit
+
+    @property
+    def tolerance(self) -> float:
+        return self.burst * self.spacing
+
+    @property
+    def per_second(self) -> float:
+        return self.limit / self.period
+
+    def scaled(self, share: float, lane: str) -> RateWindow:
+        """This window for one lane, which may use `share` of it."""
+        limit = max(self.limit * share, 1e-6)
+        burst = max(1, int(self.burst * share))
+        return RateWindow(limit, self.period, burst, f"{lane}:{limit:g}/{self.period:g}s:{burst}")
+
+
+def parse_rates(name: str, raw: str) -> tuple[RateWindow, ...]:
+    """`500/s,100000/h,2000000/d` (an optional `:burst` after each window)."""
+    windows = []
+    for part in filter(None, (p.strip() for p in raw.lower().split(","))):
+        match = _RATE.match(part)
+        if match is None or match.group(2) not in RATE_UNITS:
+            raise ConfigError(
+                name, f"{part!r} is not a rate such as 500/s, 3000/min, 100000/h or 2000000/d"
+            )
+        limit, period = float(match.group(1)), RATE_UNITS[match.group(2)]
+        if limit <= 0:
+            raise ConfigError(name, f"{part!r}: the limit must be above 0")
+        # Default burst: a tenth of a second's worth at the window's pace, at least one.
+        burst = int(match.group(3)) if match.group(3) else max(1, int(limit / period / 10))
+        windows.append(RateWindow(limit, period, burst, f"{limit:g}/{period:g}s:{burst}"))
+    return tuple(windows)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A priority lane: its own broker queue; `share` of the connection cap and of the rate is
+    kept for it (other lanes may use at most the rest), 0 for none."""
+
+    name: str
+    share: float = 0.0
+
+
+def parse_lanes(raw: str) -> tuple[Lane, ...]:
+    """`transactional:20%,bulk`: highest priority first."""
+    lanes: list[Lane] = []
+    for part in filter(None, (p.strip() for p in raw.lower().split(","))):
+        match = _LANE.match(part)
+        if match is None:
+            raise ConfigError(
+                "MAILER_LANES",
+                f"{part!r} is not a lane such as transactional:20% or bulk "
+                "(a lowercase name, an optional reserved share)",
+            )
+        if any(lane.name == match.group(1) for lane in lanes):
+            raise ConfigError("MAILER_LANES", f"lane {match.group(1)!r} is named twice")
+        lanes.append(Lane(match.group(1), float(match.group(2) or 0) / 100))
+    if sum(lane.share for lane in lanes) >= 1.0:
+        raise ConfigError("MAILER_LANES", "the reserved shares must add up to less than 100%")
+    return tuple(lanes) or (Lane("default"),)
+
+
 class Secret:
     """A string that never shows itself in a repr, str, log line or exception."""
 
@@ -149,6 +230,22 @@ class Settings:
     hostname: str = field(default_factory=socket.gethostname)
     celery_task_logs: bool = False  # Celery's own per-task INFO lines (ours are the audit trail)
     event_loop: str = "auto"  # the worker's SMTP loop: uvloop when installed, else asyncio
+    rate_limits: tuple[RateWindow, ...] = ()  # MAILER_RATE_LIMIT; () = none configured
+    rate_unit: str = "messages"  # or "recipients": what a token counts
+    connect_rate: float | None = None  # new SMTP sessions per second, fleet-wide
+    quota_probe_interval: float = 60.0
+    lanes: tuple[Lane, ...] = (Lane("default"),)
+    default_lane: str = "default"
+
+    def lane(self, name: str) -> Lane:
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane
+        raise KeyError(name)
+
+    def lane_share(self, name: str) -> float:
+        """The part of the cap and rate lane `name` may use: all but the others' reserves."""
+        return 1.0 - sum(lane.share for lane in self.lanes if lane.name != name)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -196,6 +293,17 @@ class Settings:
         if policy not in UNCERTAIN_POLICIES:
             raise ConfigError("MAILER_UNCERTAIN_POLICY", "must be 'hold' or 'retry'")
 
+        lanes = parse_lanes(env.get("MAILER_LANES", ""))
+        names = [lane.name for lane in lanes]
+        default_lane = env.get("MAILER_DEFAULT_LANE", "").strip().lower() or (
+            "default" if "default" in names else names[-1]
+        )
+        if default_lane not in names:
+            raise ConfigError("MAILER_DEFAULT_LANE", f"{default_lane!r} is not one of {names}")
+        rate_unit = env.get("MAILER_RATE_UNIT", "").strip().lower() or "messages"
+        if rate_unit not in ("messages", "recipients"):
+            raise ConfigError("MAILER_RATE_UNIT", "must be 'messages' or 'recipients'")
+        connect_rate = _float(env, "MAILER_CONNECT_RATE", 0.0, 0.0, 1_000_000.0) or None
         max_per_conn = _int(env, "MAILER_MAX_MESSAGES_PER_CONNECTION", 5000, 1, 1_000_000)
         max_conns = _int(env, "MAILER_MAX_CONNECTIONS", 10000, 1, 1_000_000)
         worker_conns = _int(env, "MAILER_WORKER_CONNECTIONS", 32, 1, 10_000)
@@ -237,6 +345,12 @@ class Settings:
             hostname=env.get("MAILER_HOSTNAME", "").strip() or socket.gethostname(),
             celery_task_logs=_flag(env, "MAILER_CELERY_TASK_LOGS"),
             event_loop=_event_loop(env),
+            rate_limits=parse_rates("MAILER_RATE_LIMIT", env.get("MAILER_RATE_LIMIT", "")),
+            rate_unit=rate_unit,
+            connect_rate=connect_rate,
+            quota_probe_interval=_float(env, "MAILER_QUOTA_PROBE_INTERVAL", 60.0, 1.0, 86400.0),
+            lanes=lanes,
+            default_lane=default_lane,
         )
         return settings
 

@@ -27,7 +27,7 @@ from kombu.utils.uuid import uuid
 
 from mailer.config import Settings
 from mailer.errors import PublishError
-from mailer.wire import BATCH_TASK, QUEUE, SEND_TASK
+from mailer.wire import BATCH_TASK, QUEUE, SEND_TASK, lane_of, queue_for
 
 PUBLISH_RETRY_POLICY = {
     "max_retries": 5,
@@ -53,6 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # One list per queue (we never publish with a priority): lets the workers fetch with an
         # atomic BLMOVE (workers/broker.py) instead of kombu's BRPOP over four lists.
         "priority_steps": [0],
+        # The lanes' queues, highest priority first: the order workers/broker.py fetches in.
+        "queue_order": [queue_for(lane.name) for lane in settings.lanes],
     }
     return {
         "broker_transport_options": transport,
@@ -84,7 +86,8 @@ def describe(payload: Mapping[str, Any]) -> str:
     to = list(meta.get("to") or payload.get("rcpt_to", []))
     shown = to[:5] + ([f"... +{len(to) - 5}"] if len(to) > 5 else [])
     subject = str(meta.get("subject", ""))[:80]
-    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {subject!r}}}"
+    lane = f", 'lane': {meta['lane']!r}" if "lane" in meta else ""
+    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {subject!r}{lane}}}"
 
 
 def describe_batch(payloads: Sequence[Mapping[str, Any]]) -> str:
@@ -131,8 +134,8 @@ class ProducerTransport(kredis.Transport):
     Channel = ProducerChannel
 
 
-#: A task as the publisher sends it: task name, positional args, the repr Flower shows.
-Task = tuple[str, tuple[Any, ...], str]
+#: A task as the publisher sends it: task name, positional args, the repr Flower shows, queue.
+Task = tuple[str, tuple[Any, ...], str, str]
 
 #: What a lost or refused broker connection raises (redis-py, the socket, kombu connecting).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, OperationalError)
@@ -185,7 +188,7 @@ class RedisPublisher:
         #: is a visible share of `mailer.send`. There are as many as threads ever published at once.
         self._idle: list[redis.Connection] = []
         self._pid = os.getpid()
-        self._queue_key = b""  # RESP bulk strings, packed once
+        self._queue_keys: dict[str, bytes] = {}  # RESP bulk strings, packed once per queue
         self._event_topic = b""
         self._event_exchange = app.conf.event_exchange
 
@@ -194,7 +197,9 @@ class RedisPublisher:
         messages = [self._messages(*task) for task in tasks]
         retry_over_time(self._push, CONNECTION_ERRORS, args=(messages,), **PUBLISH_RETRY_POLICY)
 
-    def _messages(self, name: str, args: tuple[Any, ...], argsrepr: str) -> tuple[dict, dict]:
+    def _messages(
+        self, name: str, args: tuple[Any, ...], argsrepr: str, queue: str
+    ) -> tuple[dict, dict]:
         """The task message (what celery's `amqp.as_task_v2` and `send_task_message` build for
         our call) and its task-sent event (what `events.Dispatcher.publish` builds)."""
         task_id = uuid()
@@ -226,7 +231,7 @@ class RedisPublisher:
             "argsrepr": argsrepr,  # send_task passes its extra options on as properties
             "kwargsrepr": "{}",
             "delivery_mode": 2,  # persistent
-            "delivery_info": {"exchange": "", "routing_key": QUEUE},
+            "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": None,  # set per attempt in _push
@@ -246,9 +251,9 @@ class RedisPublisher:
             "retries": 0,
             "eta": None,
             "expires": None,
-            "queue": QUEUE,
+            "queue": queue,
             "exchange": "",
-            "routing_key": QUEUE,
+            "routing_key": queue,
             "timestamp": time.time(),
             "type": "task-sent",
         }
@@ -272,7 +277,9 @@ class RedisPublisher:
             # A fresh delivery tag per attempt, as kombu gives each publish it retries.
             message["properties"]["delivery_tag"] = uuid()
             event["properties"]["delivery_tag"] = uuid()
-            packed += (_LPUSH, self._queue_key, _bulk(dumps(message)))
+            queue = message["properties"]["delivery_info"]["routing_key"]
+            key = self._queue_keys.get(queue) or self._queue_keys.setdefault(queue, _bulk(queue))
+            packed += (_LPUSH, key, _bulk(dumps(message)))
             packed += (_PUBLISH, self._event_topic, _bulk(dumps(event)))
         packed.append(_EXEC)
         idle = self._idle  # `close` replaces it: a connection in use then is not handed back
@@ -311,7 +318,7 @@ class RedisPublisher:
                 with self.app.connection_for_write(transport_options=options) as conn:
                     channel = conn.default_channel
                     self.app.amqp.default_queue(channel).declare()
-                    self._queue_key = _bulk(channel._q_for_pri(QUEUE, 0))
+                    self._queue_keys[QUEUE] = _bulk(channel._q_for_pri(QUEUE, 0))
                     self._event_topic = _bulk(
                         channel._get_publish_topic(self._event_exchange, "task.sent")
                     )
@@ -340,19 +347,26 @@ class Publisher:
             self.fast = RedisPublisher(self.app)
 
     def send(self, payload: Mapping[str, Any], *, countdown: float | None = None) -> None:
-        task = (SEND_TASK, (dict(payload),), describe(payload))
+        queue = queue_for(lane_of(payload))
+        task = (SEND_TASK, (dict(payload),), describe(payload), queue)
         if self.fast is not None and not countdown:
             with self._errors(SEND_TASK):
                 self.fast.publish([task])
         else:
-            self._publish(*task, countdown)
+            self._publish(*task, countdown)  # name, args, argsrepr, queue
 
     def send_batch(self, payloads: Sequence[Mapping[str, Any]]) -> None:
         self.send_batches([payloads])
 
     def send_batches(self, batches: Iterable[Sequence[Mapping[str, Any]]]) -> None:
         tasks = [
-            (BATCH_TASK, ([dict(p) for p in batch],), describe_batch(batch)) for batch in batches
+            (
+                BATCH_TASK,
+                ([dict(p) for p in batch],),
+                describe_batch(batch),
+                queue_for(lane_of(batch[0])),  # one lane per batch (see Mailer.publish_rendered)
+            )
+            for batch in batches
         ]
         if self.fast is not None:
             with self._errors(BATCH_TASK):
@@ -367,6 +381,7 @@ class Publisher:
         name: str,
         args: tuple[Any, ...],
         argsrepr: str,
+        queue: str,
         countdown: float | None,
         producer: Any = None,
     ) -> None:
@@ -374,7 +389,7 @@ class Publisher:
             self.app.send_task(
                 name,
                 args=args,
-                queue=QUEUE,
+                queue=queue,
                 countdown=countdown,
                 argsrepr=argsrepr,
                 kwargsrepr="{}",

@@ -31,10 +31,11 @@ import logging
 from typing import Any
 
 from celery import Celery, signals
+from kombu import Queue
 
 from mailer.config import Settings
 from mailer.publish import celery_config
-from mailer.wire import QUEUE
+from mailer.wire import queue_for
 
 settings = Settings.from_env()
 
@@ -56,7 +57,9 @@ app.conf.update(
     worker_enable_soft_shutdown_on_idle=True,
     worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
     worker_hijack_root_logger=False,
-    task_default_queue=QUEUE,
+    task_default_queue=queue_for(settings.default_lane),
+    # Every lane's queue, so a plain `celery -A workers.app worker` serves them all too.
+    task_queues=[Queue(queue_for(lane.name)) for lane in settings.lanes],
     task_ignore_result=True,
 )
 if settings.broker_url.startswith("redis://"):

@@ -15,8 +15,11 @@ its own leftovers back at once (a warm shutdown with a fetched-but-unread reply 
 so does a channel whose BLMOVE reply was lost with its connection (a broker restart), before it
 fetches again.
 
-It applies to a channel consuming exactly one queue with one priority step and no global key
-prefix (what `mailer worker` does); anything else falls back to kombu's own fetch.
+A worker serving several lanes consumes their queues in priority order: each fetch takes from
+the highest queue that holds a message (atomically onto the in-flight list, `_MOVE_FIRST`), and
+only when all were empty does it block, on the highest, for at most LOWER_LANE_WAIT seconds.
+It applies to queues with one priority step and no global key prefix (what `mailer worker`
+sets up); anything else falls back to kombu's own fetch.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
 end
--- Puts back on its queue every message of consumer `id` that `unacked` does not hold.
+-- Puts back on its queue every message of consumer `id` that `unacked` does not hold: the
+-- queue its routing key names (a consumer of several lanes), else the one it consumed.
 local function restore(id, prefix, queues, unacked)
   local list = prefix .. id
   local queue = redis.call('HGET', queues, id)
@@ -59,10 +63,12 @@ local function restore(id, prefix, queues, unacked)
   for i = #items, 1, -1 do
     local raw = items[i]
     local ok, msg = pcall(cjson.decode, raw)
-    local tag = ok and type(msg) == 'table' and type(msg['properties']) == 'table'
-      and msg['properties']['delivery_tag']
+    local props = ok and type(msg) == 'table' and msg['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
     if not (tag and redis.call('HEXISTS', unacked, tag) == 1) then
-      redis.call('RPUSH', queue, raw)
+      local info = type(props) == 'table' and props['delivery_info']
+      local key = type(info) == 'table' and info['exchange'] == '' and info['routing_key']
+      redis.call('RPUSH', (type(key) == 'string' and key ~= '') and key or queue, raw)
       n = n + 1
     end
   end
@@ -102,31 +108,50 @@ return n
 """
 )
 
-# KEYS: queue, unacked_index, unacked; ARGV: most to take, now (client time, as kombu scores).
-# Takes messages off the queue and records each as unacknowledged, exactly as kombu's
-# `QoS.append` would, in one atomic step: nothing is ever off the queue and unrecorded.
-# A message without a readable delivery tag goes back where it was and ends the batch (the
-# normal fetch then deals with it).
+# KEYS: unacked_index, unacked, queues... (highest priority first); ARGV: most to take, now
+# (client time, as kombu scores). Takes messages off the queues, a higher one emptied before a
+# lower one is touched, and records each as unacknowledged, exactly as kombu's `QoS.append`
+# would, in one atomic step: nothing is ever off a queue and unrecorded. Returns queue, message
+# pairs. A message without a readable delivery tag goes back where it was and ends the batch
+# (the normal fetch then deals with it).
 _TAKE = """
 local out = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('RPOP', KEYS[1])
-  if not raw then break end
-  local ok, msg = pcall(cjson.decode, raw)
-  local props = ok and type(msg) == 'table' and msg['properties']
-  local tag = type(props) == 'table' and props['delivery_tag']
-  if type(tag) ~= 'string' then
-    redis.call('RPUSH', KEYS[1], raw)
-    break
+local most = tonumber(ARGV[1])
+for q = 3, #KEYS do
+  while #out < 2 * most do
+    local raw = redis.call('RPOP', KEYS[q])
+    if not raw then break end
+    local ok, msg = pcall(cjson.decode, raw)
+    local props = ok and type(msg) == 'table' and msg['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(tag) ~= 'string' then
+      redis.call('RPUSH', KEYS[q], raw)
+      return out
+    end
+    local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
+    redis.call('ZADD', KEYS[1], ARGV[2], tag)
+    redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
+      .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+    out[#out + 1] = KEYS[q]
+    out[#out + 1] = raw
   end
-  local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
-  redis.call('ZADD', KEYS[2], ARGV[2], tag)
-  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
-    .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
-  out[#out + 1] = raw
 end
 return out
 """
+
+# KEYS: the in-flight list, queues... (highest priority first). What BLMOVE does for one
+# queue, for the first of several that holds a message, without blocking: {queue, message}.
+_MOVE_FIRST = """
+for q = 2, #KEYS do
+  local raw = redis.call('LMOVE', KEYS[q], KEYS[1], 'RIGHT', 'LEFT')
+  if raw then return {KEYS[q], raw} end
+end
+return false
+"""
+#: A consumer of several lanes that found them all empty blocks on the highest one for at most
+#: this long before it looks at all of them again: what a lower lane's message may wait on an
+#: idle worker.
+LOWER_LANE_WAIT = 1.0
 #: The most messages one fetch takes beyond the first (the prefetch limit bounds it too).
 TAKE_MAX = 32
 
@@ -218,9 +243,11 @@ class Channel(ReusedClient, kredis.Channel):
 
     QoS = QoS
     inflight_dead_after = DEAD_AFTER
+    queue_order: tuple[str, ...] | list[str] = ()  # the lanes' queues, highest priority first
     from_transport_options = (  # type: ignore[assignment]  # kombu types it as a fixed tuple
         *kredis.Channel.from_transport_options,
         "inflight_dead_after",
+        "queue_order",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -231,28 +258,34 @@ class Channel(ReusedClient, kredis.Channel):
         self.taken = False  # delivering a message `_TAKE` recorded
         self.linger_until = 0.0  # monotonic time before which no fetch starts (see LINGER)
         self._take: Any = None  # the registered `_TAKE` script, per client
-        self._moving: str | None = None  # the queue of the BLMOVE in flight
+        self._moving: list[str] | None = None  # the queues of the BLMOVE/_MOVE_FIRST in flight
+        self._blocking = False  # the command in flight is a BLMOVE (else _MOVE_FIRST)
+        self._all_empty = False  # the last _MOVE_FIRST found every queue empty
         self._unread = False  # a BLMOVE was sent and its reply never read (connection lost)
         self._beat_at = 0.0
         self._beat_queue = ""
 
-    def _movable_queue(self) -> str | None:
-        """The one queue key a BLMOVE can serve, or None: kombu's own fetch then."""
+    def _movable_queues(self) -> list[str] | None:
+        """The queue keys our fetch serves, highest priority first (the lanes' order), or None:
+        kombu's own fetch then."""
         queues = list(self.active_queues)
-        if self.global_keyprefix or len(queues) != 1:
+        if self.global_keyprefix or not queues:
             return None
-        keys = {self._q_for_pri(queues[0], pri) for pri in self.priority_steps}
-        return queues[0] if keys == {queues[0]} else None
+        for queue in queues:
+            if {self._q_for_pri(queue, pri) for pri in self.priority_steps} != {queue}:
+                return None
+        order = {name: index for index, name in enumerate(self.queue_order)}
+        return sorted(queues, key=lambda q: (order.get(q, len(order)), q))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        queue = self._movable_queue()
-        self._moving = queue
-        if queue is None:
+        queues = self._movable_queues()
+        self._moving = queues
+        if queues is None:
             super()._brpop_start(timeout)
             return
-        self._heartbeat(queue)
+        self._heartbeat(queues[0])
         if self._unread:
-            # The last BLMOVE's reply was lost with its connection: whatever it moved is on
+            # The last command's reply was lost with its connection: whatever it moved is on
             # our list and nobody will deliver it. Nothing else can be there now.
             self.sweep(own=True)
             self._unread = False
@@ -260,24 +293,41 @@ class Channel(ReusedClient, kredis.Channel):
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
         wait = self.brpop_timeout if timeout is None else timeout
         self._unread = True
-        self.client.connection.send_command(
-            "BLMOVE", queue, self.inflight_key, "RIGHT", "LEFT", wait or 0
-        )
+        # One queue: block on it. Several: take from the first that holds a message, and only
+        # once all were found empty block on the highest (LOWER_LANE_WAIT at most).
+        self._blocking = len(queues) == 1 or self._all_empty
+        if self._blocking:
+            if len(queues) > 1:
+                wait = min(wait or LOWER_LANE_WAIT, LOWER_LANE_WAIT)
+            self.client.connection.send_command(
+                "BLMOVE", queues[0], self.inflight_key, "RIGHT", "LEFT", wait or 0
+            )
+        else:
+            keys = [self.inflight_key, *queues]
+            self.client.connection.send_command("EVAL", _MOVE_FIRST, len(keys), *keys)
 
     def _brpop_read(self, **options: Any) -> bool:
-        queue, self._moving = self._moving, None
-        if queue is None:
+        queues, self._moving = self._moving, None
+        if queues is None:
             return bool(super()._brpop_read(**options))
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                command = "BLMOVE" if self._blocking else "EVAL"
+                item = self.client.parse_response(self.client.connection, command, **options)
                 self._unread = False
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            queue = queues[0]
+            if self._blocking:
+                self._all_empty = False
+            else:
+                self._all_empty = item is None
+                if item is not None:
+                    queue, item = bytes_to_str(item[0]), item[1]
             if item is None:
                 raise kredis.Empty()
-            self._deliver_moved(queue, item)
+            self._deliver_moved(queue, item, queues)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu's own code does the same
@@ -285,7 +335,7 @@ class Channel(ReusedClient, kredis.Channel):
             if flush is not None:
                 flush()
 
-    def _deliver_moved(self, queue: str, item: bytes) -> None:
+    def _deliver_moved(self, queue: str, item: bytes, queues: list[str]) -> None:
         self.staged = item
         message = loads(bytes_to_str(item))
         try:
@@ -300,7 +350,7 @@ class Channel(ReusedClient, kredis.Channel):
             with self.conn_or_acquire() as client:
                 client.lrem(self.inflight_key, 1, staged)  # type: ignore[arg-type]  # exact bytes
         batch = (message.get("headers") or {}).get("task") == BATCH_TASK  # one at a time
-        if not batch and 1 + self._take_more(queue) < LINGER_BELOW:
+        if not batch and 1 + self._take_more(queues) < LINGER_BELOW:
             self._linger()
 
     def _linger(self) -> None:
@@ -310,9 +360,10 @@ class Channel(ReusedClient, kredis.Channel):
         self.linger_until = time.monotonic() + LINGER
         hub.call_later(LINGER, _nothing)  # the poll wakes when the wait is over
 
-    def _take_more(self, queue: str) -> int:
-        """After a BLMOVE: whatever else the queue holds, up to the prefetch room, in the same
-        poll (one round trip for many messages instead of two per message); how many."""
+    def _take_more(self, queues: list[str]) -> int:
+        """After a move: whatever else the queues hold (highest first), up to the prefetch
+        room, in the same poll (one round trip for many messages instead of two per message);
+        how many."""
         n = TAKE_MAX
         for limit in (self.qos.can_consume_max_estimate(), room() if room is not None else None):
             n = n if limit is None else min(n, limit)
@@ -321,28 +372,29 @@ class Channel(ReusedClient, kredis.Channel):
         with self.conn_or_acquire() as client:
             if self._take is None or self._take.registered_client is not client:
                 self._take = client.register_script(_TAKE)
-            items = self._take(
-                keys=[queue, self.unacked_index_key, self.unacked_key], args=[n, time.time()]
+            reply = self._take(
+                keys=[self.unacked_index_key, self.unacked_key, *queues], args=[n, time.time()]
             )
-        for index, item in enumerate(items):
+        taken = [(bytes_to_str(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
+        for index, (queue, item) in enumerate(taken):
             self.taken = True
             try:
                 self.connection._deliver(loads(bytes_to_str(item)), queue)
             except BaseException:
-                self._give_back(queue, items[index + 1 :])
+                self._give_back(taken[index + 1 :])
                 raise
             finally:
                 self.taken = False
-        return len(items)
+        return len(taken)
 
-    def _give_back(self, queue: str, items: list[bytes]) -> None:
-        """Taken and recorded but never delivered (a delivery before them failed): back on the
-        queue now, rather than after the visibility timeout."""
-        if not items:
+    def _give_back(self, taken: list[tuple[str, bytes]]) -> None:
+        """Taken and recorded but never delivered (a delivery before them failed): back on
+        their queues now, rather than after the visibility timeout."""
+        if not taken:
             return
         with self.conn_or_acquire() as client:
             pipe = client.pipeline()
-            for item in reversed(items):
+            for queue, item in reversed(taken):
                 tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
                 pipe.zrem(self.unacked_index_key, tag)
                 pipe.hdel(self.unacked_key, tag)

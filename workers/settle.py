@@ -22,7 +22,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from mailer.publish import describe
-from mailer.wire import QUEUE, SEND_TASK, message_id_of
+from mailer.wire import SEND_TASK, lane_of, message_id_of, queue_for
 from workers.app import app, settings
 from workers.engine.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
 from workers.engine.runtime import Result, runtime
@@ -67,10 +67,12 @@ def countdown_for(failure: Failure, attempts: int) -> float:
     cap = float(settings.retry_countdown_max)
     if failure.kind is Kind.RECONNECT:
         seconds = random.uniform(0.1, 1.0)
-    elif failure.kind in (Kind.NO_LEASE, Kind.UNAVAILABLE):
+    elif failure.kind in (Kind.NO_LEASE, Kind.UNAVAILABLE, Kind.THROTTLED):
         seconds = random.uniform(1.0, 5.0)
     elif failure.kind is Kind.IN_FLIGHT:
         seconds = random.uniform(2.0, 10.0)
+    elif failure.kind is Kind.QUOTA:
+        seconds = random.uniform(0.5, 1.5) * settings.quota_probe_interval
     elif failure.kind in CIRCUIT_KINDS:
         seconds = random.uniform(0.5, 1.5) * settings.circuit_probe_interval
     else:
@@ -147,7 +149,13 @@ def decide(
     if failure.kind in WAIT_KINDS:
         if failure.kind in CIRCUIT_KINDS and trip:
             try:
-                runtime().circuit.trip(failure.reason)
+                kind = failure.kind.value
+                if runtime().circuit.trip(failure.reason, kind):
+                    log_event(
+                        "quota_exhausted" if failure.kind is Kind.QUOTA else "circuit_opened",
+                        reason=failure.reason,
+                        level=logging.WARNING,
+                    )
             except (redis.RedisError, OSError):
                 log.warning("could not open the circuit breaker (Redis unavailable)")
         if _too_old(payload):
@@ -178,7 +186,8 @@ def wait_for_circuit(hold: float = CIRCUIT_HOLD) -> Failure | None:
             return None
         remaining = deadline - time.monotonic()
         if remaining <= 0 or _shutting_down.is_set():
-            return Failure(Kind.AUTH, None, f"circuit open: {state.reason}", Phase.CONNECT)
+            kind = Kind.QUOTA if state.kind == "quota" else Kind.AUTH
+            return Failure(kind, None, f"circuit open: {state.reason}", Phase.CONNECT)
         _shutting_down.wait(min(0.5, remaining))
 
 
@@ -247,7 +256,7 @@ def settle_one(
             args=(payload,),
             kwargs=retry_kwargs(attempts, "", outcome.attempt),
             countdown=countdown,
-            queue=QUEUE,
+            queue=queue_for(lane_of(payload)),
             task_id=task_id,
             retries=1 if task_id else 0,
             argsrepr=describe(payload),

@@ -32,7 +32,7 @@ from celery.worker.request import Request
 
 from mailer import wire
 from mailer.publish import describe, describe_batch
-from mailer.wire import QUEUE
+from mailer.wire import queue_for
 from workers.app import app
 from workers.engine.classify import Failure
 from workers.engine.runtime import runtime
@@ -59,10 +59,13 @@ log = logging.getLogger("mailer.worker")
 app.steps["consumer"].add(DrainStream)
 
 
-def _republish(task: Task, countdown: float, exc: BaseException, **options: Any) -> NoReturn:
-    """Celery's retry with our reprs; if it cannot publish, requeue instead of being dropped."""
+def _republish(
+    task: Task, countdown: float, exc: BaseException, *, lane: str, **options: Any
+) -> NoReturn:
+    """Celery's retry (to the lane's queue) with our reprs; if it cannot publish, requeue
+    instead of being dropped."""
     try:
-        raise task.retry(countdown=countdown, exc=exc, queue=QUEUE, **options)
+        raise task.retry(countdown=countdown, exc=exc, queue=queue_for(lane), **options)
     except Reject as reject:
         log.error("retry could not be published (%s); requeueing the message", reject.reason)
         time.sleep(REQUEUE_PAUSE)
@@ -95,6 +98,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             self,
             countdown,
             exc,
+            lane=wire.lane_of(payload),
             args=(payload,),
             kwargs=retry_kwargs(attempts, released, exc.attempt),
             argsrepr=describe(payload),
@@ -181,6 +185,7 @@ def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
             self,
             countdown_for(waiting, 0),
             waiting,
+            lane=wire.lane_of(payloads[0]),
             args=(payloads,),
             kwargs={},
             argsrepr=describe_batch(payloads),

@@ -667,5 +667,5 @@ def test_a_retry_that_cannot_be_published_requeues_instead_of_dropping() -> None
 
     failure = Failure(Kind.RETRY, 451, "later", Phase.REPLY)
     with pytest.raises(Reject) as info:
-        _republish(BrokerDown(), 1.0, failure, args=(), kwargs={})  # type: ignore[arg-type]
+        _republish(BrokerDown(), 1.0, failure, lane="default", args=(), kwargs={})  # type: ignore[arg-type]
     assert info.value.requeue is True

@@ -107,9 +107,56 @@ def test_recipients_refused_all() -> None:
 
 
 def test_wait_kinds_are_the_ones_that_are_not_the_messages_fault() -> None:
-    assert {Kind.AUTH, Kind.TLS, Kind.NO_LEASE, Kind.UNAVAILABLE, Kind.IN_FLIGHT} == WAIT_KINDS
-    assert {Kind.AUTH, Kind.TLS} == CIRCUIT_KINDS
+    assert {
+        Kind.AUTH,
+        Kind.TLS,
+        Kind.NO_LEASE,
+        Kind.UNAVAILABLE,
+        Kind.IN_FLIGHT,
+        Kind.THROTTLED,
+        Kind.QUOTA,
+    } == WAIT_KINDS
+    assert {Kind.AUTH, Kind.TLS, Kind.QUOTA} == CIRCUIT_KINDS
     assert not WAIT_KINDS & {Kind.RECONNECT, Kind.RETRY, Kind.PERMANENT, Kind.UNCERTAIN}
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "phase", "kind"),
+    [
+        (
+            421,
+            "Message from (192.0.2.1) temporarily deferred - 4.16.50",
+            Phase.MAIL,
+            Kind.THROTTLED,
+        ),
+        (452, "Too many recipients received this hour (throttled)", Phase.RCPT, Kind.THROTTLED),
+        (451, "4.7.1 throttled, try again later", Phase.MAIL, Kind.THROTTLED),
+        (450, "4.7.1 Error: too much mail from 127.0.0.1", Phase.MAIL, Kind.THROTTLED),
+        (421, "4.7.0 Error: too many connections from 127.0.0.1", Phase.CONNECT, Kind.THROTTLED),
+        (454, "Throttling failure: Maximum sending rate exceeded.", Phase.MAIL, Kind.THROTTLED),
+        (451, "Authentication failed: Maximum credits exceeded", Phase.CONNECT, Kind.QUOTA),
+        (451, "You've exceeded your messaging limits", Phase.MAIL, Kind.QUOTA),
+        (454, "Throttling failure: Daily message quota exceeded.", Phase.MAIL, Kind.QUOTA),
+        # Not throttling: a greylist or a generic temporary failure is the message's own.
+        (450, "4.2.0 Greylisted, please try again later", Phase.RCPT, Kind.RETRY),
+        (451, "4.3.0 Try again later", Phase.REPLY, Kind.RETRY),
+        (421, "4.3.2 Service shutting down", Phase.MAIL, Kind.RECONNECT),
+        (452, "4.5.3 Too many recipients", Phase.RCPT, Kind.RETRY),  # per message, RFC 5321
+    ],
+)
+def test_throttling_and_quota_replies_are_told_apart(
+    code: int, text: str, phase: Phase, kind: Kind
+) -> None:
+    assert by_code(code, text, phase).kind is kind
+
+
+def test_a_quota_reply_at_auth_is_not_a_bad_key() -> None:
+    quota = aiosmtplib.SMTPAuthenticationError(
+        451, "Authentication failed: Maximum credits exceeded"
+    )
+    assert classify(quota, Phase.CONNECT).kind is Kind.QUOTA
+    bad = aiosmtplib.SMTPAuthenticationError(535, "Authentication failed: Bad username / password")
+    assert classify(bad, Phase.CONNECT).kind is Kind.AUTH
 
 
 def test_failure_repr_is_its_reason_and_it_pickles() -> None:

@@ -20,12 +20,15 @@ UNCERTAIN.
     NO_LEASE     kept     the fleet is at its connection cap: wait
     UNAVAILABLE  kept     our own Redis (ledger, leases) is unreachable: wait
     IN_FLIGHT    kept     another copy of this message is being sent right now: wait
+    THROTTLED    kept     the relay asks us to slow down: lower the fleet's rate, wait for it
+    QUOTA        kept     the account's quota is spent: stop the fleet, probe rarely
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import ssl
 from dataclasses import dataclass, field
 
@@ -42,12 +45,38 @@ class Kind(enum.Enum):
     NO_LEASE = "no_lease"  # the fleet is at its connection cap: retry later
     UNAVAILABLE = "unavailable"  # the ledger/lease Redis is unreachable: retry later
     IN_FLIGHT = "in_flight"  # another attempt holds this message's claim: retry later
+    THROTTLED = "throttled"  # the relay asks the fleet to slow down (or we wait for our rate)
+    QUOTA = "quota"  # the account's sending quota is spent: nothing goes until it is back
 
 
 #: Not the message's fault: waiting for these never spends one of its attempts.
-WAIT_KINDS = frozenset({Kind.AUTH, Kind.TLS, Kind.NO_LEASE, Kind.UNAVAILABLE, Kind.IN_FLIGHT})
+WAIT_KINDS = frozenset(
+    {
+        Kind.AUTH,
+        Kind.TLS,
+        Kind.NO_LEASE,
+        Kind.UNAVAILABLE,
+        Kind.IN_FLIGHT,
+        Kind.THROTTLED,
+        Kind.QUOTA,
+    }
+)
 #: Fleet-wide: these open the circuit breaker.
-CIRCUIT_KINDS = frozenset({Kind.AUTH, Kind.TLS})
+CIRCUIT_KINDS = frozenset({Kind.AUTH, Kind.TLS, Kind.QUOTA})
+
+#: Replies that mean the account's quota is spent (SendGrid at AUTH, SES), not a bad key.
+QUOTA_TEXT = re.compile(
+    r"maximum credits exceeded|exceeded your messaging limit|daily message quota|"
+    r"sending quota|quota exceeded",
+    re.IGNORECASE,
+)
+#: Temporary replies that ask us to slow down (SendGrid, Postfix's anvil and rate limits, SES).
+THROTTLE_TEXT = re.compile(
+    r"throttl|too much mail|too many (messages|connections|recipients received)|"
+    r"temporarily deferred|rate exceeded|rate limit|sending rate|slow down",
+    re.IGNORECASE,
+)
+THROTTLE_CODES = frozenset({421, 450, 451, 452, 454})
 
 AUTH_CODES = frozenset({530, 534, 535, 538})
 
@@ -98,6 +127,10 @@ class Failure(Exception):
 def by_code(code: int, text: str, phase: Phase) -> Failure:
     """A definite reply from the relay."""
     text = _clean(text)
+    if 400 <= code < 600 and QUOTA_TEXT.search(text):
+        return Failure(Kind.QUOTA, code, text, phase)
+    if code in THROTTLE_CODES and THROTTLE_TEXT.search(text):
+        return Failure(Kind.THROTTLED, code, text, phase)
     if code == 421:
         return Failure(Kind.RECONNECT, code, text, phase)
     if code == 503 and phase is not Phase.REPLY:
@@ -123,6 +156,8 @@ def classify(exc: BaseException, phase: Phase) -> Failure:
     if isinstance(exc, Failure):
         return exc
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        if QUOTA_TEXT.search(_text(exc)):
+            return Failure(Kind.QUOTA, exc.code, _text(exc), phase)
         return Failure(Kind.AUTH, exc.code, _text(exc), phase)
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 0:
         return by_code(exc.code, _text(exc), phase)

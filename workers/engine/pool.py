@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from mailer.config import Settings
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.session import Delivered, Session
+from workers.engine.shaper import Shaper
 from workers.observe.logs import log_event
 
 log = logging.getLogger("mailer.pool")
@@ -86,14 +87,22 @@ class _Waiter:
 
     future: asyncio.Future[Session | None]
     envelope: tuple[str, list[str], int] | None
+    rank: int = 0  # the message's lane: 0 is served first
 
 
 class SessionPool:
     """Up to `worker_connections` sessions, reused across tasks; LIFO so spares idle out."""
 
-    def __init__(self, settings: Settings, leases: Leases) -> None:
+    def __init__(self, settings: Settings, leases: Leases, shaper: Shaper | None = None) -> None:
         self.settings = settings
         self.leases = leases
+        self.shaper = shaper
+        self._ranks = {lane.name: rank for rank, lane in enumerate(settings.lanes)}
+        #: Until one session of this process has logged in (and again after a refused login),
+        #: sessions open one at a time: a bad key costs one failed AUTH, not one per session.
+        self._logged_in = False
+        self._login_gate = asyncio.Lock()
+        self._login_refused: tuple[float, Failure] | None = None
         self.capacity = settings.worker_connections
         self.stats = PoolStats()
         self._idle: deque[Session] = deque()
@@ -122,9 +131,12 @@ class SessionPool:
         rcpt_to: list[str],
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
+        lane: str = "",
     ) -> Delivered:
-        session = await self._checkout((mail_from, rcpt_to, len(body)))
+        rank = self._ranks.get(lane, 0)
+        session = await self._checkout((mail_from, rcpt_to, len(body)), rank)
         passed = False
+        pipeline = self.shaper is None or not self.shaper.cautious
 
         def hand_over(busy: Session) -> tuple[bytes, int] | None:
             nonlocal passed
@@ -133,7 +145,9 @@ class SessionPool:
             return chained
 
         try:
-            return await session.transaction(mail_from, rcpt_to, body, before_body, hand_over)
+            return await session.transaction(
+                mail_from, rcpt_to, body, before_body, hand_over, pipeline=pipeline
+            )
         finally:
             if not passed:  # else the next message has it and checks it in
                 await self._checkin(session)
@@ -143,6 +157,8 @@ class SessionPool:
         is then handed the session, before the body it rides behind is even written."""
         if self._closing or not self._waiters or not self._usable(session, time.monotonic()):
             return None
+        if self.shaper is not None and self.shaper.cautious:
+            return None  # the relay throttles us: one transaction at a time, nothing behind
         while self._waiters and self._waiters[0].future.done():
             self._waiters.popleft()  # gave up
         waiter = self._waiters[0] if self._waiters else None
@@ -157,7 +173,9 @@ class SessionPool:
         self.stats.chained += 1
         return chained
 
-    async def _checkout(self, envelope: tuple[str, list[str], int] | None = None) -> Session:
+    async def _checkout(
+        self, envelope: tuple[str, list[str], int] | None = None, rank: int = 0
+    ) -> Session:
         deadline = time.monotonic() + self.settings.lease_wait
         while True:
             if self._closing:
@@ -171,7 +189,7 @@ class SessionPool:
                 await self._retire(session)
             if not self._waiters and self.open_sessions + self._opening < self.capacity:
                 return await self._open(deadline)
-            handed = await self._wait(deadline, envelope)
+            handed = await self._wait(deadline, envelope, rank)
             if handed is not None:
                 return handed
             # Woken first in line because a session closed: the room is ours to open.
@@ -179,14 +197,15 @@ class SessionPool:
                 return await self._open(deadline)
 
     async def _wait(
-        self, deadline: float, envelope: tuple[str, list[str], int] | None
+        self, deadline: float, envelope: tuple[str, list[str], int] | None, rank: int = 0
     ) -> Session | None:
-        """Queues for the next session freed (returned busy), or for room to open one (None)."""
+        """Queues for the next session freed (returned busy), or for room to open one (None):
+        lanes in priority order, first come first served within a lane."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), envelope)
-        self._waiters.append(waiter)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), envelope, rank)
+        self._enqueue(waiter)
         got = False
         try:
             async with asyncio.timeout(remaining):
@@ -200,6 +219,15 @@ class SessionPool:
         finally:
             if not got:
                 self._abandon(waiter)
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        if not self._waiters or self._waiters[-1].rank <= waiter.rank:
+            self._waiters.append(waiter)  # the common case: one lane, or the lowest
+            return
+        for index, queued in enumerate(self._waiters):
+            if queued.rank > waiter.rank:
+                self._waiters.insert(index, waiter)
+                return
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up (timeout, cancelled): what it was handed just then goes on."""
@@ -260,8 +288,10 @@ class SessionPool:
             if lease is None:
                 self.stats.lease_waits += 1
                 raise Failure(Kind.NO_LEASE, None, "fleet connection cap reached", Phase.CONNECT)
+            if self.shaper is not None:
+                await self.shaper.connect(deadline)
             session = Session(self.settings, lease)
-            await session.open()
+            await self._login(session)
             if session.lease_expired():  # stalled mid-handshake: the lease may be gone
                 session.abort()
                 raise Failure(Kind.RECONNECT, None, "lease expired while connecting", Phase.CONNECT)
@@ -275,6 +305,39 @@ class SessionPool:
         self.stats.opened += 1
         self._busy.add(session)
         return session
+
+    async def _login(self, session: Session) -> None:
+        """Opens `session`; one at a time until a login of this process succeeded. After a
+        refused login (a bad or revoked key, the quota spent) no session of this process tries
+        again for most of a probe interval: the fleet's breaker lets one probe through per
+        interval, and this keeps the opens already under way from adding failed logins."""
+        if self._logged_in:
+            try:
+                await session.open()
+            except Failure as failure:
+                self._refused(failure)
+                raise
+            return
+        async with self._login_gate:
+            refused = self._login_refused
+            if refused is not None and time.monotonic() < refused[0]:
+                raise refused[1]
+            try:
+                await session.open()
+            except Failure as failure:
+                self._refused(failure)
+                raise
+            self._logged_in, self._login_refused = True, None
+
+    def _refused(self, failure: Failure) -> None:
+        if failure.kind not in (Kind.AUTH, Kind.QUOTA):
+            return
+        s = self.settings
+        interval = (
+            s.quota_probe_interval if failure.kind is Kind.QUOTA else s.circuit_probe_interval
+        )
+        self._logged_in = False
+        self._login_refused = (time.monotonic() + 0.9 * interval, failure)
 
     async def _checkin(self, session: Session) -> None:
         if session.owes_turn:

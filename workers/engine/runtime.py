@@ -19,15 +19,18 @@ import redis
 import redis.asyncio as aioredis
 
 from mailer.config import Settings
+from mailer.wire import lane_of
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.loop import LoopThread
 from workers.engine.pool import LeaseLike, PoolStats, SessionPool
 from workers.engine.session import wire_body
+from workers.engine.shaper import Shaper
 from workers.observe import metrics
 from workers.observe.logs import log_event
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
 from workers.state.ledger import Ledger
+from workers.state.ratelimit import CONNECT_KEY, RateLimiter
 from workers.state.semaphore import LeaseKeeper, LeaseSemaphore, Limit
 
 log = logging.getLogger("mailer.worker")
@@ -153,6 +156,9 @@ class _Leases:
 
 #: Attempts in flight per session of the process (see `Runtime.gate`).
 ATTEMPTS_PER_SESSION = 2
+#: A message the relay throttles waits for the fleet's rate again, in this process, this many
+#: times before it goes back to the queue (still without spending an attempt).
+THROTTLED_TRIES = 10
 
 
 class Runtime:
@@ -161,7 +167,9 @@ class Runtime:
         self.pid = os.getpid()
         self.sync_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self.dead = DeadLetters(self.sync_redis)
-        self.circuit = Circuit(self.sync_redis, settings.circuit_probe_interval)
+        self.circuit = Circuit(
+            self.sync_redis, settings.circuit_probe_interval, settings.quota_probe_interval
+        )
         self.loop = LoopThread(kind=settings.event_loop)
         self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
         #: Attempts of batch tasks started and not ended (running, or waiting for a session):
@@ -203,7 +211,8 @@ class Runtime:
         self.semaphore = LeaseSemaphore(self.lease_redis, limits, s.lease_ttl, host=s.hostname)
         self.keeper = LeaseKeeper(self.semaphore, on_lost=self._on_lease_lost)
         self.leases = _Leases(self.semaphore, self.keeper)
-        self.pool = SessionPool(s, self.leases)
+        self.shaper = Shaper(s, RateLimiter(self.redis), RateLimiter(self.redis, CONNECT_KEY))
+        self.pool = SessionPool(s, self.leases, self.shaper)
         self.ledger = Ledger(self.redis, ttl=s.ledger_ttl, claim_ttl=3 * s.smtp_timeout + 10)
         self.keeper.start()
         self.pool.start()
@@ -211,16 +220,21 @@ class Runtime:
     def drain(self) -> None:
         """Shutdown begins (safe from a signal handler): tasks waiting for a lease stop waiting
         and go back to the queue; transactions in flight carry on."""
-        self.loop.loop.call_soon_threadsafe(self.leases.draining.set)
+        self.loop.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.leases.draining.set()
+        self.shaper.close()
 
     def _on_lease_lost(self, lease: Any) -> Coroutine[Any, Any, None]:
         log_event("lease_lost", lease=lease.id, level=logging.WARNING)
         return self.pool.on_lease_lost(lease)  # aborts now; the returned release runs later
 
     def _attempt_budget(self) -> float:
-        """The longest one attempt may take: a lease, a connection, the commands, the DATA reply."""
+        """The longest one attempt may take: the rate, a lease, a connection, the commands, the
+        DATA reply."""
         s = self.settings
-        return s.lease_wait + 4 * s.smtp_timeout + s.data_timeout
+        return 2 * s.lease_wait + 4 * s.smtp_timeout + s.data_timeout
 
     async def _bounded(
         self, payload: Mapping[str, Any], released: str = "", *, stream: bool = False
@@ -309,7 +323,7 @@ class Runtime:
     async def adeliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
         async with self.gate:
-            return await self._attempt(payload, released)
+            return await self._admitted(payload, released)
 
     async def _streamed(self, payload: Mapping[str, Any]) -> Result:
         """`adeliver` for `start_many`: an attempt still waiting for room when shutdown begins
@@ -331,9 +345,27 @@ class Runtime:
         else:
             await gate.acquire()
         try:
-            return await self._attempt(payload, "")
+            return await self._admitted(payload, "")
         finally:
             gate.release()
+
+    async def _admitted(self, payload: Mapping[str, Any], released: str) -> Result:
+        """`_attempt` once the fleet's rate admits it. A transaction the relay throttled goes
+        back to wait for the rate (which the throttling just lowered), not to its retries."""
+        lane = lane_of(payload)
+        tokens = self.shaper.tokens_for(len(payload["rcpt_to"]))
+        for tries in range(1, THROTTLED_TRIES + 1):
+            await self.shaper.admit(lane, tokens, time.monotonic() + self.settings.lease_wait)
+            try:
+                return await self._attempt(payload, released)
+            except Failure as failure:
+                if failure.kind is not Kind.THROTTLED or tries == THROTTLED_TRIES:
+                    raise
+                if self.leases.draining.is_set():
+                    raise
+                if failure.attempt:
+                    released = f"{released} {failure.attempt}".strip()
+        raise AssertionError("unreachable")
 
     async def _attempt(self, payload: Mapping[str, Any], released: str) -> Result:
         """One attempt, guarded by the ledger so a message the relay has is never sent again.
@@ -379,10 +411,16 @@ class Runtime:
 
         try:
             delivered = await self.pool.send(
-                str(payload["mail_from"]), list(payload["rcpt_to"]), body, before_body
+                str(payload["mail_from"]),
+                list(payload["rcpt_to"]),
+                body,
+                before_body,
+                lane=lane_of(payload),
             )
         except Failure as failure:
             metrics.smtp_failure(failure)
+            if failure.kind is Kind.THROTTLED and failure.code is not None:
+                self.shaper.throttled(failure.reason)
             if failure.kind is Kind.UNCERTAIN:
                 await _quietly(self.ledger.settle(message_id, owner, "uncertain", failure.reason))
             elif failure.kind is Kind.PERMANENT:
@@ -399,6 +437,7 @@ class Runtime:
 
     def close(self, timeout: float = 30.0) -> None:
         async def stop() -> None:
+            self.shaper.close()
             await self.pool.close(timeout)
             await self.keeper.stop()
             await self.semaphore.close()

@@ -13,6 +13,7 @@ round trip per message instead of two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
@@ -48,6 +49,22 @@ def wire_body(data: bytes) -> bytes:
     if data.startswith(b".") or b"\n." in data:  # rare: the scan alone is cheap
         data = _LEADING_DOT.sub(b"..", data)
     return data + b".\r\n"
+
+
+async def _login(smtp: aiosmtplib.SMTP, username: str, password: str) -> None:
+    """AUTH with one mechanism, the first the relay offers: aiosmtplib's `login` tries the
+    next mechanism with the same key after a refusal, and every try is one more failed login
+    on the relay's books (a key or IP block on SendGrid)."""
+    methods = smtp.supported_auth_methods
+    if not methods:
+        await smtp.login(username, password)  # raises aiosmtplib's "not supported" error
+        return
+    await getattr(smtp, f"auth_{methods[0].replace('-', '')}")(username, password)
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+        await smtp.quit(timeout=5.0)
 
 
 @dataclass
@@ -99,14 +116,17 @@ class Session:
             await smtp.connect()
             if s.smtp_tls != "none" and smtp.get_transport_info("sslcontext") is None:
                 raise Failure(Kind.TLS, None, "connection is not encrypted", Phase.CONNECT)
+            if smtp.last_ehlo_response is None:
+                await smtp.ehlo()
             if s.smtp_auth:
-                await smtp.login(s.smtp_username, s.smtp_password.reveal())
-            elif smtp.last_ehlo_response is None:
-                await smtp.ehlo()  # MAILER_SMTP_NO_AUTH (a local sink): EHLO for its extensions
+                await _login(smtp, s.smtp_username, s.smtp_password.reveal())
             protocol = adopt(smtp.protocol)  # handshake over, nothing pending: see protocol.py
         except BaseException as exc:
+            failure = classify(exc, Phase.CONNECT)
+            if failure.kind in (Kind.AUTH, Kind.QUOTA) and smtp.is_connected:
+                await _quit(smtp)  # a refused login still says goodbye: no "lost connection"
             smtp.close()
-            raise classify(exc, Phase.CONNECT) from None
+            raise failure from None
         self.pipelining = smtp.supports_extension("pipelining")
         self._size = smtp.supports_extension("size")
         self._smtp = smtp
@@ -148,6 +168,7 @@ class Session:
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
         hand_over: Callable[[Session], tuple[bytes, int] | None] | None = None,
+        pipeline: bool = True,
     ) -> Delivered:
         """MAIL, RCPT..., DATA; `body` is already dot-stuffed and terminated (see `wire_body`).
 
@@ -158,7 +179,9 @@ class Session:
         `hand_over(session)`, called just before the body is written, may return the next
         message's commands (`commands()`): they leave in the same write, and from then on the
         session is that message's, whose transaction finds its commands written and reads
-        their replies once this one has read its own.
+        their replies once this one has read its own. `pipeline=False` sends one command at a
+        time even to a relay that pipelines (while it throttles us: a refused MAIL then costs
+        one error, not three).
         """
         turn = self._turn
         written = turn is not None  # our commands left behind the previous message's body
@@ -180,7 +203,7 @@ class Session:
         rcpts: list[bytes] = []  # when `written`, `commands()` built and checked them already
         if not written:
             mail, rcpts = _commands(mail_from, rcpt_to, len(body) if self._size else None)
-        pipelined = self.pipelining
+        pipelined = self.pipelining and pipeline
         timeout = self.settings.smtp_timeout
         phase = Phase.MAIL
         body_owed = False  # after the 354 the relay reads everything we write as the body
@@ -242,7 +265,7 @@ class Session:
         except Failure as failure:
             if failure.code == 421:
                 smtp.close()  # what aiosmtplib does on a 421: the relay is hanging up
-            if failure.kind not in (Kind.RETRY, Kind.PERMANENT) or body_owed:
+            if failure.kind not in (Kind.RETRY, Kind.PERMANENT, Kind.THROTTLED) or body_owed:
                 # 421, drop, ambiguous reply, AUTH lost, a body the relay still waits for:
                 # never reuse it.
                 self.broken = True

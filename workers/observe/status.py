@@ -6,10 +6,16 @@ added, existing ones keep their names, types and meaning):
     version         1
     broker          the broker URL, password masked
     queue           {name, waiting, unacked}: messages waiting in the queue, and delivered to a
-                    worker but not yet acknowledged (running, prefetched or held for a countdown)
+                    worker but not yet acknowledged (running, prefetched or held for a countdown);
+                    `name`/`waiting` are the default lane's
+    lanes           [{name, queue, share, waiting}]: every lane, highest priority first
+    rate            {configured: [window...], unit, effective_per_s, reason, since, connect_per_s}:
+                    the fleet's message rate; `effective_per_s` is the adaptive ceiling the
+                    relay's throttling set (null when none is in force)
     leases          {epoch, ttl_s, limits: {name: {cap, held, hosts: {host: n},
                     processes: {"host:pid": n}, oldest_age_s}}}; `smtp` is the fleet-wide cap
-    circuit         {open, reason, since}
+    circuit         {open, reason, since, kind}: `kind` quota is the quota state (the
+                    account's sending quota is spent; one probe per MAILER_QUOTA_PROBE_INTERVAL)
     dead_letters    how many messages are dead-lettered
     throughput      {window_minutes, total, last_minute, per_minute}: message outcomes (sent,
                     duplicate, retried, failed, held) over the window, in the last complete
@@ -35,10 +41,11 @@ import redis.asyncio as aioredis
 
 from mailer.config import Settings
 from mailer.publish import redact_url
-from mailer.wire import QUEUE
+from mailer.wire import queue_for
 from workers.observe.logs import outcome_of
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
+from workers.state.ratelimit import peek_ceiling
 from workers.state.semaphore import LeaseSemaphore, Limit
 
 log = logging.getLogger("mailer.status")
@@ -151,12 +158,24 @@ async def _leases(settings: Settings) -> dict[str, Any]:
         await client.aclose()
 
 
-def _waiting(client: redis.Redis) -> int:
+def _waiting(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=False)
-    pipe.llen(QUEUE)
+    pipe.llen(queue)
     for step in PRIORITY_STEPS:
-        pipe.llen(f"{QUEUE}{PRIORITY_SEP}{step}")
+        pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
     return sum(int(n) for n in pipe.execute())
+
+
+def _rate(settings: Settings, state: redis.Redis) -> dict[str, Any]:
+    ceiling = peek_ceiling(state)
+    return {
+        "configured": [w.spec for w in settings.rate_limits],
+        "unit": settings.rate_unit,
+        "effective_per_s": ceiling.rate,
+        "reason": ceiling.reason if ceiling.rate is not None else "",
+        "since": ceiling.since,
+        "connect_per_s": settings.connect_rate,
+    }
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -164,16 +183,33 @@ def collect(settings: Settings) -> dict[str, Any]:
     state = redis.Redis.from_url(settings.redis_url)
     try:
         circuit = Circuit(state).state(max_age=0)
+        lanes = [
+            {
+                "name": lane.name,
+                "queue": queue_for(lane.name),
+                "share": lane.share,
+                "waiting": _waiting(broker, queue_for(lane.name)),
+            }
+            for lane in settings.lanes
+        ]
+        default = queue_for(settings.default_lane)
         return {
             "version": VERSION,
             "broker": redact_url(settings.broker_url),
             "queue": {
-                "name": QUEUE,
-                "waiting": _waiting(broker),
+                "name": default,
+                "waiting": next(x["waiting"] for x in lanes if x["queue"] == default),
                 "unacked": int(broker.hlen("unacked")),
             },
+            "lanes": lanes,
+            "rate": _rate(settings, state),
             "leases": asyncio.run(_leases(settings)),
-            "circuit": {"open": circuit.open, "reason": circuit.reason, "since": circuit.since},
+            "circuit": {
+                "open": circuit.open,
+                "reason": circuit.reason,
+                "since": circuit.since,
+                "kind": circuit.kind,
+            },
             "dead_letters": DeadLetters(state).count(),
             "throughput": read_throughput(state),
         }
@@ -192,8 +228,27 @@ def render(data: dict[str, Any]) -> str:
     lines.append(
         f"queue         {q['name']}: {q['waiting']} waiting, {q['unacked']} delivered unacked"
     )
+    if len(data.get("lanes", [])) > 1:
+        for lane in data["lanes"]:
+            share = f", {lane['share']:.0%} reserved" if lane["share"] else ""
+            lines.append(
+                f"lane {lane['name']:<8} {lane['queue']}: {lane['waiting']} waiting{share}"
+            )
+    rate = data.get("rate") or {}
+    configured = ", ".join(rate.get("configured") or []) or "none configured"
+    if rate.get("effective_per_s") is not None:
+        lines.append(
+            f"rate          THROTTLED to {rate['effective_per_s']:.1f}/s by the relay "
+            f"(configured: {configured}): {rate['reason']}"
+        )
+    else:
+        lines.append(f"rate          {configured} ({rate.get('unit', 'messages')})")
     circuit = data["circuit"]
-    lines.append("circuit       " + (f"OPEN: {circuit['reason']}" if circuit["open"] else "closed"))
+    if circuit["open"] and circuit.get("kind") == "quota":
+        lines.append(f"circuit       QUOTA SPENT, sending stopped: {circuit['reason']}")
+    else:
+        opened = f"OPEN: {circuit['reason']}" if circuit["open"] else "closed"
+        lines.append("circuit       " + opened)
     lines.append(f"dead letters  {data['dead_letters']}")
     tp = data.get("throughput")
     if tp:

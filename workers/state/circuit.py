@@ -1,7 +1,8 @@
 """A fleet-wide circuit breaker for failures that no retry can fix: a bad or revoked API key,
-a relay that will not do TLS. While it is open every worker leaves queued messages waiting
-(without spending their retries); one probe per interval tries the relay, and a probe that
-authenticates closes it for everyone.
+a relay that will not do TLS, the account's quota spent. While it is open every worker leaves
+queued messages waiting (without spending their retries); one probe per interval tries the
+relay, and a probe that goes through closes it for everyone. The quota state probes rarely
+(MAILER_QUOTA_PROBE_INTERVAL): the relay will not take anything before the quota is back.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ class CircuitState:
     open: bool
     reason: str = ""
     since: float = 0.0
+    kind: str = "auth"  # auth | tls | quota: what opened it
 
 
 class Circuit:
-    def __init__(self, client: redis.Redis, probe_interval: float = 10.0) -> None:
+    def __init__(
+        self, client: redis.Redis, probe_interval: float = 10.0, quota_interval: float = 60.0
+    ) -> None:
         self.redis = client
         self.probe_interval = probe_interval
+        self.quota_interval = quota_interval
         self._cached: tuple[float, CircuitState] = (0.0, CircuitState(False))
+
+    def interval(self, kind: str) -> float:
+        return self.quota_interval if kind == "quota" else self.probe_interval
 
     def state(self, max_age: float = 0.5) -> CircuitState:
         """Cached for half a second: one GET per process, not one per message."""
@@ -40,20 +48,29 @@ class Circuit:
             state = CircuitState(False)
         else:
             data = json.loads(raw)
-            state = CircuitState(True, str(data.get("reason", "")), float(data.get("since", 0)))
+            state = CircuitState(
+                True,
+                str(data.get("reason", "")),
+                float(data.get("since", 0)),
+                str(data.get("kind", "auth")),
+            )
         self._cached = (now, state)
         return state
 
-    def trip(self, reason: str) -> None:
-        record = json.dumps({"reason": reason, "since": time.time()})
-        if self.redis.set(KEY, record, nx=True):
+    def trip(self, reason: str, kind: str = "auth") -> bool:
+        """Opens the breaker; True when this call opened it (the caller logs it once)."""
+        record = json.dumps({"reason": reason, "since": time.time(), "kind": kind})
+        opened = bool(self.redis.set(KEY, record, nx=True))
+        if opened:
             # The tripping attempt was itself a probe: the next one waits a full interval.
-            self.redis.set(PROBE_KEY, "1", px=int(self.probe_interval * 1000))
-        self._cached = (time.monotonic(), CircuitState(True, reason, time.time()))
+            self.redis.set(PROBE_KEY, "1", px=int(self.interval(kind) * 1000))
+        self._cached = (time.monotonic(), CircuitState(True, reason, time.time(), kind))
+        return opened
 
     def try_probe(self) -> bool:
         """True for one caller in the fleet per probe interval."""
-        return bool(self.redis.set(PROBE_KEY, "1", nx=True, px=int(self.probe_interval * 1000)))
+        interval = self.interval(self.state().kind)
+        return bool(self.redis.set(PROBE_KEY, "1", nx=True, px=int(interval * 1000)))
 
     def reset(self) -> None:
         self.redis.delete(KEY, PROBE_KEY)

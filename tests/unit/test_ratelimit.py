@@ -1,0 +1,184 @@
+"""The fleet's rate (workers/state/ratelimit.py, lua/ratelimit.lua) on a real Redis: the
+schedule a grant carries is what makes batching exact, so these check the schedule itself
+(computed from Redis time, not from how fast this machine runs the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from mailer.config import RateWindow, Settings, parse_rates
+from workers.engine.classify import Failure, Kind
+from workers.engine.shaper import Shaper
+from workers.state.ratelimit import RATE_KEY, RateLimiter, peek_ceiling
+
+T = TypeVar("T")
+
+
+def run(redis_url: str, body: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
+    async def main() -> T:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def most_in_any(times: list[float], width: float) -> int:
+    times = sorted(times)
+    return max(bisect.bisect_left(times, t + width) - i for i, t in enumerate(times))
+
+
+def test_concurrent_batches_never_exceed_a_window_plus_its_burst(redis_url: str) -> None:
+    (window,) = parse_rates("MAILER_RATE_LIMIT", "300/s")
+    assert window.burst == 30
+
+    async def body(client: aioredis.Redis) -> list[float]:
+        limiters = [RateLimiter(client) for _ in range(4)]
+        used: list[float] = []
+
+        async def taker(limiter: RateLimiter) -> None:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                grant = await limiter.take(40, (window,), horizon=0.25, burst=0.1)
+                used.extend(grant.at(j) for j in range(1, grant.count + 1))
+                await asyncio.sleep(0 if grant.count else min(grant.wait, 0.05))
+
+        await asyncio.gather(*(taker(x) for x in limiters))
+        return used
+
+    used = run(redis_url, body)
+    assert len(used) > 300, "the limiter granted far too little"
+    # A token's time is when it may be used: in any second at most limit + burst of them
+    # (the 1e-6 absorbs float rounding of the schedule).
+    assert most_in_any(used, 1.0 - 1e-6) <= 300 + 30
+
+
+def test_every_window_holds_and_a_grant_is_a_slice_of_the_schedule(redis_url: str) -> None:
+    windows = parse_rates("MAILER_RATE_LIMIT", "1000/s:5,60/min:2")
+
+    async def body(client: aioredis.Redis) -> tuple[int, int]:
+        limiter = RateLimiter(client)
+        first = await limiter.take(500, windows, horizon=0.25, burst=0.1)
+        second = await limiter.take(500, windows, horizon=0.25, burst=0.1)
+        return first.count, second.count
+
+    first, second = run(redis_url, body)
+    # 60/min paces at one a second with a burst of 2: within a quarter second of horizon only
+    # the burst fits, whatever the 1000/s window would allow.
+    assert 1 <= first <= 3 and second == 0
+
+
+def test_throttling_lowers_the_shared_ceiling_which_then_recovers(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> tuple[float | None, float | None, float | None]:
+        limiter = RateLimiter(client)
+        assert await limiter.count(0) is None  # nothing in force yet
+        args = {"floor": 1.0, "cooldown": 1.0, "recovery": 0.5, "cap": 0.0, "reason": "421 x"}
+        first = await limiter.throttle(5, **args)
+        again = await limiter.throttle(50, **args)  # within the cooldown: counted, no decrease
+        await asyncio.sleep(0.3)
+        later = await limiter.count(0)
+        return first, again, later
+
+    first, again, later = run(redis_url, body)
+    assert first is not None and first >= 1.0
+    assert again is not None and again >= first  # one decrease per cooldown, however many replies
+    assert later is not None and later > first  # additive recovery
+    ceiling = peek_ceiling(redis.Redis.from_url(redis_url))
+    assert ceiling.rate is not None and ceiling.reason == "421 x"
+
+
+def test_the_ceiling_falls_to_what_the_relay_accepted(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    sec = int(client.time()[0])
+    # Last full second: 1,000 granted, 800 throttled: the relay accepted 200, and the ceiling
+    # may fall at most to half of the rate it falls from (1,000 here).
+    client.hset(RATE_KEY, mapping={"gs": sec, "gc": 0, "gp": 1000, "ts": sec, "tc": 0, "tp": 800})
+
+    async def body(aclient: aioredis.Redis) -> float | None:
+        return await RateLimiter(aclient).throttle(
+            1, floor=1.0, cooldown=1.0, recovery=0.0, cap=0.0, reason="throttled"
+        )
+
+    rate = run(redis_url, body)
+    assert rate is not None and 499 <= rate <= 501
+    client.hset(RATE_KEY, mapping={"gs": sec, "gp": 300, "tp": 20, "d": 0})
+    rate = run(redis_url, body)
+    assert rate is not None and 279 <= rate <= 281  # 300 granted, 20 refused: to 280
+
+
+def test_a_wait_past_its_deadline_is_a_free_throttled_wait(redis_url: str) -> None:
+    settings = Settings(rate_limits=(RateWindow(1.0, 60.0, 1, "1/60s:1"),))
+
+    async def body(client: aioredis.Redis) -> Failure | None:
+        shaper = Shaper(settings, RateLimiter(client))
+        await shaper.admit("default", 1, time.monotonic() + 5)  # the burst
+        try:
+            await shaper.admit("default", 1, time.monotonic() + 0.3)
+        except Failure as failure:
+            return failure
+        finally:
+            shaper.close()
+        return None
+
+    failure = run(redis_url, body)
+    assert failure is not None and failure.kind is Kind.THROTTLED
+
+
+def test_a_higher_lane_is_served_first_in_a_process(redis_url: str) -> None:
+    settings = Settings(
+        rate_limits=parse_rates("MAILER_RATE_LIMIT", "20/s:1"),
+        lanes=(
+            Settings().lanes[0].__class__("transactional"),
+            Settings().lanes[0].__class__("bulk"),
+        ),
+        default_lane="bulk",
+    )
+
+    async def body(client: aioredis.Redis) -> list[str]:
+        shaper = Shaper(settings, RateLimiter(client))
+        order: list[str] = []
+
+        async def one(lane: str) -> None:
+            await shaper.admit(lane, 1, time.monotonic() + 30)
+            order.append(lane)
+
+        bulk = [asyncio.ensure_future(one("bulk")) for _ in range(6)]
+        await asyncio.sleep(0)  # queued first
+        urgent = [asyncio.ensure_future(one("transactional")) for _ in range(3)]
+        await asyncio.gather(*bulk, *urgent)
+        shaper.close()
+        return order
+
+    order = run(redis_url, body)
+    assert order.count("transactional") == 3
+    # Once transactional waiters exist, bulk waiters wait behind them: between the first and
+    # the last transactional admission at most the one bulk waiter already holding its token.
+    first = order.index("transactional")
+    last = max(i for i, lane in enumerate(order) if lane == "transactional")
+    assert order[first : last + 1].count("bulk") <= 1, order
+
+
+def test_rate_settings_are_checked_at_start_up() -> None:
+    import pytest
+
+    from mailer.errors import ConfigError
+
+    for bad in ("300", "300/week", "0/s", "abc/s", "300/s:x"):
+        with pytest.raises(ConfigError, match="MAILER_RATE_LIMIT"):
+            Settings.from_env({"MAILER_RATE_LIMIT": bad})
+    for bad in ("transactional:120%", "bulk!", "a,a", "a:60%,b:50%", "9lane"):
+        with pytest.raises(ConfigError, match="MAILER_LANES"):
+            Settings.from_env({"MAILER_LANES": bad})
+    with pytest.raises(ConfigError, match="MAILER_DEFAULT_LANE"):
+        Settings.from_env({"MAILER_LANES": "a,b", "MAILER_DEFAULT_LANE": "c"})
+    s = Settings.from_env({"MAILER_LANES": "transactional:20%,bulk", "MAILER_RATE_LIMIT": "10/s"})
+    assert s.default_lane == "bulk" and s.lane_share("bulk") == 0.8

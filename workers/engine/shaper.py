@@ -1,0 +1,343 @@
+"""A worker process's side of traffic shaping: it admits each attempt when the fleet's rate
+allows, paces session opens, and reports the relay's throttling replies.
+
+Tokens come from Redis in batches (workers/state/ratelimit.py), each with the time from which it
+may be used, so a batch never turns into a burst: the process releases its waiters one by one
+at their tokens' times, lanes in priority order. With no window configured and no adaptive
+ceiling in force, admission costs nothing but a local count (reported once a second: it is the
+measure the adaptive ceiling starts from). Waiting here never spends a message's attempts: a
+wait that outlasts its deadline is a THROTTLED failure, which the settle policy retries for free.
+docs/shaping.md has the whole design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from mailer.config import Lane, RateWindow, Settings
+from workers.engine.classify import Failure, Kind, Phase
+from workers.observe.logs import log_event
+from workers.state.ratelimit import RateLimiter
+
+log = logging.getLogger("mailer.shaper")
+
+#: How far ahead one batch may reserve the fleet's schedule: bounds how long a token waits
+#: unused in one process while another could have used it.
+HORIZON = 0.25
+#: A token not used within this long after its time is dropped (its slot went by unused).
+STALE = 0.5
+#: The most tokens one Redis call asks for.
+MAX_BATCH = 256
+#: Bursts allowed by the adaptive ceiling, in seconds of its rate.
+CEILING_BURST = 0.1
+#: Unmetered use is reported this often (the adaptive ceiling's measure of the fleet's rate).
+REPORT_EVERY = 1.0
+#: Throttling replies are gathered this long before one report (a burst is one report).
+GATHER = 0.2
+#: Adaptive ceiling: at most one decrease per COOLDOWN seconds; it then grows by RECOVERY of
+#: itself per second; it never falls below FLOOR messages per second.
+COOLDOWN = 1.0
+RECOVERY = 0.02
+FLOOR = 1.0
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    future: asyncio.Future[None]
+    tokens: int
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """The tokens of one rate (a lane's message rate, or the session-open rate) in this
+    process: the stock granted (times from which each may be used), waiters first come first
+    served, and one task that refills and serves while anyone waits."""
+
+    name: str
+    limiter: RateLimiter | None
+    windows: tuple[RateWindow, ...]
+    share: float = 1.0
+    adaptive: bool = True  # the adaptive ceiling applies (message rates; not session opens)
+    rank: int = 0  # lane priority: 0 is the highest
+    stock: deque[float] = field(default_factory=deque)
+    waiters: deque[_Waiter] = field(default_factory=deque)
+    server: asyncio.Task[None] | None = None
+
+
+class Shaper:
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: RateLimiter | None,
+        connect_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.ceiling: float | None = None  # the adaptive ceiling in force, msg/s
+        self.ceiling_reason = ""
+        self._lanes: dict[str, _Bucket] = {}
+        for rank, lane in enumerate(settings.lanes):
+            self._lanes[lane.name] = self._lane_bucket(lane, rank)
+        self._connect: _Bucket | None = None
+        if settings.connect_rate and connect_limiter is not None:
+            rate = settings.connect_rate
+            window = RateWindow(rate, 1.0, max(1, int(rate / 10)), f"connect:{rate:g}/s")
+            self._connect = _Bucket("connect", connect_limiter, (window,), adaptive=False)
+        self._unmetered = 0
+        self._throttles = 0
+        self._throttle_reason = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def _lane_bucket(self, lane: Lane, rank: int) -> _Bucket:
+        share = self.settings.lane_share(lane.name)
+        windows = self.settings.rate_limits
+        if share < 1.0:
+            windows = windows + tuple(w.scaled(share, lane.name) for w in windows)
+        return _Bucket(lane.name, self.limiter, windows, share, rank=rank)
+
+    @property
+    def cautious(self) -> bool:
+        """The relay throttled us recently: sessions stop pipelining until the rate recovers."""
+        return self.ceiling is not None
+
+    def _metered(self, bucket: _Bucket) -> bool:
+        if bucket.limiter is None:
+            return False
+        return bool(bucket.windows) or (bucket.adaptive and self.ceiling is not None)
+
+    def tokens_for(self, recipients: int) -> int:
+        return max(1, recipients) if self.settings.rate_unit == "recipients" else 1
+
+    # -- admission -----------------------------------------------------------------------------
+
+    async def admit(self, lane: str, tokens: int, deadline: float) -> None:
+        """Returns when the fleet's rate lets this attempt start; THROTTLED past `deadline`."""
+        bucket = self._lanes.get(lane) or self._lanes[self.settings.default_lane]
+        if not self._metered(bucket):
+            self._count(tokens)
+            return
+        await self._wait(bucket, tokens, deadline, "waiting for the fleet's message rate")
+
+    async def connect(self, deadline: float) -> None:
+        """Returns when a new session may open (MAILER_CONNECT_RATE), with jitter."""
+        bucket = self._connect
+        if bucket is None:
+            return
+        await self._wait(bucket, 1, deadline, "waiting for the fleet's session-open rate")
+        spacing = bucket.windows[0].spacing
+        await asyncio.sleep(random.uniform(0.0, spacing))  # no fleet-wide edge at slot starts
+
+    async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> None:
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens)
+        bucket.waiters.append(waiter)
+        self._serve(bucket)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(waiter.future)
+        except TimeoutError:
+            raise Failure(Kind.THROTTLED, None, what, Phase.CONNECT) from None
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+                if waiter in bucket.waiters:
+                    bucket.waiters.remove(waiter)
+
+    def _serve(self, bucket: _Bucket) -> None:
+        if bucket.server is None or bucket.server.done():
+            bucket.server = asyncio.get_running_loop().create_task(self._serving(bucket))
+
+    async def _serving(self, bucket: _Bucket) -> None:
+        while bucket.waiters and not self._closing:
+            waiter = bucket.waiters[0]
+            if waiter.future.done():
+                bucket.waiters.popleft()
+                continue
+            if not self._metered(bucket):  # the ceiling lifted: everyone goes
+                self._release_all(bucket)
+                return
+            now = time.monotonic()
+            while bucket.stock and bucket.stock[0] < now - STALE:
+                bucket.stock.popleft()
+            self._borrow(bucket, waiter.tokens)
+            if len(bucket.stock) >= waiter.tokens:
+                ready = bucket.stock[waiter.tokens - 1]
+                for _ in range(waiter.tokens):
+                    bucket.stock.popleft()
+                if ready > now:
+                    await asyncio.sleep(ready - now)
+                bucket.waiters.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+                continue
+            await self._refill(bucket)
+
+    async def _refill(self, bucket: _Bucket) -> None:
+        assert bucket.limiter is not None
+        while self._higher_waiting(bucket):
+            await asyncio.sleep(0.005)  # strict preference: a higher lane here asks first
+        wanted = sum(w.tokens for w in bucket.waiters if not w.future.done())
+        want = max(1, min(MAX_BATCH, wanted - len(bucket.stock)))
+        try:
+            grant = await bucket.limiter.take(
+                want,
+                bucket.windows,
+                horizon=HORIZON,
+                burst=CEILING_BURST,
+                lane=bucket.name if bucket.adaptive else "",
+                share=bucket.share,
+            )
+        except (redis.RedisError, OSError) as exc:
+            # No rate without Redis: fail the waiters as unavailable (a free wait, like the
+            # ledger's), rather than send past a limit nobody can check.
+            failure = Failure(
+                Kind.UNAVAILABLE, None, f"rate unavailable ({type(exc).__name__})", Phase.CONNECT
+            )
+            while bucket.waiters:
+                waiter = bucket.waiters.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(failure)
+            return
+        if bucket.adaptive:
+            self._set_ceiling(grant.ceiling, self.ceiling_reason)
+        if grant.count:
+            bucket.stock.extend(grant.at(j) for j in range(1, grant.count + 1))
+            return
+        # Refused for now: wait until the schedule has room, taking meanwhile what a lower
+        # lane of this process got and has not handed out.
+        until = time.monotonic() + min(max(grant.wait, 0.002), 0.5)
+        while time.monotonic() < until and not bucket.stock:
+            await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
+            self._borrow(bucket, 1)
+
+    def _borrow(self, bucket: _Bucket, wanted: int) -> None:
+        """A lane takes the tokens lower lanes of this process hold (not handed out yet) when
+        they come earlier than its own `wanted`-th: a lower lane's token conforms to every
+        window a higher lane's must (and to its own lane's too), never the other way round."""
+        if not bucket.adaptive:
+            return
+        for lower in self._lanes.values():
+            if lower.rank <= bucket.rank:
+                continue
+            while lower.stock and (
+                len(bucket.stock) < wanted or lower.stock[0] < bucket.stock[wanted - 1]
+            ):
+                bisect.insort(bucket.stock, lower.stock.popleft())
+
+    def _higher_waiting(self, bucket: _Bucket) -> bool:
+        return (
+            any(
+                b.rank < bucket.rank and any(not w.future.done() for w in b.waiters)
+                for b in self._lanes.values()
+            )
+            if bucket.adaptive
+            else False
+        )
+
+    def _release_all(self, bucket: _Bucket) -> None:
+        while bucket.waiters:
+            waiter = bucket.waiters.popleft()
+            if not waiter.future.done():
+                self._count(waiter.tokens)
+                waiter.future.set_result(None)
+        bucket.stock.clear()
+
+    # -- the adaptive ceiling --------------------------------------------------------------------
+
+    def throttled(self, reason: str) -> None:
+        """The relay answered a transaction with a throttling reply: counted, and reported
+        with the others of the next GATHER seconds in one call."""
+        if self.limiter is None:
+            return
+        self._throttles += 1
+        self._throttle_reason = reason
+        if self._throttles == 1:
+            self._spawn(self._report_throttles())
+
+    async def _report_throttles(self) -> None:
+        await asyncio.sleep(GATHER)
+        assert self.limiter is not None
+        count, self._throttles = self._throttles, 0
+        cap = min((w.per_second for w in self.settings.rate_limits), default=0.0)
+        try:
+            ceiling = await self.limiter.throttle(
+                count,
+                reason=self._throttle_reason,
+                floor=FLOOR,
+                cooldown=COOLDOWN,
+                recovery=RECOVERY,
+                cap=cap,
+            )
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not report throttling to Redis: %s", type(exc).__name__)
+            return
+        self._set_ceiling(ceiling, self._throttle_reason)
+
+    def _count(self, tokens: int) -> None:
+        if self.limiter is None:
+            return
+        self._unmetered += tokens
+        if self._unmetered == tokens:
+            self._spawn(self._report_use())
+
+    async def _report_use(self) -> None:
+        await asyncio.sleep(REPORT_EVERY)
+        assert self.limiter is not None
+        used, self._unmetered = self._unmetered, 0
+        try:
+            self._set_ceiling(await self.limiter.count(used), self.ceiling_reason)
+        except (redis.RedisError, OSError) as exc:
+            log.debug("rate count not reported: %s", type(exc).__name__)
+
+    def _set_ceiling(self, ceiling: float | None, reason: str) -> None:
+        was = self.ceiling
+        self.ceiling = ceiling
+        if ceiling is not None and (was is None or ceiling < was * 0.95):
+            self.ceiling_reason = reason
+            log_event(
+                "throttled",
+                rate=round(ceiling, 1),
+                configured=self.configured_rate,
+                reason=reason,
+                level=logging.WARNING,
+            )
+        elif ceiling is None and was is not None:
+            log_event("rate_recovered", configured=self.configured_rate)
+
+    @property
+    def configured_rate(self) -> float | None:
+        """The tightest configured window, in messages per second."""
+        return min((w.per_second for w in self.settings.rate_limits), default=None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        """Shutdown: nobody waits for tokens any more (they see THROTTLED, a free wait)."""
+        self._closing = True
+        buckets: list[_Bucket] = [*self._lanes.values()]
+        if self._connect is not None:
+            buckets.append(self._connect)
+        for bucket in buckets:
+            if bucket.server is not None:
+                bucket.server.cancel()
+            while bucket.waiters:
+                waiter = bucket.waiters.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        Failure(Kind.THROTTLED, None, "worker is shutting down", Phase.CONNECT)
+                    )
+        for task in self._tasks:
+            task.cancel()

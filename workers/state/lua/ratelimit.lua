@@ -1,0 +1,133 @@
+-- The fleet's message rate (workers/state/ratelimit.py, docs/shaping.md): GCRA on Redis time.
+--
+-- KEYS[1]: the state hash. Its fields:
+--   w:<window>       a window's theoretical arrival time (TAT), seconds
+--   c0 t0 step cmax  the adaptive ceiling: c0 msg/s at t0, growing `step` msg/s per second,
+--                    dropped once it reaches cmax; `reason`, `at` describe the last decrease
+--   a:<lane>         the adaptive window's TAT (per lane: a lane's share of the ceiling)
+--   gs gc gp         granted: the second of `gc`, granted in it, granted in the second before
+--   ts tc tp         throttling replies, counted the same way
+--
+-- ARGV[1] is the operation:
+--   take  want horizon burst_s lane share n (field T tau)*n
+--         Grants up to `want` tokens: token j of the grant conforms to window i at
+--         start_i + j*T_i - tau_i, and only tokens conforming within `horizon` seconds are
+--         granted, so a grant is a slice of every window's schedule, never a burst beyond tau.
+--         `share` scales the adaptive ceiling for the lane (1 = the whole ceiling).
+--         Returns {granted, wait, ceiling, (offset_i, T_i)...} as strings: token j may be used
+--         offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is when
+--         to ask again after a refusal.
+--   count n          n tokens used without asking (no window configured): for the measure.
+--   throttle n floor cooldown recovery reason cap
+--         n throttling replies seen. At most once per `cooldown`: the ceiling falls to what the
+--         relay accepted in the last full second (granted - throttled), between half and 0.9
+--         of the current rate, never below `floor`; it then grows by `recovery` of itself per
+--         second until `cap` (0: twice the rate it fell from) and is dropped.
+--   peek             {ceiling or '', reason, at}
+local key = KEYS[1]
+local op = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local sec = tonumber(t[1])
+
+local function roll(prefix, n)
+  local s = tonumber(redis.call('HGET', key, prefix .. 's') or 0)
+  local c = tonumber(redis.call('HGET', key, prefix .. 'c') or 0)
+  local p = tonumber(redis.call('HGET', key, prefix .. 'p') or 0)
+  if s == sec then
+    c = c + n
+  elseif s == sec - 1 then
+    p, c = c, n
+  else
+    p, c = 0, n
+  end
+  redis.call('HSET', key, prefix .. 's', sec, prefix .. 'c', c, prefix .. 'p', p)
+  return p
+end
+
+local function ceiling()
+  local c = redis.call('HMGET', key, 'c0', 't0', 'step', 'cmax')
+  if not c[1] then return nil end
+  local rate = tonumber(c[1]) + math.max(0, now - tonumber(c[2])) * tonumber(c[3])
+  if rate >= tonumber(c[4]) then
+    local lanes = redis.call('HKEYS', key)
+    for _, f in ipairs(lanes) do
+      if string.sub(f, 1, 2) == 'a:' then redis.call('HDEL', key, f) end
+    end
+    redis.call('HDEL', key, 'c0', 't0', 'step', 'cmax')
+    return nil
+  end
+  return rate
+end
+
+local result
+if op == 'take' then
+  local want = tonumber(ARGV[2])
+  local horizon = tonumber(ARGV[3])
+  local burst_s = tonumber(ARGV[4])
+  local lane = ARGV[5]
+  local share = tonumber(ARGV[6])
+  local n = tonumber(ARGV[7])
+  local windows = {}
+  for i = 0, n - 1 do
+    windows[#windows + 1] = {ARGV[8 + 3 * i], tonumber(ARGV[9 + 3 * i]), tonumber(ARGV[10 + 3 * i])}
+  end
+  local rate = ceiling()
+  if rate then
+    local lane_rate = math.max(rate * share, 0.001)
+    windows[#windows + 1] = {'a:' .. lane, 1 / lane_rate, math.max(1, lane_rate * burst_s) / lane_rate}
+  end
+  local k = want
+  local starts = {}
+  local wait = 0
+  for i, w in ipairs(windows) do
+    local start = math.max(tonumber(redis.call('HGET', key, w[1]) or 0), now)
+    starts[i] = start
+    local fit = math.floor((now + horizon + w[3] - start) / w[2])
+    if fit < k then k = fit end
+    wait = math.max(wait, start + w[2] - w[3] - now - horizon)
+  end
+  if k < 0 then k = 0 end
+  result = {tostring(k), tostring(wait), rate and tostring(rate) or ''}
+  if k > 0 then
+    for i, w in ipairs(windows) do
+      redis.call('HSET', key, w[1], starts[i] + k * w[2])
+      result[#result + 1] = tostring(starts[i] - w[3] - now)
+      result[#result + 1] = tostring(w[2])
+    end
+    roll('g', k)
+  end
+elseif op == 'count' then
+  roll('g', tonumber(ARGV[2]))
+  local rate = ceiling()
+  result = {rate and tostring(rate) or ''}
+elseif op == 'throttle' then
+  local n, floor, cooldown = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local recovery, reason, cap = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+  local throttled = roll('t', n)
+  local granted = roll('g', 0)
+  local last = tonumber(redis.call('HGET', key, 'd') or 0)
+  local rate = ceiling()
+  if now - last >= cooldown then
+    local current = rate or granted
+    if current <= 0 then current = math.max(floor, n) end
+    local accepted = granted - throttled
+    local target = accepted
+    if granted <= 0 then target = current / 2 end
+    target = math.max(current * 0.5, math.min(current * 0.9, target))
+    target = math.max(floor, target)
+    local top = cap
+    if top <= 0 then top = 2 * current end
+    top = math.max(top, target * 1.05)
+    redis.call('HSET', key, 'c0', target, 't0', now, 'step', target * recovery, 'cmax', top,
+      'd', now, 'reason', reason, 'at', now)
+    rate = target
+  end
+  result = {rate and tostring(rate) or ''}
+else
+  local rate = ceiling()
+  local info = redis.call('HMGET', key, 'reason', 'at')
+  result = {rate and tostring(rate) or '', info[1] or '', info[2] or ''}
+end
+redis.call('EXPIRE', key, 172800)
+return result

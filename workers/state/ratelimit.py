@@ -1,0 +1,117 @@
+"""The fleet's shared message rate in Redis: configured windows (GCRA) and the adaptive ceiling.
+
+One Lua call on Redis time (`lua/ratelimit.lua`) grants a worker a slice of every window's
+schedule at once, so workers take tokens in batches (few Redis commands per message) without
+ever sending faster than the windows allow: a token carries the time from which it may be used.
+The adaptive ceiling lives beside the windows, so every host backs off together when the relay
+throttles one of them. docs/shaping.md has the algorithm and its guarantees.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from mailer.config import RateWindow
+
+#: The message rate's state (windows, adaptive ceiling, per-second counts).
+RATE_KEY = "mailer:rate"
+#: The session-open rate's state (MAILER_CONNECT_RATE).
+CONNECT_KEY = "mailer:rate:connect"
+
+_SCRIPT = files("workers.state").joinpath("lua", "ratelimit.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Tokens granted by one `take`: token j (1-based) may be used `at(j)` (monotonic time)."""
+
+    count: int
+    wait: float  # after a refusal: seconds before asking again makes sense
+    ceiling: float | None  # the adaptive ceiling in force (msg/s), None when there is none
+    received: float  # monotonic time of the reply
+    schedule: tuple[tuple[float, float], ...]  # per window: (offset of token 0, spacing)
+
+    def at(self, j: int) -> float:
+        if not self.schedule:
+            return self.received
+        return self.received + max(offset + j * spacing for offset, spacing in self.schedule)
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    rate: float | None
+    reason: str
+    since: float  # UNIX time of the last decrease (0: never)
+
+
+def _rate(raw: Any) -> float | None:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+    return float(text) if text else None
+
+
+class RateLimiter:
+    """The Redis side of one rate (messages, or session opens): stateless here."""
+
+    def __init__(self, client: aioredis.Redis, key: str = RATE_KEY) -> None:
+        self.redis = client
+        self.key = key
+        self._script = client.register_script(_SCRIPT)
+
+    async def take(
+        self,
+        want: int,
+        windows: tuple[RateWindow, ...],
+        *,
+        horizon: float,
+        burst: float,
+        lane: str = "",
+        share: float = 1.0,
+    ) -> Grant:
+        """Up to `want` tokens conforming to every window (and to `share` of the adaptive
+        ceiling, if one is in force) within `horizon` seconds."""
+        args: list[Any] = ["take", want, horizon, burst, lane, share, len(windows)]
+        for window in windows:
+            args += [f"w:{window.spec}", window.spacing, window.tolerance]
+        reply = await self._script(keys=[self.key], args=args)
+        received = time.monotonic()
+        values = [float(x) if x not in (b"", "") else None for x in reply]
+        count = int(values[0] or 0)
+        pairs = values[3:]
+        schedule = tuple(
+            (float(pairs[i] or 0.0), float(pairs[i + 1] or 0.0)) for i in range(0, len(pairs), 2)
+        )
+        return Grant(count, float(values[1] or 0.0), values[2], received, schedule)
+
+    async def count(self, used: int) -> float | None:
+        """Tokens used without a window to ask (for the measure the adaptive ceiling starts
+        from); returns the ceiling in force."""
+        reply = await self._script(keys=[self.key], args=["count", used])
+        return _rate(reply[0])
+
+    async def throttle(
+        self,
+        replies: int,
+        *,
+        reason: str,
+        floor: float,
+        cooldown: float,
+        recovery: float,
+        cap: float,
+    ) -> float | None:
+        """`replies` throttling replies seen; returns the ceiling now in force."""
+        args: list[Any] = ["throttle", replies, floor, cooldown, recovery, reason[:200], cap]
+        reply = await self._script(keys=[self.key], args=args)
+        return _rate(reply[0])
+
+
+def peek_ceiling(client: redis.Redis, key: str = RATE_KEY) -> Ceiling:
+    """The adaptive ceiling in force, for `mailer status` and metrics (a synchronous client)."""
+    rate, reason, at = client.register_script(_SCRIPT)(keys=[key], args=["peek"])
+    text = reason.decode() if isinstance(reason, bytes) else str(reason)
+    return Ceiling(_rate(rate), text, float(_rate(at) or 0.0))

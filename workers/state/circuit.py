@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-KEY = "mailer:circuit"
-PROBE_KEY = "mailer:circuit:probe"
+from workers.state import keys
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Circuit:
         at, state = self._cached
         if now - at < max_age:
             return state
-        raw = self.redis.get(KEY)
+        raw = self.redis.get(keys.CIRCUIT)
         if raw is None:
             state = CircuitState(False)
         else:
@@ -46,15 +45,17 @@ class Circuit:
 
     def trip(self, reason: str) -> None:
         record = json.dumps({"reason": reason, "since": time.time()})
-        if self.redis.set(KEY, record, nx=True):
+        if self.redis.set(keys.CIRCUIT, record, nx=True):
             # The tripping attempt was itself a probe: the next one waits a full interval.
-            self.redis.set(PROBE_KEY, "1", px=int(self.probe_interval * 1000))
+            self.redis.set(keys.CIRCUIT_PROBE, "1", px=int(self.probe_interval * 1000))
         self._cached = (time.monotonic(), CircuitState(True, reason, time.time()))
 
     def try_probe(self) -> bool:
         """True for one caller in the fleet per probe interval."""
-        return bool(self.redis.set(PROBE_KEY, "1", nx=True, px=int(self.probe_interval * 1000)))
+        return bool(
+            self.redis.set(keys.CIRCUIT_PROBE, "1", nx=True, px=int(self.probe_interval * 1000))
+        )
 
     def reset(self) -> None:
-        self.redis.delete(KEY, PROBE_KEY)
+        self.redis.delete(keys.CIRCUIT, keys.CIRCUIT_PROBE)
         self._cached = (time.monotonic(), CircuitState(False))

@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import PostfixSink, proc_cpu, sessions_at  # noqa: E402
 from devkit.redis_server import RedisServer  # noqa: E402
+from workers.state import keys  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "lease_scale.json"
 MESSAGE = (
@@ -101,7 +102,8 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     import aiosmtplib
     import redis.asyncio as aioredis
 
-    from workers.state.semaphore import Lease, LeaseKeeper, LeaseSemaphore, Limit
+    from workers.state.keeper import LeaseKeeper
+    from workers.state.semaphore import Lease, LeaseSemaphore, Limit
 
     client = aioredis.Redis(
         connection_pool=aioredis.BlockingConnectionPool.from_url(
@@ -329,7 +331,7 @@ def held(url: str) -> int:
     try:
         sec, usec = client.time()
         now_ms = int(sec) * 1000 + int(usec) // 1000
-        return int(client.zcount("mailer:sem:smtp:holders", f"({now_ms}", "+inf"))
+        return int(client.zcount(keys.lease_holders("smtp"), f"({now_ms}", "+inf"))
     finally:
         client.close()
 

@@ -21,13 +21,15 @@ def _missing(redis_url: str, ids: list[str]) -> list[str]:
 
     import redis
 
-    from workers.state.ledger import PREFIX
+    from workers.state import keys
 
     client = redis.Redis.from_url(redis_url)
     missing: list[str] = []
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
-        for message_id, raw in zip(chunk, client.mget([PREFIX + i for i in chunk]), strict=True):
+        for message_id, raw in zip(
+            chunk, client.mget([keys.ledger(i) for i in chunk]), strict=True
+        ):
             if raw is None or json.loads(raw).get("state") != "sent":
                 missing.append(message_id)
     client.close()

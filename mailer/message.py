@@ -419,8 +419,8 @@ def _make_boundary() -> str:
 
 def _fast_mime(text: str | None, html: str | None, boundary: str | None = None) -> str | None:
     """The MIME structure of a message without attachments, written directly: the bytes
-    `_Renderer._email_mime` makes through the email package (up to the random boundary), at a
-    tenth of the cost. None when unsure (a body containing the boundary): use the package."""
+    `_Renderer._email_mime` makes through the email package (up to the random boundary), for
+    far less (bench/README.md). None when unsure (a body containing the boundary): the package."""
     if text is None or html is None:
         field, subtype, body = ("text", "plain", text) if html is None else ("html", "html", html)
         assert body is not None

@@ -39,119 +39,22 @@ from kombu.utils.json import loads as kombu_loads
 
 from mailer.publish import ReusedClient
 from mailer.wire import BATCH_TASK
+from workers.state import keys, scripts
 
-CONSUMERS = "_mailer.consumers"  # zset: consumer id -> last heartbeat (Redis time)
-QUEUES = "_mailer.consumer_queues"  # hash: consumer id -> the queue it moves messages from
-INFLIGHT = "_mailer.inflight."  # + consumer id: list of raw messages fetched, not yet recorded
 HEARTBEAT_EVERY = 2.0  # seconds between heartbeats of a consumer that keeps fetching
 DEAD_AFTER = 60.0  # default `inflight_dead_after`: far above a fetch cycle, even under load
 SWEEP_LIMIT = 100  # dead consumers handled per sweep
 
-_LIB = """
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1e6
-end
--- Puts back on its queue every message of consumer `id` that `unacked` does not hold: the
--- queue its routing key names (a consumer of several lanes), else the one it consumed.
-local function restore(id, prefix, queues, unacked)
-  local list = prefix .. id
-  local queue = redis.call('HGET', queues, id)
-  if not queue then return 0 end
-  local items = redis.call('LRANGE', list, 0, -1)
-  local n = 0
-  for i = #items, 1, -1 do
-    local raw = items[i]
-    local ok, msg = pcall(cjson.decode, raw)
-    local props = ok and type(msg) == 'table' and msg['properties']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if not (tag and redis.call('HEXISTS', unacked, tag) == 1) then
-      local info = type(props) == 'table' and props['delivery_info']
-      local key = type(info) == 'table' and info['exchange'] == '' and info['routing_key']
-      redis.call('RPUSH', (type(key) == 'string' and key ~= '') and key or queue, raw)
-      n = n + 1
-    end
-  end
-  redis.call('DEL', list)
-  return n
-end
-"""
-
-# KEYS: consumers, queues; ARGV: id, queue. The heartbeat, before every fetch.
-_BEAT = (
-    _LIB
-    + """
-redis.call('ZADD', KEYS[1], now(), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-)
-
-# KEYS: consumers, queues, unacked; ARGV: inflight prefix, dead after s, limit, own id or ''.
-# With an id: that consumer's leftovers (it is closing; it stays registered, so a fetch that
-# still lands on its list is swept later). Without: every consumer silent for `dead after`.
-_SWEEP = (
-    _LIB
-    + """
-if ARGV[4] ~= '' then
-  return restore(ARGV[4], ARGV[1], KEYS[2], KEYS[3])
-end
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now() - tonumber(ARGV[2]),
-  'LIMIT', 0, tonumber(ARGV[3]))
-local n = 0
-for _, id in ipairs(dead) do
-  n = n + restore(id, ARGV[1], KEYS[2], KEYS[3])
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
-end
-return n
-"""
-)
-
-# KEYS: unacked_index, unacked, queues... (highest priority first); ARGV: most to take, now
-# (client time, as kombu scores). Takes messages off the queues, a higher one emptied before a
-# lower one is touched, and records each as unacknowledged, exactly as kombu's `QoS.append`
-# would, in one atomic step: nothing is ever off a queue and unrecorded. Returns queue, message
-# pairs. A message without a readable delivery tag goes back where it was and ends the batch
-# (the normal fetch then deals with it).
-_TAKE = """
-local out = {}
-local most = tonumber(ARGV[1])
-for q = 3, #KEYS do
-  while #out < 2 * most do
-    local raw = redis.call('RPOP', KEYS[q])
-    if not raw then break end
-    local ok, msg = pcall(cjson.decode, raw)
-    local props = ok and type(msg) == 'table' and msg['properties']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(tag) ~= 'string' then
-      redis.call('RPUSH', KEYS[q], raw)
-      return out
-    end
-    local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
-    redis.call('ZADD', KEYS[1], ARGV[2], tag)
-    redis.call('HSET', KEYS[2], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
-      .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
-    out[#out + 1] = KEYS[q]
-    out[#out + 1] = raw
-  end
-end
-return out
-"""
-
-# KEYS: the in-flight list, queues... (highest priority first). What BLMOVE does for one
-# queue, for the first of several that holds a message, without blocking: {queue, message}.
-_MOVE_FIRST = """
-for q = 2, #KEYS do
-  local raw = redis.call('LMOVE', KEYS[q], KEYS[1], 'RIGHT', 'LEFT')
-  if raw then return {KEYS[q], raw} end
-end
-return false
-"""
+# The scripts (workers/state/lua/fetch_*.lua; KEYS and ARGV in their headers).
+_BEAT = scripts.source("fetch_lib", "fetch_beat")
+_SWEEP = scripts.source("fetch_lib", "fetch_sweep")
+_TAKE = scripts.source("fetch_take")
+_MOVE_FIRST = scripts.source("fetch_move_first")
 #: A consumer of several lanes that found them all empty blocks on the highest one for at most
 #: this long before it looks at all of them again: what a lower lane's message may wait on an
 #: idle worker.
 LOWER_LANE_WAIT = 1.0
+
 #: The most messages one fetch takes beyond the first (the prefetch limit bounds it too).
 TAKE_MAX = 32
 
@@ -253,7 +156,7 @@ class Channel(ReusedClient, kredis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumer_id = uuid.uuid4().hex
-        self.inflight_key = INFLIGHT + self.consumer_id
+        self.inflight_key = keys.inflight(self.consumer_id)
         self.staged: bytes | None = None  # fetched by us, not yet recorded in `unacked`
         self.taken = False  # delivering a message `_TAKE` recorded
         self.linger_until = 0.0  # monotonic time before which no fetch starts (see LINGER)
@@ -419,7 +322,7 @@ class Channel(ReusedClient, kredis.Channel):
         if queue == self._beat_queue and now - self._beat_at < HEARTBEAT_EVERY:
             return
         with self.conn_or_acquire() as client:
-            client.eval(_BEAT, 2, CONSUMERS, QUEUES, self.consumer_id, queue)
+            client.eval(_BEAT, 2, keys.FETCH_CONSUMERS, keys.FETCH_QUEUES, self.consumer_id, queue)
         self._beat_at, self._beat_queue = now, queue
 
     def sweep(self, own: bool = False) -> int:
@@ -429,10 +332,10 @@ class Channel(ReusedClient, kredis.Channel):
             restored = client.eval(
                 _SWEEP,
                 3,
-                CONSUMERS,
-                QUEUES,
+                keys.FETCH_CONSUMERS,
+                keys.FETCH_QUEUES,
                 self.unacked_key,
-                INFLIGHT,
+                keys.FETCH_INFLIGHT_PREFIX,
                 self.inflight_dead_after,
                 SWEEP_LIMIT,
                 self.consumer_id if own else "",

@@ -14,6 +14,7 @@ from devkit.sink import SinkServer, TLSMaterial
 from devkit.worker import WorkerProcess
 from tests.support.helpers import ids_at
 from tests.support.relay import Relay, relay_env
+from workers.state import keys
 from workers.state.deadletters import DeadLetters
 
 
@@ -156,7 +157,7 @@ def test_wrong_key_names_535_without_the_key_and_loses_nothing(
     ids = {mailer.send(to="a@example.com", subject=f"key {i}", text="x") for i in range(10)}
     assert _wait_dead_letters_or_retries(worker, "535", timeout=30), worker.log[-3000:]
     assert wrong not in worker.log and api_key not in worker.log
-    state = redis.Redis.from_url(redis_url).get("mailer:circuit")
+    state = redis.Redis.from_url(redis_url).get(keys.CIRCUIT)
     assert state is not None and b"535" in state and wrong.encode() not in state
     assert sink.received == []
     worker.stop()

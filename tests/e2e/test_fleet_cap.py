@@ -42,10 +42,12 @@ from devkit.worker import WorkerProcess
 from mailer.client import default_mailer
 from tests.support.helpers import fate, ids_at, wait_until
 from tests.support.relay import relay_env
+from workers.state import keys
 from workers.state.deadletters import DeadLetters
-from workers.state.semaphore import Lease, LeaseKeeper, LeaseSemaphore, Limit
+from workers.state.keeper import LeaseKeeper
+from workers.state.semaphore import Lease, LeaseSemaphore, Limit
 
-HOLDERS = "mailer:sem:smtp:holders"
+HOLDERS = keys.lease_holders("smtp")
 TTL = 6.0  # MAILER_LEASE_TTL in these tests
 RENEW = min(TTL / 3, (TTL - max(1.0, 0.1 * TTL)) / 2)  # the keeper's period (semaphore.py)
 

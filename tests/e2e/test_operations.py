@@ -34,7 +34,7 @@ from tests.support.helpers import ids_at, wait_until
 from tests.support.relay import Relay
 from workers.engine.runtime import ATTEMPTS_PER_SESSION
 from workers.observe import logs
-from workers.state import deadletters
+from workers.state import deadletters, keys
 from workers.state.circuit import Circuit
 from workers.state.semaphore import Lease, LeaseSemaphore, Limit
 
@@ -100,7 +100,7 @@ def queued(client: redis.Redis) -> dict[str, dict[str, Any]]:
 
 
 def holders(client: redis.Redis) -> int:
-    return sum(int(client.zcard(key)) for key in client.scan_iter("mailer:sem:*:holders"))
+    return sum(int(client.zcard(key)) for key in client.scan_iter(keys.lease_holders("*")))
 
 
 def stop(worker: WorkerProcess, timeout: float = 90.0) -> int:
@@ -356,7 +356,7 @@ def test_sigterm_ends_lease_waits_and_requeues_them_without_spending_attempts(
     # Two attempts per session, four sessions: eight tasks claimed their message in the ledger
     # and are waiting for a lease now.
     claimed = ATTEMPTS_PER_SESSION * 4
-    assert wait_until(lambda: len(list(client.scan_iter("mailer:ledger:*"))) == claimed, 30)
+    assert wait_until(lambda: len(list(client.scan_iter(keys.LEDGER_PREFIX + "*"))) == claimed, 30)
     time.sleep(0.5)
 
     assert stop(worker, timeout=60) == 0, "the shutdown waited for the lease wait to end"

@@ -34,11 +34,11 @@ from devkit.worker import WorkerProcess
 from mailer.client import default_mailer
 from tests.support.helpers import fate, ids_at, wait_until
 from tests.support.relay import relay_env
-from workers.broker import INFLIGHT
 from workers.observe.logs import parse_events
-from workers.state.circuit import KEY as CIRCUIT_KEY
 from workers.state.deadletters import DeadLetters
-from workers.state.ledger import PREFIX as LEDGER_PREFIX
+from workers.state.keys import CIRCUIT as CIRCUIT_KEY
+from workers.state.keys import FETCH_INFLIGHT_PREFIX as INFLIGHT
+from workers.state.keys import LEDGER_PREFIX
 
 Workers = Callable[..., WorkerProcess]
 

@@ -11,7 +11,7 @@ import redis
 from devkit.sink import SinkServer
 from devkit.worker import WorkerProcess
 from workers.state.deadletters import DeadLetters
-from workers.state.ledger import PREFIX as LEDGER_PREFIX
+from workers.state.keys import LEDGER_PREFIX
 
 
 def ids_at(sink: SinkServer) -> Counter[str]:

@@ -18,7 +18,10 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from tests.support.helpers import wait_until
-from workers.broker import CONSUMERS, INFLIGHT, QUEUES, Channel
+from workers.broker import Channel
+from workers.state.keys import FETCH_CONSUMERS as CONSUMERS
+from workers.state.keys import FETCH_INFLIGHT_PREFIX as INFLIGHT
+from workers.state.keys import FETCH_QUEUES as QUEUES
 
 OURS = "workers.broker:Transport"
 STOCK = "redis"

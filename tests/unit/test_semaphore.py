@@ -18,16 +18,17 @@ import redis
 import redis.asyncio as aioredis
 
 from devkit.redis_server import RedisServer
+from workers.state import keys
+from workers.state.keeper import LeaseKeeper
 from workers.state.semaphore import (
     Lease,
-    LeaseKeeper,
     LeaseSemaphore,
     Limit,
     SemaphoreUnavailable,
     parse_lease_id,
 )
 
-HOLDERS = "mailer:sem:smtp:holders"
+HOLDERS = keys.lease_holders("smtp")
 
 
 def client(url: str) -> aioredis.Redis:
@@ -78,7 +79,7 @@ def test_lease_id_and_fencing_deadline(redis_url: str) -> None:
         assert not lease.valid
         await sem.release(lease)  # idempotent
         assert await r.zcard(HOLDERS) == 0
-        assert await r.hlen("mailer:sem:smtp:meta") == 0
+        assert await r.hlen(keys.lease_meta("smtp")) == 0
 
     run(body, redis_url)
     with pytest.raises(ValueError):
@@ -149,7 +150,7 @@ def test_per_host_limit(redis_url: str) -> None:
                 per_host[host] = per_host.get(host, 0) + 1
                 peak[host] = max(peak.get(host, 0), per_host[host])
                 peak_total = max(peak_total, sum(per_host.values()))
-                assert await r.zcard(f"mailer:sem:host:{host}:holders") <= 2
+                assert await r.zcard(keys.lease_holders(f"host:{host}")) <= 2
                 await asyncio.sleep(random.uniform(0.02, 0.06))
                 per_host[host] -= 1
                 await s.release(lease)
@@ -226,11 +227,11 @@ def test_epoch_change_makes_live_leases_lost(redis_url: str) -> None:
         sem = LeaseSemaphore(r, [Limit("smtp", 3)], ttl=10, host="a")
         lease = await sem.acquire(soon(1))
         assert lease is not None and lease.epoch
-        assert await r.get("mailer:sem:epoch") == lease.epoch.encode()
-        await r.set("mailer:sem:epoch", "something-else")
+        assert await r.get(keys.lease_epoch()) == lease.epoch.encode()
+        await r.set(keys.lease_epoch(), "something-else")
         assert await sem.renew([lease]) == {lease.id}  # still in the ZSET, but from another era
         assert not lease.valid
-        await r.delete("mailer:sem:epoch")
+        await r.delete(keys.lease_epoch())
         other = await sem.acquire(soon(1))
         assert other is not None and other.epoch not in ("", lease.epoch, "something-else")
         await sem.release(lease)

@@ -29,9 +29,10 @@ from workers.observe import metrics
 from workers.observe.logs import log_event
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
+from workers.state.keeper import LeaseKeeper
 from workers.state.ledger import Ledger
 from workers.state.ratelimit import CONNECT_KEY, RateLimiter
-from workers.state.semaphore import LeaseKeeper, LeaseSemaphore, Limit
+from workers.state.semaphore import LeaseSemaphore, Limit
 
 log = logging.getLogger("mailer.worker")
 T = TypeVar("T")

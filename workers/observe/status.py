@@ -43,6 +43,7 @@ from mailer.config import Settings
 from mailer.publish import redact_url
 from mailer.wire import queue_for
 from workers.observe.logs import outcome_of
+from workers.state import keys
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
 from workers.state.ratelimit import peek_ceiling
@@ -51,12 +52,10 @@ from workers.state.semaphore import LeaseSemaphore, Limit
 log = logging.getLogger("mailer.status")
 
 VERSION = 1
-THROUGHPUT_PREFIX = "mailer:throughput:"
 OUTCOMES = ("sent", "duplicate", "retried", "failed", "held")
 BUCKET_TTL = 2 * 3600
 WINDOW_MINUTES = 15
 # kombu's Redis transport keeps priority levels in sibling lists: "mailer", "mailer\x06\x163"...
-PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
 
 
@@ -93,9 +92,9 @@ class Throughput:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for (minute, outcome), n in counts.items():
-                pipe.hincrby(f"{THROUGHPUT_PREFIX}{minute}", outcome, n)
+                pipe.hincrby(keys.throughput(minute), outcome, n)
             for minute in {m for m, _ in counts}:
-                pipe.expire(f"{THROUGHPUT_PREFIX}{minute}", BUCKET_TTL)
+                pipe.expire(keys.throughput(minute), BUCKET_TTL)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.debug("throughput flush failed (%s); kept for the next one", type(exc).__name__)
@@ -127,7 +126,7 @@ def read_throughput(
     span = range(current - minutes + 1, current + 1)
     pipe = client.pipeline(transaction=False)
     for minute in span:
-        pipe.hgetall(f"{THROUGHPUT_PREFIX}{minute}")
+        pipe.hgetall(keys.throughput(minute))
     raw = pipe.execute()
     per_minute: list[dict[str, int]] = []
     for minute, bucket in zip(span, raw, strict=True):
@@ -162,7 +161,7 @@ def _waiting(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=False)
     pipe.llen(queue)
     for step in PRIORITY_STEPS:
-        pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
+        pipe.llen(f"{queue}{keys.KOMBU_PRIORITY_SEP}{step}")
     return sum(int(n) for n in pipe.execute())
 
 
@@ -199,7 +198,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "queue": {
                 "name": default,
                 "waiting": next(x["waiting"] for x in lanes if x["queue"] == default),
-                "unacked": int(broker.hlen("unacked")),
+                "unacked": int(broker.hlen(keys.KOMBU_UNACKED)),
             },
             "lanes": lanes,
             "rate": _rate(settings, state),

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-KEY = "mailer:circuit"
-PROBE_KEY = "mailer:circuit:probe"
+from workers.state import keys
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Circuit:
         at, state = self._cached
         if now - at < max_age:
             return state
-        raw = self.redis.get(KEY)
+        raw = self.redis.get(keys.CIRCUIT)
         if raw is None:
             state = CircuitState(False)
         else:
@@ -60,18 +59,18 @@ class Circuit:
     def trip(self, reason: str, kind: str = "auth") -> bool:
         """Opens the breaker; True when this call opened it (the caller logs it once)."""
         record = json.dumps({"reason": reason, "since": time.time(), "kind": kind})
-        opened = bool(self.redis.set(KEY, record, nx=True))
+        opened = bool(self.redis.set(keys.CIRCUIT, record, nx=True))
         if opened:
             # The tripping attempt was itself a probe: the next one waits a full interval.
-            self.redis.set(PROBE_KEY, "1", px=int(self.interval(kind) * 1000))
+            self.redis.set(keys.CIRCUIT_PROBE, "1", px=int(self.interval(kind) * 1000))
         self._cached = (time.monotonic(), CircuitState(True, reason, time.time(), kind))
         return opened
 
     def try_probe(self) -> bool:
         """True for one caller in the fleet per probe interval."""
         interval = self.interval(self.state().kind)
-        return bool(self.redis.set(PROBE_KEY, "1", nx=True, px=int(interval * 1000)))
+        return bool(self.redis.set(keys.CIRCUIT_PROBE, "1", nx=True, px=int(interval * 1000)))
 
     def reset(self) -> None:
-        self.redis.delete(KEY, PROBE_KEY)
+        self.redis.delete(keys.CIRCUIT, keys.CIRCUIT_PROBE)
         self._cached = (time.monotonic(), CircuitState(False))

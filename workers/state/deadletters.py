@@ -18,8 +18,7 @@ from typing import Any
 
 import redis
 
-RECORDS = "mailer:dead:records"
-INDEX = "mailer:dead:index"
+from workers.state import keys
 
 
 @dataclass
@@ -102,31 +101,31 @@ class DeadLetters:
 
     def add(self, letter: DeadLetter) -> None:
         pipe = self.redis.pipeline()
-        pipe.hset(RECORDS, letter.id, letter.to_json())
-        pipe.zadd(INDEX, {letter.id: letter.failed_at})
+        pipe.hset(keys.DEAD_LETTERS, letter.id, letter.to_json())
+        pipe.zadd(keys.DEAD_LETTER_INDEX, {letter.id: letter.failed_at})
         pipe.execute()
 
     def count(self) -> int:
-        return int(self.redis.zcard(INDEX))
+        return int(self.redis.zcard(keys.DEAD_LETTER_INDEX))
 
     def list(self, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
-        ids: list[bytes] = self.redis.zrevrange(INDEX, offset, offset + limit - 1)  # type: ignore[assignment]
+        ids: list[bytes] = self.redis.zrevrange(keys.DEAD_LETTER_INDEX, offset, offset + limit - 1)  # type: ignore[assignment]
         if not ids:
             return []
-        raws = self.redis.hmget(RECORDS, ids)
+        raws = self.redis.hmget(keys.DEAD_LETTERS, ids)
         return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
 
     def get(self, message_id: str) -> DeadLetter | None:
-        raw = self.redis.hget(RECORDS, message_id)
+        raw = self.redis.hget(keys.DEAD_LETTERS, message_id)
         return None if raw is None else DeadLetter.from_json(raw)
 
     def remove(self, message_id: str) -> bool:
         pipe = self.redis.pipeline()
-        pipe.hdel(RECORDS, message_id)
-        pipe.zrem(INDEX, message_id)
+        pipe.hdel(keys.DEAD_LETTERS, message_id)
+        pipe.zrem(keys.DEAD_LETTER_INDEX, message_id)
         return bool(pipe.execute()[0])
 
     def purge(self) -> int:
         n = self.count()
-        self.redis.delete(RECORDS, INDEX)
+        self.redis.delete(keys.DEAD_LETTERS, keys.DEAD_LETTER_INDEX)
         return n

@@ -17,7 +17,7 @@ caller's `idempotency_key` when there is one, so the key is covered too). One ke
 
 Every transition is one Lua script that checks who owns the record, so two copies of a task
 running at once (a redelivery racing the original) can never both get past `claimed`.
-Records other than `claimed` live for MAILER_LEDGER_TTL.
+Records other than `claimed` live for MAILER_LEDGER_TTL (docs/ledger.md: the state machine).
 
 Hundreds of sessions on one event loop each make three of these calls per message; awaited one
 by one, their round trips are a large share of the loop's CPU. So the calls are coalesced (see
@@ -39,113 +39,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from workers.state import keys, scripts
+
 log = logging.getLogger("mailer.ledger")
 
-PREFIX = "mailer:ledger:"
-
-_LIB = """
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1e6
-end
-local function record(state, owner, reply, window)
-  local at = now()
-  return cjson.encode({state=state, owner=owner, at=at, reply=reply, ['until']=at + window})
-end
-"""
-
-# Each transition is a Lua function of one record, `step(key, argv)`. The ledger runs it over
-# many records at once (`_EACH`: one EVALSHA per transition and round trip, see `_Coalescer`);
-# `_Script.single` runs it once, KEYS[1] and ARGV as usual (tests compare the two).
-
-# argv: owner, claim ttl ms, takeover ("1": take over `data`/`uncertain`), ledger ttl s, then
-# released owners (earlier attempts of this task that ended certain the relay does not have
-# the message: a leftover `claimed`/`data` record of any of them is free).
-# nil when the claim is ours; otherwise the record that stands in the way. A `data` record
-# still inside its window belongs to a live attempt waiting for the relay's reply: it stands.
-# Past its window, its sender died after starting the terminator: without takeover it becomes
-# `uncertain`.
-_CLAIM = """
-local cur = redis.call('GET', key)
-if cur then
-  local rec = cjson.decode(cur)
-  local mine = rec['state'] == 'claimed' and rec['owner'] == argv[1]
-  local released = false
-  if rec['state'] == 'claimed' or rec['state'] == 'data' then
-    for i = 5, #argv do
-      if rec['owner'] == argv[i] then released = true end
-    end
-  end
-  if not mine and not released then
-    if rec['state'] == 'data' and tonumber(rec['until'] or 0) > now() then return cur end
-    local ambiguous = rec['state'] == 'data' or rec['state'] == 'uncertain'
-    if not (ambiguous and argv[3] == '1') then
-      if rec['state'] == 'data' then
-        cur = record('uncertain', '', 'its sender died after starting the terminator', 0)
-        redis.call('SET', key, cur, 'EX', argv[4])
-      end
-      return cur
-    end
-  end
-end
-redis.call('SET', key, record('claimed', argv[1], '', 0), 'PX', argv[2])
-return nil
-"""
-
-# argv: owner, ledger ttl s, window s. 1 when `claimed` by owner (or lapsed and unclaimed) ->
-# `data`, live for `window` seconds (the longest the attempt waits for the reply).
-_DATA = """
-local cur = redis.call('GET', key)
-if cur then
-  local rec = cjson.decode(cur)
-  if rec['state'] ~= 'claimed' or rec['owner'] ~= argv[1] then return 0 end
-end
-redis.call('SET', key, record('data', argv[1], '', tonumber(argv[3])), 'EX', argv[2])
-return 1
-"""
-
-# argv: owner, state, reply, ledger ttl s. Records how our attempt ended, unless the record
-# has meanwhile become someone else's (never overwrite another attempt's outcome).
-_SETTLE = """
-local cur = redis.call('GET', key)
-if cur and argv[2] ~= 'sent' then
-  local rec = cjson.decode(cur)
-  if rec['owner'] ~= argv[1] then return 0 end
-end
-redis.call('SET', key, record(argv[2], argv[1], argv[3], 0), 'EX', argv[4])
-return 1
-"""
-
-# argv: owner. Deletes our own `claimed` or `data` record: the caller knows the relay does not
-# have the message (it never got the terminator, or answered it with a 4xx/421).
-_RELEASE = """
-local cur = redis.call('GET', key)
-if not cur then return 0 end
-local rec = cjson.decode(cur)
-if (rec['state'] == 'claimed' or rec['state'] == 'data') and rec['owner'] == argv[1] then
-  return redis.call('DEL', key)
-end
-return 0
-"""
-
-# KEYS: one per call; ARGV: for each call, its argument count, then its arguments. One reply
-# per call, in order: its result (nil as nil), or its own error, which leaves the others be.
-_EACH = """
-local out = {}
-local at = 1
-for k = 1, #KEYS do
-  local n = tonumber(ARGV[at])
-  local ok, result = pcall(step, KEYS[k], {unpack(ARGV, at + 1, at + n)})
-  at = at + n + 1
-  if not ok then
-    if type(result) ~= 'table' then result = {err = tostring(result)} end
-  elseif result == nil then
-    result = false
-  end
-  out[k] = result
-end
-return out
-"""
+# Each transition is a Lua function of one record, `step(key, argv)`, in
+# `workers/state/lua/ledger_<name>.lua`, with the helpers of `ledger_lib.lua`. The ledger runs it
+# over many records at once (`ledger_each.lua`: one EVALSHA per transition and round trip, see
+# `_Coalescer`); `_Script.single` runs it once, KEYS[1] and ARGV as usual (tests compare the two).
 
 
 @dataclass(frozen=True)
@@ -169,14 +70,15 @@ class Record:
 
 
 class _Script:
-    """A transition run over many records per call (`_EACH`), sent by its SHA1 (EVALSHA); its
-    source goes over only if Redis lacks it."""
+    """A transition run over many records per call (`ledger_each.lua`), sent by its SHA1
+    (EVALSHA); its source goes over only if Redis lacks it."""
 
     __slots__ = ("load", "sha", "sha_bulk", "single", "source")
 
-    def __init__(self, step: str) -> None:
-        function = f"{_LIB}local function step(key, argv)\n{step}\nend\n"
-        self.source = function + _EACH
+    def __init__(self, name: str) -> None:
+        step = scripts.source(f"ledger_{name}")
+        function = f"{scripts.source('ledger_lib')}local function step(key, argv)\n{step}\nend\n"
+        self.source = function + scripts.source("ledger_each")
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self.single = function + "return step(KEYS[1], ARGV)\n"  # one record, as usual
         self.sha_bulk = _bulk(self.sha.encode())
@@ -188,10 +90,10 @@ def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-_CLAIM_SCRIPT = _Script(_CLAIM)
-_DATA_SCRIPT = _Script(_DATA)
-_SETTLE_SCRIPT = _Script(_SETTLE)
-_RELEASE_SCRIPT = _Script(_RELEASE)
+_CLAIM_SCRIPT = _Script("claim")
+_DATA_SCRIPT = _Script("data")
+_SETTLE_SCRIPT = _Script("settle")
+_RELEASE_SCRIPT = _Script("release")
 
 # The most calls in one pipeline: the queue is bounded by the callers anyway (one call at a time
 # per attempt, `worker_connections` attempts), this only caps one write and its replies.
@@ -206,7 +108,7 @@ class _Call:
     ) -> None:
         self.script = script
         self.key = _bulk(key)
-        # Its argument count first, as `_EACH` reads them; as RESP, ready for the wire.
+        # Its argument count first, as `ledger_each.lua` reads them; as RESP, ready for the wire.
         self.nargs = len(args) + 1
         self.args = _bulk(b"%d" % len(args)) + b"".join(map(_bulk, args))
         self.future = future
@@ -227,7 +129,7 @@ class _Coalescer:
     anyway, so parallel pipelines would not finish sooner. A call waits for at most the round
     trip in flight before its own.
 
-    The calls of one transition leave as a single EVALSHA over all their records (`_EACH`):
+    The calls of one transition leave as a single EVALSHA over all their records (ledger_each):
     per call, Redis then runs a Lua function instead of a command, and redis-py packs and parses
     a few arguments instead of a command. Each record's step is atomic, as a script of its own
     would be; one caller's error (a script error on a garbled record) is returned to that caller
@@ -409,7 +311,7 @@ class Ledger:
 
     @staticmethod
     def key(message_id: str) -> str:
-        return PREFIX + message_id
+        return keys.ledger(message_id)
 
     async def claim(
         self,

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 from mailer.config import RateWindow
+from workers.state import keys, scripts
 
-#: The message rate's state (windows, adaptive ceiling, per-second counts).
-RATE_KEY = "mailer:rate"
-#: The session-open rate's state (MAILER_CONNECT_RATE).
-CONNECT_KEY = "mailer:rate:connect"
+RATE_KEY = keys.RATE
+CONNECT_KEY = keys.RATE_CONNECT
 
-_SCRIPT = files("workers.state").joinpath("lua", "ratelimit.lua").read_text(encoding="utf-8")
+_SCRIPT = scripts.source("ratelimit")
 
 
 @dataclass(frozen=True, slots=True)

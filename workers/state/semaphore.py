@@ -21,30 +21,22 @@ Why it is shaped this way (docs/semaphore.md has the whole design):
   be shorter than `ttl - renew_interval` (tests/e2e/test_fleet_cap.py shows both cases), or the cap
   needs headroom for such zombies.
 
-Keys, per named limit (`smtp` for the fleet, `host:{hostname}` for an optional per-host cap):
-`{prefix}{name}:holders` ZSET lease id -> expiry (ms, Redis time); `{prefix}{name}:meta` HASH
-lease id -> JSON {host, pid, acquired_ms}; plus `{prefix}epoch` (STRING) and the pub/sub channel
-`{prefix}released` ("<slots freed> <processes waiting>") that wakes waiters; `{prefix}quarantine`
-(STRING with an expiry) while a restart of a non-persistent Redis holds back new leases;
-`{prefix}{name}:wanted` (STRING, expires after a TTL) set whenever someone found the limit full,
-so holders give idle connections back early; `{prefix}waiting` (ZSET "host:pid" -> last failed
-acquire, ms) so that a release wakes a few waiting processes rather than all of them.
+The scripts are `workers/state/lua/lease_*.lua`; renewal and fencing are `LeaseKeeper`'s
+(workers/state/keeper.py); the keys are listed in workers/state/keys.py and docs/redis-keys.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
-import math
 import os
 import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +45,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from workers.state import keys, scripts
+
 log = logging.getLogger("mailer.semaphore")
 
 GLOBAL_LIMIT = "smtp"
-DEFAULT_PREFIX = "mailer:sem:"
+DEFAULT_PREFIX = keys.LEASE_PREFIX
 MIN_TTL = 2.0
 BACKOFF_START = 0.02
 BACKOFF_CAP = 1.0
@@ -78,150 +72,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     ReadOnlyError,
     TimeoutError,
     OSError,
-)
-
-# Shared prologue: server time in ms.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: holders_1, meta_1, ..., holders_n, meta_n, wanted_1..wanted_n, epoch, quarantine,
-# waiting. ARGV: id, ttl_ms, host, pid, new_epoch, grace_ms, cap_1..cap_n. Returns
-# {1, ttl_ms, epoch} on success, else {0, ms until the earliest expiry among the full limits or
-# the end of the quarantine (-1 if unknown), epoch}. A full limit is marked wanted for a TTL,
-# which renewals report to holders so they stop keeping idle connections (see
-# LeaseSemaphore.contended), and the process is noted in `waiting` (see _RELEASE).
-_ACQUIRE = (
-    _NOW
-    + """
-local n = (#KEYS - 3) / 3
-local id = ARGV[1]
-local expiry = now + tonumber(ARGV[2])
-local ekey, qkey = KEYS[#KEYS - 2], KEYS[#KEYS - 1]
-local quarantine = redis.call('PTTL', qkey)
-if quarantine > 0 then
-  return {0, quarantine, redis.call('GET', ekey) or ''}
-end
-local epoch = redis.call('GET', ekey)
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('SET', ekey, epoch)
-  local grace = tonumber(ARGV[6])
-  if grace > 0 then
-    -- No epoch: a first start, or a restart that lost everything. Without AOF, and started
-    -- less than grace ago, holders of forgotten leases may still be connected: wait them out.
-    local info = redis.call('INFO', 'persistence') .. redis.call('INFO', 'server')
-    local aof = string.match(info, 'aof_enabled:(%d)')
-    local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
-    if aof == '0' and up and up * 1000 < grace then
-      local wait = grace - up * 1000
-      redis.call('SET', qkey, epoch, 'PX', wait)
-      return {0, wait, epoch}
-    end
-  end
-end
-for i = 1, n do
-  local h, m = KEYS[2 * i - 1], KEYS[2 * i]
-  local expired = redis.call('ZRANGEBYSCORE', h, '-inf', now)
-  if #expired > 0 then
-    for j = 1, #expired, 1000 do
-      redis.call('HDEL', m, unpack(expired, j, math.min(j + 999, #expired)))
-    end
-    redis.call('ZREMRANGEBYSCORE', h, '-inf', now)
-  end
-end
--- A retry of an attempt whose reply was lost: the lease is already ours, just extend it.
-if redis.call('ZSCORE', KEYS[1], id) then
-  for i = 1, n do
-    redis.call('ZADD', KEYS[2 * i - 1], 'XX', 'GT', expiry, id)
-  end
-  return {1, tonumber(ARGV[2]), epoch}
-end
-local wait = -1
-local full = false
-for i = 1, n do
-  local h = KEYS[2 * i - 1]
-  if redis.call('ZCARD', h) >= tonumber(ARGV[6 + i]) then
-    full = true
-    redis.call('SET', KEYS[2 * n + i], now, 'PX', ARGV[2])
-    local first = redis.call('ZRANGE', h, 0, 0, 'WITHSCORES')
-    if #first > 0 then
-      wait = math.max(wait, tonumber(first[2]) - now)
-    end
-  end
-end
-if full then
-  redis.call('ZADD', KEYS[#KEYS], now, ARGV[3] .. ':' .. ARGV[4])
-  return {0, wait, epoch}
-end
-local meta = cjson.encode({host = ARGV[3], pid = tonumber(ARGV[4]), acquired_ms = now})
-for i = 1, n do
-  redis.call('ZADD', KEYS[2 * i - 1], expiry, id)
-  redis.call('HSET', KEYS[2 * i], id, meta)
-end
-return {1, tonumber(ARGV[2]), epoch}
-"""
-)
-
-# KEYS: holders/meta pairs, wanted_1..wanted_n, epoch. ARGV: ttl_ms, id_1, epoch_1, id_2, ...
-# Returns {current epoch or false, ms the fleet stays contended (<= 0: not), lost ids...}.
-# A lease is extended only if it is still unexpired in every limit and its epoch is current:
-# an expired lease may already belong to someone else, so it is never resurrected.
-_RENEW = (
-    _NOW
-    + """
-local n = (#KEYS - 1) / 3
-local expiry = now + tonumber(ARGV[1])
-local epoch = redis.call('GET', KEYS[#KEYS])
-local wanted = -2
-for i = 1, n do
-  wanted = math.max(wanted, redis.call('PTTL', KEYS[2 * n + i]))
-end
-local out = {epoch, wanted}
-for j = 2, #ARGV, 2 do
-  local id = ARGV[j]
-  local alive = epoch and epoch == ARGV[j + 1]
-  if alive then
-    for i = 1, n do
-      local s = redis.call('ZSCORE', KEYS[2 * i - 1], id)
-      if not s or tonumber(s) <= now then
-        alive = false
-        break
-      end
-    end
-  end
-  if alive then
-    for i = 1, n do
-      redis.call('ZADD', KEYS[2 * i - 1], 'XX', 'GT', expiry, id)
-    end
-  else
-    out[#out + 1] = id
-  end
-end
-return out
-"""
-)
-
-# KEYS: holders/meta pairs, waiting. ARGV: channel, memory_ms, ids... Idempotent. Publishes
-# "<slots freed> <processes waiting>" (processes that failed to acquire within memory_ms), so
-# that each waiting process wakes a waiter for a freed slot only with probability ~FANOUT/N.
-_RELEASE = (
-    _NOW
-    + """
-local removed = 0
-for i = 1, #KEYS - 1, 2 do
-  local r = redis.call('ZREM', KEYS[i], unpack(ARGV, 3))
-  redis.call('HDEL', KEYS[i + 1], unpack(ARGV, 3))
-  if r > removed then removed = r end
-end
-if removed > 0 then
-  local waiting = KEYS[#KEYS]
-  redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now - tonumber(ARGV[2]))
-  redis.call('PUBLISH', ARGV[1], removed .. ' ' .. redis.call('ZCARD', waiting))
-end
-return removed
-"""
 )
 
 
@@ -323,23 +173,26 @@ class LeaseSemaphore:
         self.margin = max(1.0, 0.1 * self.ttl)
         # Renew often enough that a lease acquired right after a round is renewed well in time.
         self.renew_interval = min(self.ttl / 3, (self.ttl - self.margin) / 2)
-        self.channel = f"{prefix}released"
-        self.epoch_key = f"{prefix}epoch"
-        self.quarantine_key = f"{prefix}quarantine"
+        self.channel = keys.lease_released(prefix)
+        self.epoch_key = keys.lease_epoch(prefix)
+        self.quarantine_key = keys.lease_quarantine(prefix)
         self._grace_ms = int(self.ttl * 1000) if restart_grace else 0
         self._limit_keys: list[str] = []
         for lim in self.limits:
-            self._limit_keys += [f"{prefix}{lim.name}:holders", f"{prefix}{lim.name}:meta"]
-        wanted = [f"{prefix}{lim.name}:wanted" for lim in self.limits]
+            self._limit_keys += [
+                keys.lease_holders(lim.name, prefix),
+                keys.lease_meta(lim.name, prefix),
+            ]
+        wanted = [keys.lease_wanted(lim.name, prefix) for lim in self.limits]
         self._keys = [*self._limit_keys, *wanted, self.epoch_key]  # for renew
-        self.waiting_key = f"{prefix}waiting"
+        self.waiting_key = keys.lease_waiting(prefix)
         self._acquire_keys = [*self._keys, self.quarantine_key, self.waiting_key]
         self._release_keys = [*self._limit_keys, self.waiting_key]
         self._contended_until = 0.0
         self._ttl_ms = int(self.ttl * 1000)
-        self._acquire_script = redis.register_script(_ACQUIRE)
-        self._renew_script = redis.register_script(_RENEW)
-        self._release_script = redis.register_script(_RELEASE)
+        self._acquire_script = redis.register_script(scripts.source("lease_acquire"))
+        self._renew_script = redis.register_script(scripts.source("lease_renew"))
+        self._release_script = redis.register_script(scripts.source("lease_release"))
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = False  # the wake-up subscription is up: waiters may poll rarely
@@ -642,118 +495,3 @@ def _meta(raw: Any) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-OnLost = Callable[[Lease], Awaitable[None] | None]
-
-
-class LeaseKeeper:
-    """Keeps this process's leases alive from its event loop, and says when one is gone.
-
-    Every `renew_interval` (<= ttl/3) all live leases are renewed in one call. A lease is lost
-    when Redis says so (expired, released elsewhere, epoch changed) or when its `valid_until`
-    passes without a successful renewal (Redis unreachable or slow). Then it is dropped from
-    the keeper and `on_lost(lease)` is called exactly once. `on_lost` may be a plain function
-    (keep it quick: abort the socket) or return an awaitable, which runs as its own task so a
-    slow close never delays other renewals. The owner should still `release()` the lease once
-    its socket is closed, which frees the slot early if Redis still holds it.
-    Redis errors never stop the keeper: they are logged and the renewal is retried.
-    """
-
-    def __init__(
-        self, semaphore: LeaseSemaphore, on_lost: OnLost, *, interval: float | None = None
-    ) -> None:
-        self.semaphore = semaphore
-        self.on_lost = on_lost
-        self.interval = semaphore.renew_interval if interval is None else interval
-        self._leases: dict[str, Lease] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._callbacks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def leases(self) -> list[Lease]:
-        return list(self._leases.values())
-
-    def add(self, lease: Lease) -> None:
-        self._leases[lease.id] = lease
-        self._wake.set()
-
-    def discard(self, lease: Lease) -> None:
-        """Stop renewing (call before `release`); no `on_lost` will follow for this lease."""
-        self._leases.pop(lease.id, None)
-
-    def start(self) -> None:
-        """Start renewing; call from within the owning event loop."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="lease-keeper")
-
-    async def stop(self) -> None:
-        """Stop renewing (leases are not released: their owners close and release them)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._callbacks:
-            await asyncio.gather(*self._callbacks, return_exceptions=True)
-
-    async def _run(self) -> None:
-        next_renew = time.monotonic() + self.interval
-        retry = BACKOFF_START * 5
-        while True:
-            now = time.monotonic()
-            for lease in [le for le in self._leases.values() if le.valid_until <= now]:
-                log.warning("lease %s not renewed in time: fencing its connection", lease.id)
-                self._lose(lease)
-            if now >= next_renew:
-                if await self._renew_once():
-                    next_renew = time.monotonic() + self.interval
-                    retry = BACKOFF_START * 5
-                else:
-                    next_renew = time.monotonic() + min(retry, self.interval)
-                    retry = min(retry * 2, self.interval)
-                continue
-            earliest = min((le.valid_until for le in self._leases.values()), default=math.inf)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, min(next_renew, earliest) - now)):
-                    await self._wake.wait()
-
-    async def _renew_once(self) -> bool:
-        batch = list(self._leases.values())
-        if not batch:
-            return True
-        # Give up on the call by the time the first lease would lapse, so fencing is never late.
-        budget = min(le.valid_until for le in batch) - time.monotonic()
-        try:
-            async with asyncio.timeout(max(0.05, budget)):
-                lost = await self.semaphore.renew(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("lease renewal failed (%s: %s); retrying", type(exc).__name__, exc)
-            return False
-        for lease in batch:
-            if lease.id in lost and self._leases.get(lease.id) is lease:
-                log.warning("lease %s lost: fencing its connection", lease.id)
-                self._lose(lease)
-        return True
-
-    def _lose(self, lease: Lease) -> None:
-        self._leases.pop(lease.id, None)
-        lease.valid_until = 0.0
-        try:
-            result = self.on_lost(lease)
-        except Exception:
-            log.exception("on_lost failed for lease %s", lease.id)
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._callbacks.add(task)
-            task.add_done_callback(self._callback_done)
-
-    def _callback_done(self, task: asyncio.Task[Any]) -> None:
-        self._callbacks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("on_lost failed: %s", type(task.exception()).__name__)

@@ -1,0 +1,81 @@
+"""Every Redis key the project uses, in one place; docs/redis-keys.md says what each holds.
+
+One style, `mailer:<area>:<name>`, so `SCAN mailer:*` finds all of ours and `mailer:<area>:*` one
+area. Two Redis roles: the *state* Redis (MAILER_REDIS_URL: leases, ledger, dead letters,
+circuit, throughput) and the *broker* (MAILER_BROKER_URL: kombu's queue and records, and the
+fetch's consumer keys next to them). A name ending in a separator is a prefix; the functions
+complete it. kombu's own keys are at the end, for the code that reads them.
+"""
+
+from __future__ import annotations
+
+# -- state Redis ------------------------------------------------------------------------------
+
+#: The lease semaphore's keys live under this prefix (`LeaseSemaphore(prefix=...)`).
+LEASE_PREFIX = "mailer:sem:"
+#: + message id: the message's ledger record (JSON).
+LEDGER_PREFIX = "mailer:ledger:"
+DEAD_LETTERS = "mailer:dead:records"
+DEAD_LETTER_INDEX = "mailer:dead:index"
+CIRCUIT = "mailer:circuit"
+CIRCUIT_PROBE = "mailer:circuit:probe"
+#: + minute since the epoch: outcome counts of that minute.
+THROUGHPUT_PREFIX = "mailer:throughput:"
+#: The fleet's message rate: window schedules, the adaptive ceiling, per-second counts (hash).
+RATE = "mailer:rate"
+#: The fleet's session-open rate (MAILER_CONNECT_RATE), same layout.
+RATE_CONNECT = "mailer:rate:connect"
+
+# -- broker Redis -----------------------------------------------------------------------------
+
+FETCH_CONSUMERS = "mailer:fetch:consumers"
+FETCH_QUEUES = "mailer:fetch:queues"
+#: + consumer id: what that consumer moved off the queue and has not recorded yet.
+FETCH_INFLIGHT_PREFIX = "mailer:fetch:inflight:"
+
+#: kombu's Redis transport: delivery tag -> message, and delivery tag -> delivery time.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+#: kombu's separator between a queue's name and its priority level ("mailer\x06\x163").
+KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+def ledger(message_id: str) -> str:
+    return LEDGER_PREFIX + message_id
+
+
+def throughput(minute: int) -> str:
+    return f"{THROUGHPUT_PREFIX}{minute}"
+
+
+def inflight(consumer_id: str) -> str:
+    return FETCH_INFLIGHT_PREFIX + consumer_id
+
+
+def lease_holders(limit: str, prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}{limit}:holders"
+
+
+def lease_meta(limit: str, prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}{limit}:meta"
+
+
+def lease_wanted(limit: str, prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}{limit}:wanted"
+
+
+def lease_epoch(prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}epoch"
+
+
+def lease_quarantine(prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}quarantine"
+
+
+def lease_waiting(prefix: str = LEASE_PREFIX) -> str:
+    return f"{prefix}waiting"
+
+
+def lease_released(prefix: str = LEASE_PREFIX) -> str:
+    """The pub/sub channel of release notices (a channel, not a key)."""
+    return f"{prefix}released"

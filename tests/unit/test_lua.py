@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from workers import broker
-from workers.state import ledger, scripts
+from workers.state import ledger, ratelimit, scripts
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "workers" / "state" / "lua"
@@ -21,20 +21,22 @@ LUA = REPO / "workers" / "state" / "lua"
 # Every script as the code sends it (a library first where it has one).
 SEMAPHORE = {"lease_acquire", "lease_renew", "lease_release"}
 LEDGER = [ledger._CLAIM_SCRIPT, ledger._DATA_SCRIPT, ledger._SETTLE_SCRIPT, ledger._RELEASE_SCRIPT]
-FETCH = [broker._BEAT, broker._SWEEP, broker._TAKE]
+FETCH = [broker._BEAT, broker._SWEEP, broker._TAKE, broker._MOVE_FIRST]
+OTHERS = [ratelimit._SCRIPT]
 LIBRARIES_AND_STEPS = {"fetch_lib", "fetch_beat", "fetch_sweep", "fetch_take", "ledger_lib"}
+STANDALONE = {"fetch_move_first", "ratelimit"}
 LEDGER_FILES = {"ledger_claim", "ledger_data", "ledger_settle", "ledger_release", "ledger_each"}
 
 
 def test_every_file_is_a_script_the_code_uses() -> None:
     on_disk = sorted(p.stem for p in LUA.glob("*.lua"))
     assert scripts.names() == on_disk
-    assert set(on_disk) == SEMAPHORE | LIBRARIES_AND_STEPS | LEDGER_FILES
+    assert set(on_disk) == SEMAPHORE | LIBRARIES_AND_STEPS | LEDGER_FILES | STANDALONE
 
 
 def test_every_script_compiles_in_redis(redis_url: str) -> None:
     sources = [scripts.source(name) for name in sorted(SEMAPHORE)]
-    sources += [s.source for s in LEDGER] + [s.single for s in LEDGER] + FETCH
+    sources += [s.source for s in LEDGER] + [s.single for s in LEDGER] + FETCH + OTHERS
     client = redis.Redis.from_url(redis_url)
     try:
         for source in sources:

@@ -36,6 +36,7 @@ from kombu import Queue
 from mailer.config import Settings
 from mailer.publish import celery_config
 from mailer.wire import queue_for
+from workers.compat.celery import IN_PROCESS_POOLS, TASK_LOGGERS
 
 settings = Settings.from_env()
 
@@ -68,11 +69,6 @@ if settings.broker_url.startswith("redis://"):
     app.conf.broker_transport = "workers.broker:Transport"
 
 log = logging.getLogger("mailer.worker")
-
-#: Celery's loggers of the per-task INFO lines (received; succeeded, retry, ignored).
-CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
-#: Celery pools whose tasks run in the worker process itself (which serves the metrics).
-IN_PROCESS_POOLS = ("celery.concurrency.thread", "celery.concurrency.solo")
 
 
 class _Process:
@@ -144,7 +140,7 @@ def _structured_logs(logger: logging.Logger | None = None, **_: object) -> None:
     if logger is not None:
         logs.configure(logger, log_secrets())
     if not _celery_task_logs(logger):
-        for name in CELERY_TASK_LOGGERS:
+        for name in TASK_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test lint system bench
+.PHONY: demo test test-fast lint system bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,20 @@ system:
 demo: system $(BIN)/.installed
 	$(BIN)/mailer demo
 
+# Everything, in one run: the in-process unit tests first, then the end-to-end runs with real
+# worker processes.
 test: system $(BIN)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest tests/unit tests/e2e
 
+# The developer's loop: in-process tests only (tests/unit), about a minute at most.
+test-fast: system $(BIN)/.installed
+	$(BIN)/pytest tests/unit -q
+
+# Style, formatting, the import layering (pyproject.toml [tool.importlinter]) and types.
 lint: $(BIN)/.installed
-	$(BIN)/ruff check mailer workers tests bench
+	$(BIN)/ruff check mailer workers devkit tests bench
+	$(BIN)/ruff format --check mailer workers devkit tests bench
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 # Postfix's smtp-sink/smtp-source are the speed-of-SMTP reference for the benchmarks.

@@ -36,6 +36,7 @@ from kombu import Queue
 from mailer.config import Settings
 from mailer.publish import celery_config
 from mailer.wire import queue_for
+from workers.compat.celery import IN_PROCESS_POOLS, TASK_LOGGERS
 
 settings = Settings.from_env()
 
@@ -68,9 +69,6 @@ if settings.broker_url.startswith("redis://"):
     app.conf.broker_transport = "workers.broker:Transport"
 
 log = logging.getLogger("mailer.worker")
-
-#: Celery's loggers of the per-task INFO lines (received; succeeded, retry, ignored).
-CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
 class _Process:
@@ -117,11 +115,21 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
     from workers.observe import logs, metrics
     from workers.observe.status import Throughput
 
-    pool_cls = getattr(sender, "pool_cls", None)
-    _process.exporter = metrics.install(settings, pool_cls=pool_cls, probe=occupancy)
+    in_process = _serves_in_process(getattr(sender, "pool_cls", None))
+    _process.exporter = metrics.install(settings, in_process=in_process, probe=occupancy)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _process.throughput = Throughput(client).start()
     logs.subscribe(_process.throughput.on_event)
+
+
+def _serves_in_process(pool_cls: Any) -> bool:
+    """True when tasks run in this process (threads or solo pool), so its metrics see them."""
+    if pool_cls is None:
+        return True
+    from celery.concurrency import get_implementation
+
+    cls = get_implementation(pool_cls)
+    return getattr(cls, "__module__", "") in IN_PROCESS_POOLS
 
 
 @signals.after_setup_logger.connect
@@ -132,7 +140,7 @@ def _structured_logs(logger: logging.Logger | None = None, **_: object) -> None:
     if logger is not None:
         logs.configure(logger, log_secrets())
     if not _celery_task_logs(logger):
-        for name in CELERY_TASK_LOGGERS:
+        for name in TASK_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -39,6 +39,7 @@ from kombu.utils.json import loads as kombu_loads
 
 from mailer.publish import ReusedClient
 from mailer.wire import BATCH_TASK
+from workers.compat.kombu import deliver
 from workers.state import keys, scripts
 
 HEARTBEAT_EVERY = 2.0  # seconds between heartbeats of a consumer that keeps fetching
@@ -242,7 +243,7 @@ class Channel(ReusedClient, kredis.Channel):
         self.staged = item
         message = loads(bytes_to_str(item))
         try:
-            self.connection._deliver(message, queue)
+            deliver(self, message, queue)
         except BaseException:
             if self.staged is not None:  # never recorded: straight back onto the queue
                 self._return(queue, item)
@@ -282,7 +283,7 @@ class Channel(ReusedClient, kredis.Channel):
         for index, (queue, item) in enumerate(taken):
             self.taken = True
             try:
-                self.connection._deliver(loads(bytes_to_str(item)), queue)
+                deliver(self, loads(bytes_to_str(item)), queue)
             except BaseException:
                 self._give_back(taken[index + 1 :])
                 raise

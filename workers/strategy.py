@@ -40,6 +40,8 @@ from celery.worker.strategy import default as default_strategy
 from mailer import wire
 from workers import broker
 from workers.app import settings
+from workers.compat.celery import STRATEGY_LOGGER, TASKS_STEP, flush_events
+from workers.compat.kombu import mark_acked, set_decoded
 from workers.engine import runtime as runtime_module
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.runtime import Result, runtime
@@ -55,7 +57,7 @@ from workers.settle import (
 
 log = logging.getLogger("mailer.worker")
 T = TypeVar("T")
-CELERY_TASK_LOG = logging.getLogger("celery.worker.strategy")  # "Task ... received"
+CELERY_TASK_LOG = logging.getLogger(STRATEGY_LOGGER)  # "Task ... received"
 
 #: The most attempts one dispatch starts at once (the prefetch limit bounds them anyway).
 DISPATCH_MAX = 256
@@ -88,7 +90,7 @@ def plain_first_attempt(message: Any) -> dict[str, Any] | None:
     ):
         return None
     if message.content_type == "application/json" and message.content_encoding == "utf-8":
-        body = message._decoded_cache = broker.loads(message.body)  # what `decode()` keeps
+        body = set_decoded(message, broker.loads(message.body))
     else:
         body = message.decode()  # kombu checks the content type against `accept`
     if not isinstance(body, list | tuple) or len(body) != 3:
@@ -269,7 +271,7 @@ def _ack_all(messages: list[Any]) -> None:
             log.warning("ack failed: %s", type(exc).__name__)
             continue
         for message in group:
-            message._state = "ACK"  # what Message.ack records after basic_ack
+            mark_acked(message)
 
 
 def _probing() -> bool:
@@ -310,7 +312,7 @@ def _group_events(consumer: Any) -> None:
     eventer.on_send_buffered = None  # no flush per loop turn: the timer below flushes
     hub = consumer.hub
     if getattr(hub, "_mailer_event_timer", None) is None:
-        hub._mailer_event_timer = hub.call_repeatedly(EVENT_FLUSH_EVERY, consumer._flush_events)
+        hub._mailer_event_timer = hub.call_repeatedly(EVENT_FLUSH_EVERY, flush_events(consumer))
 
 
 _stream: Stream | None = None
@@ -370,7 +372,7 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
 class DrainStream(bootsteps.StartStopStep):
     """At a warm shutdown, after Celery stops consuming: let streamed attempts settle."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    requires = (TASKS_STEP,)
 
     def stop(self, c: Any) -> None:
         if _stream is None:

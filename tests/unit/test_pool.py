@@ -69,10 +69,10 @@ def pool_for(sink: SinkServer, tls: TLSMaterial, key: str, **settings: object) -
 async def queued(pool: SessionPool, n: int) -> None:
     """Until `n` checkouts wait in the pool's queue."""
     for _ in range(1000):
-        if len(pool._waiters) == n:
+        if pool.waiting == n:
             return
         await asyncio.sleep(0.001)
-    raise AssertionError(f"{len(pool._waiters)} waiting, not {n}")
+    raise AssertionError(f"{pool.waiting} waiting, not {n}")
 
 
 def test_a_freed_session_goes_to_the_longest_waiter_not_a_newcomer(
@@ -83,17 +83,17 @@ def test_a_freed_session_goes_to_the_longest_waiter_not_a_newcomer(
     async def scenario() -> None:
         pool = pool_for(sink, tls_material, api_key)
         pool.start()
-        first = await pool._checkout()
-        waiting = asyncio.ensure_future(pool._checkout())
+        first = await pool.checkout()
+        waiting = asyncio.ensure_future(pool.checkout())
         await queued(pool, 1)
-        await pool._checkin(first)
-        newcomer = asyncio.ensure_future(pool._checkout())  # arrives as the session frees
+        await pool.checkin(first)
+        newcomer = asyncio.ensure_future(pool.checkout())  # arrives as the session frees
         assert await waiting is first
         await queued(pool, 1)
         assert not newcomer.done()  # it queued behind, it did not take the session
-        await pool._checkin(first)
+        await pool.checkin(first)
         assert await newcomer is first
-        await pool._checkin(first)
+        await pool.checkin(first)
         assert pool.stats.opened == 1 and pool.open_sessions == 1
         await pool.close(5)
 
@@ -108,16 +108,16 @@ def test_a_waiter_handed_a_session_as_it_gives_up_passes_it_on(
     async def scenario() -> None:
         pool = pool_for(sink, tls_material, api_key)
         pool.start()
-        first = await pool._checkout()
-        quitter = asyncio.ensure_future(pool._checkout())
-        patient = asyncio.ensure_future(pool._checkout())
+        first = await pool.checkout()
+        quitter = asyncio.ensure_future(pool.checkout())
+        patient = asyncio.ensure_future(pool.checkout())
         await queued(pool, 2)
-        await pool._checkin(first)  # handed to `quitter`, which is cancelled before it runs
+        await pool.checkin(first)  # handed to `quitter`, which is cancelled before it runs
         quitter.cancel()
         assert await patient is first
         assert quitter.cancelled()
-        await pool._checkin(first)
-        assert pool.open_sessions == 1 and not pool._waiters
+        await pool.checkin(first)
+        assert pool.open_sessions == 1 and not pool.waiting
         await pool.close(5)
 
     asyncio.run(scenario())
@@ -131,14 +131,14 @@ def test_a_waiter_out_of_time_fails_as_no_free_session_and_leaves_the_pool_whole
     async def scenario() -> None:
         pool = pool_for(sink, tls_material, api_key, lease_wait=0.2)
         pool.start()
-        first = await pool._checkout()
+        first = await pool.checkout()
         with pytest.raises(Failure) as info:
-            await pool._checkout()
+            await pool.checkout()
         assert info.value.kind is Kind.NO_LEASE and "no free session" in info.value.reason
-        assert not pool._waiters
-        await pool._checkin(first)
-        assert await pool._checkout() is first  # still the one session, reused
-        await pool._checkin(first)
+        assert not pool.waiting
+        await pool.checkin(first)
+        assert await pool.checkout() is first  # still the one session, reused
+        await pool.checkin(first)
         await pool.close(5)
 
     asyncio.run(scenario())
@@ -152,14 +152,14 @@ def test_a_session_closing_lets_the_first_waiter_open_another(
     async def scenario() -> None:
         pool = pool_for(sink, tls_material, api_key)
         pool.start()
-        first: Session = await pool._checkout()
-        waiting = asyncio.ensure_future(pool._checkout())
+        first: Session = await pool.checkout()
+        waiting = asyncio.ensure_future(pool.checkout())
         await queued(pool, 1)
         first.abort()  # broken: retired at check-in, which makes room for a new one
-        await pool._checkin(first)
+        await pool.checkin(first)
         second = await waiting
         assert second is not first and second.connected
-        await pool._checkin(second)
+        await pool.checkin(second)
         assert pool.stats.opened == 2 and pool.open_sessions == 1
         await pool.close(5)
 
@@ -301,12 +301,13 @@ def test_the_heap_is_trimmed_once_sessions_stop_opening(
     (`trim_heap`, here the real `malloc_trim`), once per burst, not on every sweep."""
     from workers.engine import pool as pool_module
 
-    assert pool_module.trim_heap() in (0, 1)  # glibc's malloc_trim: 1 if memory was released
+    trim = pool_module.trim_heap
+    assert trim() in (0, 1)  # glibc's malloc_trim: 1 if memory was released
     calls: list[float] = []
 
     def counted() -> object:
         calls.append(time.monotonic())
-        return pool_module._malloc_trim()()
+        return trim()
 
     monkeypatch.setattr(pool_module, "trim_heap", counted)
     sink = make_sink(tls="starttls", auth=("apikey", api_key))
@@ -314,9 +315,9 @@ def test_the_heap_is_trimmed_once_sessions_stop_opening(
     async def scenario() -> None:
         pool = pool_for(sink, tls_material, api_key, worker_connections=3, session_idle_timeout=0.4)
         pool.start()
-        sessions = [await pool._checkout() for _ in range(3)]
+        sessions = [await pool.checkout() for _ in range(3)]
         for session in sessions:
-            await pool._checkin(session)
+            await pool.checkin(session)
         await asyncio.sleep(0.35)  # sweeps every 0.1 s here
         assert len(calls) == 1
         await pool.close(5)

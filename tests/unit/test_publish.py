@@ -23,7 +23,7 @@ from devkit.redis_server import RedisServer, free_port
 from devkit.sink import TLSMaterial
 from mailer.config import Settings
 from mailer.errors import PublishError
-from mailer.publish import QUEUE, Publisher, celery_config
+from mailer.publish import PUBLISH_RETRY_POLICY, QUEUE, Publisher, celery_config
 from tests.support.helpers import wait_until
 
 BODY = "Subject: hi\r\n\r\nthe body, which no repr may show\r\n"
@@ -234,6 +234,16 @@ def own_server() -> Iterator[RedisServer]:
     server.close()
 
 
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same five retries, a few milliseconds apart rather than ~6 s in all: these tests are
+    about the error once they are spent, not the backoff (`test_retries_until_the_broker_is_back`
+    keeps the real one)."""
+    for key, seconds in (("interval_start", 0.01), ("interval_step", 0.01), ("interval_max", 0.02)):
+        monkeypatch.setitem(PUBLISH_RETRY_POLICY, key, seconds)
+
+
+@pytest.mark.usefixtures("quick_retries")
 def test_broker_down_raises_publish_error_without_the_password(own_server: RedisServer) -> None:
     password = "hunter2-" + "x" * 12
     redis.Redis(port=own_server.port).config_set("requirepass", password)
@@ -253,6 +263,7 @@ def test_broker_down_raises_publish_error_without_the_password(own_server: Redis
     publisher.close()
 
 
+@pytest.mark.usefixtures("quick_retries")
 def test_never_connected_broker_raises_publish_error() -> None:
     url = f"redis://:s3cret-pass@127.0.0.1:{free_port()}/0"
     publisher = publisher_for(url)

@@ -312,7 +312,7 @@ def test_body_cte_is_unchanged_for_hand_picked_bodies(body: str) -> None:
     )
 
 
-@settings(max_examples=500)
+@settings(max_examples=200)
 @given(address=st.from_regex(_PLAIN_ADDRESS, fullmatch=True))
 @example(address="user@example.com")
 @example(address="first.last+tag@sub-domain.example.co.uk")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
-import queue
 import random
 import shutil
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -109,13 +106,13 @@ def test_cap_is_never_exceeded_by_concurrent_acquirers(redis_url: str) -> None:
             await sem.close()
 
         started = time.monotonic()
-        await asyncio.gather(*(worker(i) for i in range(20)))
-        assert served == 40
+        await asyncio.gather(*(worker(i) for i in range(12)))
+        assert served == 24
         assert peak == 5
         assert await r.zcard(HOLDERS) == 0
-        # 40 holds of ~60 ms through 5 slots is ~0.5 s of work; release wake-ups keep it close.
+        # 24 holds of ~60 ms through 5 slots is ~0.3 s of work; release wake-ups keep it close.
         # Printed, not asserted: a shared machine makes any time limit flaky.
-        print(f"\n40 holds through 5 slots took {time.monotonic() - started:.2f} s")
+        print(f"\n24 holds through 5 slots took {time.monotonic() - started:.2f} s")
 
     run(body, redis_url)
 
@@ -273,7 +270,7 @@ def test_keeper_renews_and_fences_when_redis_goes_away(
             lease = await sem.acquire(soon(1))
             assert lease is not None
             keeper.add(lease)
-            await asyncio.sleep(3 * ttl + 0.2)
+            await asyncio.sleep(1.5 * ttl + 0.2)  # held past its TTL: renewed, several times
             assert lost == []
             assert lease.valid and await r.zscore(HOLDERS, lease.id) is not None
             rival = LeaseSemaphore(r, [Limit("smtp", 1)], ttl=ttl, host="b")
@@ -374,81 +371,3 @@ def test_snapshot(redis_url: str) -> None:
         assert empty == {"cap": 5, "held": 0, "hosts": {}, "processes": {}, "oldest_age_s": None}
 
     run(body, redis_url)
-
-
-def _hammer(url: str, index: int, seconds: float, go: Any, results: Any) -> None:
-    """One OS process: acquire -> hold 10-50 ms -> release, for `seconds`, recording each hold."""
-
-    async def main() -> list[tuple[float, float]]:
-        r = client(url)
-        sem = LeaseSemaphore(r, [Limit("smtp", 4)], ttl=10, host=f"proc{index}")
-        holds: list[tuple[float, float]] = []
-        results.put(("ready", index))
-        await asyncio.to_thread(go.wait, 60)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            lease = await sem.acquire(soon(5))
-            assert lease is not None
-            start = time.monotonic()  # after Redis granted it...
-            await asyncio.sleep(random.uniform(0.01, 0.05))
-            holds.append((start, time.monotonic()))  # ...and before Redis takes it back
-            await sem.release(lease)
-        await sem.close()
-        await r.aclose()
-        return holds
-
-    results.put(("done", index, asyncio.run(main())))
-
-
-def test_cap_holds_across_os_processes(redis_url: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    go = ctx.Event()
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_hammer, args=(redis_url, i, 2.0, go, results), daemon=True)
-        for i in range(6)
-    ]
-    for p in procs:
-        p.start()
-    sampled: list[int] = []
-    stop_watch = threading.Event()
-
-    def watch() -> None:
-        sync = redis.Redis.from_url(redis_url)
-        while not stop_watch.is_set():
-            sampled.append(int(sync.zcard(HOLDERS)))
-            time.sleep(0.002)
-        sync.close()
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    try:
-        for _ in procs:
-            assert results.get(timeout=30)[0] == "ready"
-        watcher.start()
-        go.set()
-        holds: list[tuple[float, float]] = []
-        for _ in procs:
-            kind, _, got = results.get(timeout=20)
-            assert kind == "done"
-            holds += got
-    except queue.Empty:
-        pytest.fail("a semaphore process did not finish")
-    finally:
-        stop_watch.set()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    watcher.join(5)
-    # CLOCK_MONOTONIC is system-wide on Linux, so holds from different processes compare.
-    events = sorted(
-        [(t, 1) for t, _ in holds] + [(t, -1) for _, t in holds], key=lambda e: (e[0], e[1])
-    )
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    assert len(holds) > 60
-    assert 2 <= peak <= 4
-    assert sampled and max(sampled) <= 4
-    assert all(p.exitcode == 0 for p in procs)

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from workers.compat import Private
+
 T = TypeVar("T")
 
 # asyncio allocates a read buffer of SSLProtocol.max_size per TLS connection, most of an idle
@@ -27,6 +29,9 @@ T = TypeVar("T")
 # session. Set per worker process, where the loop lives. uvloop's TLS buffers are allocated
 # zeroed and stay untouched, so they cost no resident memory.
 TLS_READ_BUFFER = 4 * 1024
+
+#: The standard library's private part this module relies on (tests/unit/test_private_api.py).
+PRIVATE = (Private(asyncio.sslproto.SSLProtocol, "max_size", "lowered to TLS_READ_BUFFER"),)
 
 
 def new_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:

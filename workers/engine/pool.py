@@ -122,6 +122,20 @@ class SessionPool:
     def open_sessions(self) -> int:
         return len(self._idle) + len(self._busy)
 
+    @property
+    def waiting(self) -> int:
+        """Checkouts queued for a session, first come first served."""
+        return len(self._waiters)
+
+    async def checkout(self) -> Session:
+        """A session of the caller's own, until it hands it back with `checkin`: what `send`
+        does around one transaction (lease, queueing and rotation included)."""
+        return await self._checkout()
+
+    async def checkin(self, session: Session) -> None:
+        """Hands back a session from `checkout`: reused, rotated or closed as it is due."""
+        await self._checkin(session)
+
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 

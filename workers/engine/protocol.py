@@ -29,16 +29,24 @@ from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtoc
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 
-__all__ = ["PipeliningProtocol", "adopt", "check_arg"]
+from workers.compat import Private
+
+__all__ = ["PRIVATE", "PipeliningProtocol", "adopt", "check_arg"]
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's COMMAND_INJECTION_REGEX
-_REQUIRED = (
-    "_buffer",
-    "_response_waiter",
-    "_response_pending",
-    "_loop",
-    "_read_response_from_buffer",
+
+#: aiosmtplib's private parts this module relies on (tests/unit/test_private_api.py checks them).
+PRIVATE: tuple[Private, ...] = (
+    Private(SMTPProtocol, "_buffer", "the bytes received and not parsed yet", instance=True),
+    Private(SMTPProtocol, "_response_waiter", "the future a read waits on", instance=True),
+    Private(SMTPProtocol, "_response_pending", "`adopt` refuses mid-reply", instance=True),
+    Private(SMTPProtocol, "_loop", "the loop our read's future and timer belong to", instance=True),
+    Private(SMTPProtocol, "_read_response_from_buffer", "parses a multi-line reply"),
+    Private(SMTPProtocol, "__init__", "subclassed", ("loop", "connection_lost_callback")),
+    Private(SMTPProtocol, "read_response", "overridden", ("timeout",)),
+    Private(SMTPProtocol, "data_received", "overridden", ("data",)),
 )
+_REQUIRED = tuple(p.name for p in PRIVATE if p.name.startswith("_") and p.name != "__init__")
 _DASH = 0x2D  # "-" after the code: more lines of this reply follow
 
 

@@ -63,9 +63,6 @@ LEASE_WAIT = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
-# Pools whose tasks run in the process that serves the metrics.
-IN_PROCESS_POOLS = ("celery.concurrency.thread", "celery.concurrency.solo")
-
 
 def smtp_reply(code: int | None, phase: str) -> None:
     if code is not None:
@@ -160,16 +157,6 @@ class RuntimeCollector(Collector):
         )
 
 
-def serves_in_process(pool_cls: Any) -> bool:
-    """True when tasks run in this process (threads or solo pool), so its registry sees them."""
-    if pool_cls is None:
-        return True
-    from celery.concurrency import get_implementation
-
-    cls = get_implementation(pool_cls)
-    return getattr(cls, "__module__", "") in IN_PROCESS_POOLS
-
-
 class Exporter:
     """What `install` set up in this process: the collector and, if a port is set, the server."""
 
@@ -212,13 +199,14 @@ class Exporter:
 _exporter: Exporter | None = None
 
 
-def install(settings: Settings, pool_cls: Any = None, probe: Probe = _idle) -> Exporter | None:
+def install(settings: Settings, in_process: bool = True, probe: Probe = _idle) -> Exporter | None:
     """Once per worker process: count events and serve /metrics if MAILER_METRICS_PORT is set.
+    `in_process`: tasks run in this process (threads or solo pool), so its registry sees them.
     `probe` reads the process's sessions and leases at scrape time, without building anything."""
     global _exporter
     if _exporter is not None:
         return _exporter
-    if not serves_in_process(pool_cls):
+    if not in_process:
         log.warning(
             "metrics: tasks run in pool children here, not in this process; run `mailer worker` "
             "(threads pool) for metrics. Not serving."

@@ -75,6 +75,7 @@ def _send(args: argparse.Namespace) -> int:
         bcc=args.bcc or None,
         reply_to=args.reply_to or None,
         idempotency_key=args.idempotency_key,
+        lane=args.lane,
     )
     print(message_id)
     return 0
@@ -159,11 +160,12 @@ def _send_file(args: argparse.Namespace) -> int:
         return 2
     client = default_mailer()
     started = time.monotonic()
-    rendered: list[Rendered] = []
+    rendered: list[tuple[Rendered, str]] = []
     try:
         for number, row in _read_rows(args):
             try:
-                rendered.append(client.render(message_from_mapping(row)))
+                lane = client.lane(row.pop("lane", None) or args.lane)
+                rendered.append((client.render(message_from_mapping(row)), lane))
             except InvalidMessage as exc:
                 raise _BadRow(number, exc.field, exc.problem) from None
             if len(rendered) % 1000 == 0:
@@ -343,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cc", action="append")
     p.add_argument("--bcc", action="append")
     p.add_argument("--idempotency-key")
+    p.add_argument(
+        "--lane", help="priority lane (MAILER_LANES); a file's `lane` column wins for its row"
+    )
 
     p = sub.add_parser("status", help="leases, circuit breaker, queue and dead letters")
     p.add_argument("--json", action="store_true")

@@ -138,6 +138,7 @@ class RuntimeCollector(Collector):
     def _fleet(self) -> Iterator[Metric]:
         from workers.state.circuit import Circuit
         from workers.state.deadletters import DeadLetters
+        from workers.state.ratelimit import peek_ceiling
 
         try:
             if self._redis is None:
@@ -146,11 +147,28 @@ class RuntimeCollector(Collector):
                 )
             circuit = Circuit(self._redis).state(max_age=0)
             stored = DeadLetters(self._redis).count()
+            ceiling = peek_ceiling(self._redis)
         except (redis.RedisError, OSError) as exc:
             log.debug("metrics: Redis unavailable (%s)", type(exc).__name__)
             return
         yield GaugeMetricFamily(
             "mailer_circuit_open", "1 while the fleet-wide breaker is open", value=int(circuit.open)
+        )
+        yield GaugeMetricFamily(
+            "mailer_quota_exhausted",
+            "1 while the relay says the account's quota is spent (sending stopped)",
+            value=int(circuit.open and circuit.kind == "quota"),
+        )
+        configured = min((w.per_second for w in self.settings.rate_limits), default=0.0)
+        yield GaugeMetricFamily(
+            "mailer_rate_configured_per_second",
+            "The tightest configured MAILER_RATE_LIMIT window, per second (0: none)",
+            value=configured,
+        )
+        yield GaugeMetricFamily(
+            "mailer_rate_effective_per_second",
+            "The adaptive ceiling the relay's throttling set (0: none in force)",
+            value=ceiling.rate or 0.0,
         )
         yield GaugeMetricFamily(
             "mailer_dead_letters_stored", "Dead letters in Redis (fleet-wide)", value=stored

@@ -46,7 +46,7 @@ from devkit.worker import WorkerProcess  # noqa: E402
 
 SCENARIOS = ("rate", "minute", "adaptive", "wrongkey", "quota", "lanes", "coldstart")
 FROM_ADDR = "Bench <bench@example.com>"
-RATE_PREFIX = "mailer:rate:"
+RATE_PREFIX = "mailer:rate"  # the limiter's keys: mailer:rate, mailer:rate:connect, ...
 RETRIED = re.compile(r'"event": ?"retried"')
 Say = Callable[[str], None]
 
@@ -214,7 +214,7 @@ def commandstats(client: redis.Redis) -> Counter[str]:
 
 
 class Monitor:
-    """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate:`) and
+    """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
     the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's."""
 
     def __init__(self, port: int) -> None:

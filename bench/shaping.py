@@ -485,7 +485,9 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
         f" {tx_n:,} transactional (mailer.send, one by one){note}"
     )
     runs = [("off", None)] if args.compare else []
-    for label, lanes in [*runs, (args.lanes, args.lanes)]:
+    if known("MAILER_LANES"):
+        runs.append((args.lanes, args.lanes))
+    for label, lanes in runs:
         env = {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
         with Fleet(material, env=env) as fleet:
             fleet.start_workers(args.rate_workers)

@@ -43,10 +43,11 @@ import redis  # noqa: E402
 from devkit.redis_server import RedisServer  # noqa: E402
 from devkit.sink import SeriesKind, SinkServer, TLSMaterial, make_tls_material  # noqa: E402
 from devkit.worker import WorkerProcess  # noqa: E402
+from workers.state import keys  # noqa: E402
 
 SCENARIOS = ("rate", "minute", "adaptive", "wrongkey", "quota", "lanes", "coldstart")
 FROM_ADDR = "Bench <bench@example.com>"
-RATE_PREFIX = "mailer:rate"  # the limiter's keys: mailer:rate, mailer:rate:connect, ...
+RATE_PREFIX = keys.RATE  # the limiter's keys: mailer:rate, mailer:rate:connect
 RETRIED = re.compile(r'"event": ?"retried"')
 Say = Callable[[str], None]
 

@@ -5,6 +5,13 @@ made at run time, AUTH PLAIN/LOGIN, a 35 MB size limit), records every TCP conne
 and accepted message so tests can prove "no loss, no duplicates, never AUTH in clear", and
 injects the failures a relay produces (421, 451, 550, dropped connections, slow replies).
 
+It also behaves like a relay that shapes its clients: a per-second MAIL rate above which it
+answers "throttled" (``throttle_rate``), a plan quota during which AUTH answers SendGrid's
+``451 Authentication failed: Maximum credits exceeded`` (``start_quota``), and a credential
+that can be revoked at run time (replace ``auth``). Every session opened, AUTH attempt and
+MAIL reply is recorded with its wall-clock time, so tests and benchmarks read per-second
+series from it (``per_second``, ``max_in_window``, ``auth_failures``).
+
 The server runs on its own thread with its own event loop, so synchronous tests (and Celery
 workers in other processes) can talk to it while the test thread reads the records.
 
@@ -21,6 +28,8 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
+import os
 import random
 import re
 import signal
@@ -29,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -49,9 +59,16 @@ from aiosmtpd.smtp import (
 )
 
 __all__ = [
+    "BAD_CREDENTIALS_REPLY",
     "DATA_SIZE_LIMIT",
+    "QUOTA_REPLY",
+    "SERIES_KINDS",
+    "THROTTLE_REPLY",
+    "AuthAttempt",
     "FaultPlan",
+    "MailReply",
     "Received",
+    "SeriesKind",
     "SessionRecord",
     "SinkServer",
     "TLSMaterial",
@@ -61,9 +78,25 @@ __all__ = [
 ]
 
 TLSMode = Literal["starttls", "tls", "none"]
+SeriesKind = Literal["sessions", "accepted", "mail", "refused", "auth", "auth_failed"]
+SERIES_KINDS: tuple[SeriesKind, ...] = (
+    "sessions",
+    "accepted",
+    "mail",
+    "refused",
+    "auth",
+    "auth_failed",
+)
 
 DATA_SIZE_LIMIT = 35 * 1024 * 1024
 """Like the relays we target (SendGrid accepts ~30 MB messages); aiosmtpd's default is 32 MiB."""
+
+THROTTLE_REPLY = "421 4.7.0 Too many messages, throttled (try again later)"
+"""What the sink answers to a MAIL above ``throttle_rate`` (SendGrid's 421 says "deferred")."""
+QUOTA_REPLY = "451 Authentication failed: Maximum credits exceeded"
+"""SendGrid's answer to AUTH once the plan's credits are spent, even with a good key."""
+BAD_CREDENTIALS_REPLY = "535 Authentication failed: Bad username / password"
+"""SendGrid's answer to AUTH with a wrong or revoked key."""
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +291,8 @@ class SessionRecord:
     pipelined them (RFC 2920)."""
     max_commands_per_read: int = 0
     """The most commands one of those reads carried (0 if none did)."""
+    peer_pid: int | None = None
+    """The local process holding the client end (``SinkServer(peer_pids=True)`` only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +309,49 @@ class Received:
     received_at: float
     ambiguous: bool = False
     """The connection was dropped before the client saw our 250 (the client cannot know)."""
+
+
+def _code(reply: str) -> int:
+    head = reply[:3]
+    return int(head) if head.isdigit() else 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """One AUTH command and the sink's final reply to it."""
+
+    session_id: int
+    peer: str
+    peer_pid: int | None
+    at: float
+    """Wall-clock time of the final reply."""
+    mechanism: str
+    reply: str
+
+    @property
+    def code(self) -> int:
+        return _code(self.reply)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 235
+
+
+@dataclass(frozen=True, slots=True)
+class MailReply:
+    """One MAIL command and the sink's reply to it (refused ones included)."""
+
+    session_id: int
+    at: float
+    reply: str
+
+    @property
+    def code(self) -> int:
+        return _code(self.reply)
+
+    @property
+    def accepted(self) -> bool:
+        return self.code == 250
 
 
 def parse_message_id(data: bytes) -> str | None:
@@ -304,7 +382,19 @@ class _SinkSMTP(SMTP):
         self.sink_record: SessionRecord | None = None
         self._sink_lost = False
         self._sink_in_body = False
+        # The command whose final reply is recorded when pushed ("AUTH <mechanism>" or "MAIL"):
+        # recorded at push time because a reply that closes the connection never returns.
+        self._sink_command: str | None = None
         super().__init__(handler, **kwargs)
+
+    async def push(self, status: Any) -> None:
+        command = self._sink_command
+        if command is not None and self.sink_record is not None:
+            text = status.decode() if isinstance(status, bytes) else str(status)
+            if not text.startswith("334"):  # an AUTH challenge, not the outcome
+                self._sink_command = None
+                self.sink._replied(self.sink_record, command, text)
+        await super().push(status)
 
     def data_received(self, data: bytes) -> None:
         # Counts how commands arrive: a pipelining client's MAIL, RCPT... and DATA come in one
@@ -344,14 +434,24 @@ class _SinkSMTP(SMTP):
         record = self.sink_record
         assert record is not None and self.session is not None
         self.sink._update(record, mail_count=record.mail_count + 1)
-        if self.session.host_name:
-            if self.tls_context is not None and not record.tls:
-                await self.push("530 5.7.0 Must issue a STARTTLS command first")
-                return
-            if self.sink.auth is not None and not self.session.authenticated:
-                await self.push("530 5.7.0 Authentication required")
-                return
-        await super().smtp_MAIL(arg)
+        self._sink_command = "MAIL"
+        try:
+            if self.session.host_name:
+                if self.tls_context is not None and not record.tls:
+                    await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                    return
+                if self.sink.auth is not None and not self.session.authenticated:
+                    await self.push("530 5.7.0 Authentication required")
+                    return
+                throttled = self.sink._over_rate()
+                if throttled is not None:
+                    await self.push(throttled)
+                    if throttled.startswith("421"):  # RFC 5321: 421 closes the channel
+                        await self.sink_close(abort=False)
+                    return
+            await super().smtp_MAIL(arg)
+        finally:
+            self._sink_command = None
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -384,7 +484,12 @@ class _SinkSMTP(SMTP):
         if record.tls_at_auth is None:
             changes["tls_at_auth"] = record.tls
         self.sink._update(record, **changes)
-        await super().smtp_AUTH(arg)
+        mechanism = (arg or "").split(" ", 1)[0].upper()
+        self._sink_command = f"AUTH {mechanism}"
+        try:
+            await super().smtp_AUTH(arg)
+        finally:
+            self._sink_command = None
 
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str) -> None:
@@ -528,6 +633,10 @@ class SinkServer:
         mail_delay: float = 0.0,
         timeout: float = 300.0,
         pipelining: bool = True,
+        throttle_rate: int | None = None,
+        throttle_reply: str = THROTTLE_REPLY,
+        auth_failure_reply: str = BAD_CREDENTIALS_REPLY,
+        peer_pids: bool = False,
     ) -> None:
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"tls must be 'starttls', 'tls' or 'none', not {tls!r}")
@@ -548,6 +657,25 @@ class SinkServer:
         """Advertise PIPELINING (RFC 2920) after EHLO, as SendGrid does (so by default clients
         take their pipelined path here too). aiosmtpd reads commands one line at a time, so it
         handles pipelined ones in order either way; it just does not say so by itself."""
+        self.throttle_rate = throttle_rate
+        """At most this many MAILs per wall-clock second get on; every MAIL above it is
+        answered ``throttle_reply`` (a ``421`` one then closes the connection). None: no limit.
+        Assign at run time to impose or lift it."""
+        self.throttle_reply = throttle_reply
+        self.auth_failure_reply = auth_failure_reply
+        """The reply to AUTH with credentials other than ``auth`` (replace ``auth`` at run time
+        to revoke a key, and again to restore it)."""
+        self.peer_pids = peer_pids
+        """Look up which local process holds each connection's client end (reads /proc at
+        every connect): failed AUTHs per worker process. Linux, loopback clients only."""
+        for name, reply in (
+            ("throttle_reply", throttle_reply),
+            ("auth_failure_reply", auth_failure_reply),
+        ):
+            if not re.match(r"^[45]\d\d ", reply):
+                raise ValueError(f"{name} must be a 4xx or 5xx reply line, got {reply!r}")
+        if throttle_rate is not None and throttle_rate < 0:
+            raise ValueError(f"throttle_rate must be >= 0 or None, got {throttle_rate}")
 
         self._cond = threading.Condition()
         self._received: list[Received] = []
@@ -558,6 +686,11 @@ class SinkServer:
         self._peak = 0
         self._total = 0
         self._protocols: set[_SinkSMTP] = set()  # event-loop thread only
+        self._auths: list[AuthAttempt] = []
+        self._mails: list[MailReply] = []
+        self._quota_until = 0.0  # time.monotonic() deadline; inf while on until ended
+        self._rate_second = 0  # the wall-clock second the MAIL count below belongs to
+        self._rate_count = 0
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -684,21 +817,61 @@ class SinkServer:
             and auth_data.login == user.encode()
             and auth_data.password == password.encode()
         )
-        if ok and server.sink_record is not None:
+        # handled=False makes aiosmtpd push `message`; its default (handled=True) means
+        # "I already replied" and the client would hang.
+        if not ok:
+            return AuthResult(success=False, handled=False, message=self.auth_failure_reply)
+        if self.quota_active:  # a good key on a spent plan, as SendGrid answers it
+            return AuthResult(success=False, handled=False, message=QUOTA_REPLY)
+        if server.sink_record is not None:
             self._update(server.sink_record, authenticated_as=user)
-        # handled=False makes aiosmtpd answer "535 5.7.8 Authentication credentials invalid";
-        # its default (handled=True) means "I already replied" and the client would hang.
-        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+        return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+    # ---- relay behaviours (any thread)
+
+    def start_quota(self, seconds: float | None = None) -> None:
+        """Answer every AUTH with a good key ``QUOTA_REPLY`` for ``seconds`` (None: until
+        ``end_quota``). Sessions already authenticated go on sending, as on SendGrid."""
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds}")
+        with self._cond:
+            self._quota_until = math.inf if seconds is None else time.monotonic() + seconds
+
+    def end_quota(self) -> None:
+        with self._cond:
+            self._quota_until = 0.0
+
+    @property
+    def quota_active(self) -> bool:
+        with self._cond:
+            return time.monotonic() < self._quota_until
+
+    def _over_rate(self) -> str | None:
+        """The throttle reply if this MAIL is above ``throttle_rate`` in the current second."""
+        limit = self.throttle_rate
+        if limit is None:
+            return None
+        second = int(time.time())
+        with self._cond:
+            if second != self._rate_second:
+                self._rate_second, self._rate_count = second, 0
+            self._rate_count += 1
+            over = self._rate_count > limit
+        return self.throttle_reply if over else None
 
     # ---- recording (called on the loop thread)
 
     def _opened(self, protocol: _SinkSMTP, transport: asyncio.BaseTransport) -> SessionRecord:
+        opened_at = time.time()
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        pid = None
+        if self.peer_pids and isinstance(peer, tuple):
+            pid = client_pid(int(peer[1]), self.port)
         self._protocols.add(protocol)
         with self._cond:
             record = SessionRecord(
-                id=next(self._session_ids), peer=peer_text, opened_at=time.time()
+                id=next(self._session_ids), peer=peer_text, opened_at=opened_at, peer_pid=pid
             )
             self._sessions.append(record)
             self._open += 1
@@ -711,6 +884,18 @@ class SinkServer:
         with self._cond:
             record.closed_at = time.time()
             self._open -= 1
+            self._cond.notify_all()
+
+    def _replied(self, record: SessionRecord, command: str, reply: str) -> None:
+        now = time.time()
+        with self._cond:
+            if command == "MAIL":
+                self._mails.append(MailReply(record.id, now, reply))
+            else:
+                mechanism = command.partition(" ")[2]
+                self._auths.append(
+                    AuthAttempt(record.id, record.peer, record.peer_pid, now, mechanism, reply)
+                )
             self._cond.notify_all()
 
     def _update(self, record: SessionRecord, **changes: Any) -> None:
@@ -773,6 +958,80 @@ class SinkServer:
         with self._cond:
             return self._total
 
+    @property
+    def auth_attempts(self) -> list[AuthAttempt]:
+        """Every AUTH command with its final reply, in order."""
+        with self._cond:
+            return list(self._auths)
+
+    @property
+    def mail_replies(self) -> list[MailReply]:
+        """Every MAIL command with the sink's reply (accepted and refused), in order."""
+        with self._cond:
+            return list(self._mails)
+
+    def auth_failures(self) -> list[AuthAttempt]:
+        """AUTH attempts that did not succeed (535, quota 451, aborted, ...)."""
+        return [a for a in self.auth_attempts if not a.ok]
+
+    def auth_failures_per_pid(self) -> Counter[int | None]:
+        """Failed AUTHs per client process (None: not resolved; see ``peer_pids``)."""
+        return Counter(a.peer_pid for a in self.auth_failures())
+
+    def timestamps(self, kind: SeriesKind) -> list[float]:
+        """Sorted wall-clock times of one kind of event:
+
+        ``sessions`` connections opened (for implicit TLS, once the handshake is done),
+        ``accepted`` messages accepted (the 250 after the body), ``mail`` every MAIL reply,
+        ``refused`` MAILs not answered 250, ``auth`` every AUTH reply, ``auth_failed`` AUTHs
+        not answered 235.
+        """
+        with self._cond:
+            if kind == "sessions":
+                times = [s.opened_at for s in self._sessions]
+            elif kind == "accepted":
+                times = [r.received_at for r in self._received]
+            elif kind == "mail":
+                times = [m.at for m in self._mails]
+            elif kind == "refused":
+                times = [m.at for m in self._mails if not m.accepted]
+            elif kind == "auth":
+                times = [a.at for a in self._auths]
+            elif kind == "auth_failed":
+                times = [a.at for a in self._auths if not a.ok]
+            else:
+                raise ValueError(f"kind must be one of {', '.join(SERIES_KINDS)}, not {kind!r}")
+        return sorted(times)
+
+    def per_second(
+        self, kind: SeriesKind, start: float | None = None, end: float | None = None
+    ) -> list[int]:
+        """Events of ``kind`` in each whole wall-clock second from ``start`` (default: the first
+        event's second) up to ``end`` (default: the last event's), empty seconds included."""
+        times = self.timestamps(kind)
+        if start is None and not times:
+            return []
+        first = int(start if start is not None else times[0])
+        last = int(end if end is not None else (times[-1] if times else first))
+        counts = [0] * (last - first + 1)
+        for t in times:
+            if first <= t < last + 1:
+                counts[int(t) - first] += 1
+        return counts
+
+    def max_in_window(
+        self, kind: SeriesKind, window: float = 1.0, start: float | None = None
+    ) -> int:
+        """The most events of ``kind`` in any sliding window of ``window`` seconds (from
+        ``start`` on, if given)."""
+        times = self.timestamps(kind)
+        if start is not None:
+            times = times[bisect_left(times, start) :]
+        best = 0
+        for i, t in enumerate(times):
+            best = max(best, bisect_left(times, t + window, lo=i) - i)
+        return best
+
     def message_ids(self) -> Counter[str]:
         """Accepted Message-IDs with their counts; anything above 1 is a duplicate delivery."""
         with self._cond:
@@ -794,6 +1053,8 @@ class SinkServer:
             self._received.clear()
             self._ambiguous.clear()
             self._sessions.clear()
+            self._auths.clear()
+            self._mails.clear()
             self._total = 0
             self._peak = self._open
 
@@ -801,7 +1062,9 @@ class SinkServer:
         with self._cond:
             return (
                 f"messages={len(self._received)} ambiguous={len(self._ambiguous)} "
-                f"sessions={len(self._sessions)} peak_connections={self._peak}"
+                f"sessions={len(self._sessions)} peak_connections={self._peak} "
+                f"mail_refused={sum(not m.accepted for m in self._mails)} "
+                f"auth_failed={sum(not a.ok for a in self._auths)}"
             )
 
 
@@ -811,6 +1074,38 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     if isinstance(context.get("exception"), ConnectionError):
         return
     loop.default_exception_handler(context)
+
+
+def client_pid(client_port: int, server_port: int) -> int | None:
+    """The local process holding the client end of a loopback TCP connection from
+    ``client_port`` to ``server_port`` (Linux /proc; None if not found or not readable)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                local, remote = cols[1], cols[2]
+                if (
+                    int(local.rsplit(":", 1)[1], 16) == client_port
+                    and int(remote.rsplit(":", 1)[1], 16) == server_port
+                ):
+                    inode = cols[9]
+                    break
+        if inode is not None:
+            break
+    if inode is None or inode == "0":
+        return None
+    target = f"socket:[{inode}]"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError), os.scandir(f"/proc/{entry.name}/fd") as fds:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) == target:
+                        return int(entry.name)
+    return None
 
 
 def _raise_fd_limit() -> None:
@@ -882,7 +1177,34 @@ def main(argv: Iterable[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="e.g. p_421_mail=0.05, p_drop_after_data=0.01, delay=0.2, reject_rcpt=a@x,b@y",
     )
+    parser.add_argument(
+        "--throttle-rate",
+        type=int,
+        metavar="N",
+        help="answer every MAIL above N in a wall-clock second with --throttle-reply",
+    )
+    parser.add_argument(
+        "--throttle-reply",
+        default=THROTTLE_REPLY,
+        metavar="REPLY",
+        help=f"the reply line for a throttled MAIL (a 421 closes the session); "
+        f"default {THROTTLE_REPLY!r}",
+    )
+    parser.add_argument(
+        "--quota",
+        type=float,
+        nargs="?",
+        const=math.inf,
+        metavar="SECONDS",
+        help=f"answer AUTH {QUOTA_REPLY!r} for SECONDS from the start (no value: until stopped)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
+    if args.throttle_rate is not None and args.throttle_rate < 0:
+        parser.error("--throttle-rate must be 0 or more")
+    if not re.match(r"^[45]\d\d ", args.throttle_reply):
+        parser.error("--throttle-reply must be a 4xx or 5xx reply line, e.g. '451 4.7.1 throttled'")
+    if args.quota is not None and (args.quota < 0 or args.auth is None):
+        parser.error("--quota takes a number of seconds >= 0 and needs --auth")
 
     auth = None
     if args.auth:
@@ -910,7 +1232,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         faults=faults,
         mail_delay=args.mail_delay,
         pipelining=args.pipelining,
+        throttle_rate=args.throttle_rate,
+        throttle_reply=args.throttle_reply,
     )
+    if args.quota is not None:
+        server.start_quota(None if math.isinf(args.quota) else args.quota)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

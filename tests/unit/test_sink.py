@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -17,7 +18,14 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from devkit.sink import FaultPlan, SinkServer, TLSMaterial, parse_message_id
+from devkit.sink import (
+    QUOTA_REPLY,
+    THROTTLE_REPLY,
+    FaultPlan,
+    SinkServer,
+    TLSMaterial,
+    parse_message_id,
+)
 
 USER, PASSWORD = "apikey", "s3cret"
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +134,7 @@ def test_wrong_password_is_535(
             with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failed:
                 await client.auth_plain(USER, "wrong")
             assert failed.value.code == 535
-            assert "5.7.8" in failed.value.message
+            assert failed.value.message == "Authentication failed: Bad username / password"
 
     asyncio.run(scenario())
     [session] = sink.sessions
@@ -271,21 +279,26 @@ def test_parse_message_id_unfolds_headers() -> None:
     assert parse_message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n") is None
 
 
-def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
+def start_cli(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """`python -m devkit.sink` (what `mailer sink` runs) with STARTTLS and AUTH; its port."""
     argv = ["--port", "0", "--tls", "starttls", "--tls-dir", str(tmp_path)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devkit.sink", *argv, "--auth", f"{USER}:{PASSWORD}"],
+        [sys.executable, "-m", "devkit.sink", *argv, "--auth", f"{USER}:{PASSWORD}", *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("listening on 127.0.0.1:"), line
+    assert line.strip().endswith(f"ca={tmp_path / 'ca.pem'}")
+    return proc, int(line.split()[2].rsplit(":", 1)[1])
+
+
+def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
+    proc, port = start_cli(tmp_path)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        port = int(line.split()[2].rsplit(":", 1)[1])
-        assert line.strip().endswith(f"ca={tmp_path / 'ca.pem'}")
 
         async def send() -> None:
             await aiosmtplib.send(
@@ -305,3 +318,268 @@ def test_cli_runs_until_sigterm(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0
     assert "messages=1 " in out and "sessions=1 " in out and "peak_connections=1" in out
+
+
+# ---- relay behaviours: throttling, quota, revoked key, and the records they leave
+
+
+def tls_client(sink: SinkServer, tls_material: TLSMaterial) -> aiosmtplib.SMTP:
+    return aiosmtplib.SMTP(
+        hostname="localhost",
+        port=sink.port,
+        start_tls=True,
+        tls_context=tls_material.client_context(),
+    )
+
+
+def test_throttle_refuses_mails_above_the_rate_until_lifted(
+    make_sink: Callable[..., SinkServer],
+) -> None:
+    sink = make_sink(tls="none", throttle_rate=3, throttle_reply="451 4.7.1 Slow down, throttled")
+    codes: list[int] = []
+
+    async def burst(n: int) -> None:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port) as client:
+            for _ in range(n):
+                try:
+                    code = (await client.mail("from@example.com")).code
+                except aiosmtplib.SMTPSenderRefused as refused:
+                    code = refused.code
+                codes.append(code)
+                await client.rset()  # a 451 keeps the session open: the next MAIL goes on
+
+    asyncio.run(burst(10))
+    replies = sink.mail_replies
+    assert [r.code for r in replies] == codes
+    # Never more than 3 on per wall-clock second; a burst this short spans one or two seconds.
+    per_second: dict[int, int] = {}
+    for r in replies:
+        per_second[int(r.at)] = per_second.get(int(r.at), 0) + r.accepted
+    assert max(per_second.values()) <= 3 and codes[:3] == [250, 250, 250]
+    refused = [r for r in replies if not r.accepted]
+    assert len(refused) >= 10 - 3 * len(per_second)
+    assert {r.reply for r in refused} == {"451 4.7.1 Slow down, throttled"}
+    assert sum(sink.per_second("refused")) == len(refused)
+    assert sum(sink.per_second("mail")) == 10
+
+    sink.throttle_rate = None  # lifted at run time
+    codes.clear()
+    asyncio.run(burst(10))
+    assert codes == [250] * 10
+
+
+def test_throttle_421_closes_the_session_and_is_recorded(
+    make_sink: Callable[..., SinkServer],
+) -> None:
+    sink = make_sink(tls="none", throttle_rate=0)
+
+    async def send() -> None:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port) as client:
+            await client.send_message(message(1))
+
+    with pytest.raises((aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPServerDisconnected)):
+        asyncio.run(send())
+    assert sink.wait_idle(timeout=5)
+    [refused] = sink.mail_replies
+    assert refused.reply == THROTTLE_REPLY and refused.code == 421 and not refused.accepted
+    assert "throttled" in THROTTLE_REPLY and sink.received == []
+    [session] = sink.sessions
+    assert session.closed_at is not None and not session.quit  # the sink closed it
+
+
+def test_quota_answers_auth_451_until_it_ends(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial
+) -> None:
+    sink = make_sink(tls="starttls", auth=(USER, PASSWORD))
+    sink.start_quota()
+    assert sink.quota_active
+
+    async def login(password: str = PASSWORD) -> None:
+        async with tls_client(sink, tls_material) as client:
+            await client.login(USER, password)
+            await client.send_message(message(1))
+
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as quota:
+        asyncio.run(login())
+    assert quota.value.code == 451
+    assert quota.value.message == "Authentication failed: Maximum credits exceeded"
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as bad:
+        asyncio.run(login("wrong"))  # a wrong key still reads as a wrong key
+    assert bad.value.code == 535
+
+    sink.end_quota()
+    assert not sink.quota_active
+    asyncio.run(login())
+    assert len(sink.received) == 1
+    sink.start_quota(3600)  # for a given time
+    assert sink.quota_active
+    sink.start_quota(0)
+    assert not sink.quota_active
+    with pytest.raises(ValueError):
+        sink.start_quota(-1)
+
+    attempts = sink.auth_attempts
+    # aiosmtplib's login() tries its preferred mechanism first (CRAM-MD5 is not offered).
+    assert [(a.code, a.ok) for a in attempts][:1] == [(451, False)]
+    assert attempts[0].reply == QUOTA_REPLY
+    assert attempts[-1].ok and attempts[-1].code == 235
+    assert [a.code for a in sink.auth_failures()] == [a.code for a in attempts if not a.ok]
+
+
+def test_revoked_key_is_535_and_restoring_it_works(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial
+) -> None:
+    sink = make_sink(tls="starttls", auth=(USER, PASSWORD))
+
+    async def auth(mechanism: str) -> None:
+        async with tls_client(sink, tls_material) as client:
+            await client.ehlo()  # aiosmtplib forgets extensions after STARTTLS
+            if mechanism == "PLAIN":
+                await client.auth_plain(USER, PASSWORD)
+            else:
+                await client.auth_login(USER, PASSWORD)
+
+    sink.auth = (USER, "the-new-key")  # revoked: the client still has the old one
+    for mechanism in ("PLAIN", "LOGIN"):
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failed:
+            asyncio.run(auth(mechanism))
+        assert failed.value.code == 535
+        assert failed.value.message == "Authentication failed: Bad username / password"
+    sink.auth = (USER, PASSWORD)  # restored
+    asyncio.run(auth("LOGIN"))
+
+    attempts = sink.auth_attempts
+    assert [(a.mechanism, a.code) for a in attempts] == [
+        ("PLAIN", 535),
+        ("LOGIN", 535),
+        ("LOGIN", 235),
+    ]
+    sessions = sink.sessions
+    assert [a.session_id for a in attempts] == [s.id for s in sessions]
+    assert [a.peer for a in attempts] == [s.peer for s in sessions]
+    assert len(sink.auth_failures()) == 2
+    assert sum(sink.per_second("auth_failed")) == 2 and sum(sink.per_second("auth")) == 3
+    assert sink.max_in_window("auth_failed", window=3600) == 2
+
+
+def test_series_and_sliding_windows(make_sink: Callable[..., SinkServer]) -> None:
+    sink = make_sink(tls="none")
+    assert sink.per_second("sessions") == [] and sink.max_in_window("accepted") == 0
+
+    async def scenario() -> None:
+        for n in range(4):
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port) as client:
+                await client.send_message(message(n))
+
+    started = time.time()
+    asyncio.run(scenario())
+    opened = sink.timestamps("sessions")
+    accepted = sink.timestamps("accepted")
+    assert len(opened) == 4 and opened == sorted(opened) and opened[0] >= started
+    assert accepted == sorted(r.received_at for r in sink.received)
+    series = sink.per_second("accepted", start=started, end=time.time())
+    assert sum(series) == 4 and len(series) == int(time.time()) - int(started) + 1
+    assert sink.per_second("accepted", start=started + 3600) == [0] * len(
+        sink.per_second("accepted", start=started + 3600)
+    )
+    assert sink.max_in_window("sessions", window=3600) == 4
+    assert sink.max_in_window("sessions", window=3600, start=opened[1]) == 3
+    assert sink.max_in_window("accepted", window=3600) == 4
+    assert sink.per_second("refused") == [] and sink.per_second("mail", start=started)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sink.timestamps("bogus")  # type: ignore[arg-type]
+    sink.reset()
+    assert sink.mail_replies == [] and sink.auth_attempts == []
+
+
+def test_peer_pids_tell_client_processes_apart(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial
+) -> None:
+    sink = make_sink(tls="starttls", auth=(USER, PASSWORD), peer_pids=True)
+    client = (
+        "import asyncio, ssl, sys, aiosmtplib\n"
+        "async def main():\n"
+        "    ctx = ssl.create_default_context(cafile=sys.argv[2])\n"
+        "    async with aiosmtplib.SMTP(hostname='localhost', port=int(sys.argv[1]),\n"
+        "                               start_tls=True, tls_context=ctx) as c:\n"
+        "        await c.ehlo()\n"
+        "        try:\n"
+        "            await c.auth_plain('apikey', 'wrong')\n"
+        "        except aiosmtplib.SMTPAuthenticationError:\n"
+        "            pass\n"
+        "asyncio.run(main())\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", client, str(sink.port), str(tls_material.ca_file)])
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert proc.wait(30) == 0
+
+    async def here() -> None:
+        async with tls_client(sink, tls_material) as c:
+            await c.ehlo()
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await c.auth_plain(USER, "wrong")
+
+    asyncio.run(here())
+    assert {a.code for a in sink.auth_attempts} == {535}
+    assert sink.auth_failures_per_pid() == {procs[0].pid: 1, procs[1].pid: 1, os.getpid(): 1}
+    assert sorted(s.peer_pid or 0 for s in sink.sessions) == sorted(
+        [*(p.pid for p in procs), os.getpid()]
+    )
+
+
+def test_bad_throttle_and_auth_replies_are_refused() -> None:
+    with pytest.raises(ValueError, match="throttle_reply"):
+        SinkServer(tls="none", throttle_reply="throttled")
+    with pytest.raises(ValueError, match="auth_failure_reply"):
+        SinkServer(tls="none", auth_failure_reply="250 ok")
+    with pytest.raises(ValueError, match="throttle_rate"):
+        SinkServer(tls="none", throttle_rate=-1)
+
+
+def test_cli_throttle_and_quota_flags(tmp_path: Path) -> None:
+    async def send(port: int) -> None:
+        await aiosmtplib.send(
+            message(1),
+            hostname="localhost",
+            port=port,
+            start_tls=True,
+            cert_bundle=str(tmp_path / "ca.pem"),
+            username=USER,
+            password=PASSWORD,
+        )
+
+    throttled, port = start_cli(
+        tmp_path, "--throttle-rate", "0", "--throttle-reply", "451 4.7.1 throttled"
+    )
+    try:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            asyncio.run(send(port))
+        assert (refused.value.code, refused.value.message) == (451, "4.7.1 throttled")
+        throttled.send_signal(signal.SIGTERM)
+        out, _ = throttled.communicate(timeout=10)
+    finally:
+        throttled.kill()
+    assert "messages=0 " in out and "mail_refused=1 " in out
+
+    quota, port = start_cli(tmp_path, "--quota")
+    try:
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as failed:
+            asyncio.run(send(port))
+        assert failed.value.code == 451 and "Maximum credits exceeded" in failed.value.message
+        quota.send_signal(signal.SIGTERM)
+        out, _ = quota.communicate(timeout=10)
+    finally:
+        quota.kill()
+    assert "messages=0 " in out and "auth_failed=" in out
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "devkit.sink", "--throttle-reply", "slow down"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--throttle-reply must be" in bad.stderr

@@ -1,0 +1,668 @@
+#!/usr/bin/env python
+"""Traffic shaping (issue 18) measured at the relay: fleet-wide rate limits, adaptive
+throttling, a wrong key, a spent quota, priority lanes and a cold start.
+
+    python bench/shaping.py                      # every scenario (~12 minutes on 2 cores)
+    python bench/shaping.py --only rate,lanes    # some of them
+    python bench/shaping.py --no-compare         # skip the feature-off runs
+
+Each scenario starts its own redis-server, our aiosmtpd sink (STARTTLS + AUTH, in this
+process: it records every session, AUTH and MAIL with its time) and real `mailer worker`
+processes, sends with `mailer.send` / `mailer.send_many`, and prints what the sink saw.
+Where meaningful the same scenario runs first with the feature off (no rate limit, no lanes,
+no connect rate) so each figure has its comparison from the same run. Figures are printed,
+never asserted. See bench/README.md ("Traffic shaping") for how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import secrets
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import redis  # noqa: E402
+
+from devkit.redis_server import RedisServer  # noqa: E402
+from devkit.sink import SeriesKind, SinkServer, TLSMaterial, make_tls_material  # noqa: E402
+from devkit.worker import WorkerProcess  # noqa: E402
+from workers.state import keys  # noqa: E402
+
+SCENARIOS = ("rate", "minute", "adaptive", "wrongkey", "quota", "lanes", "coldstart")
+FROM_ADDR = "Bench <bench@example.com>"
+RATE_PREFIX = keys.RATE  # the limiter's keys: mailer:rate, mailer:rate:connect
+RETRIED = re.compile(r'"event": ?"retried"')
+Say = Callable[[str], None]
+
+
+def new_key() -> str:
+    return "SG." + secrets.token_urlsafe(16)[:22] + "." + secrets.token_urlsafe(32)[:43]
+
+
+def known(variable: str) -> bool:
+    """Whether this checkout reads `variable` (the feature exists) or would ignore it."""
+    return any(
+        variable in path.read_text()
+        for pkg in ("mailer", "workers")
+        for path in (REPO / pkg).rglob("*.py")
+    )
+
+
+def feature_note(variable: str) -> str:
+    return "" if known(variable) else f"  [{variable} unknown to this checkout: feature-off run]"
+
+
+# ---- one scenario's stack: Redis, sink, workers, producer -------------------------------------
+
+
+class Fleet:
+    """A private redis-server, the sink and worker processes; the producer (this process) is
+    pointed at them for as long as the fleet is open."""
+
+    def __init__(
+        self,
+        material: TLSMaterial,
+        *,
+        env: dict[str, str] | None = None,
+        sink: dict[str, Any] | None = None,
+        worker_key: str | None = None,
+    ) -> None:
+        self.key = new_key()
+        self.redis = RedisServer().start()
+        self.sink = SinkServer(
+            tls="starttls",
+            auth=("apikey", self.key),
+            tls_material=material,
+            record_data=False,
+            **(sink or {}),
+        ).start()
+        self.env = {
+            "MAILER_BROKER_URL": self.redis.url,
+            "MAILER_SMTP_HOST": "localhost",
+            "MAILER_SMTP_PORT": str(self.sink.port),
+            "MAILER_SMTP_TLS": "starttls",
+            "MAILER_SMTP_CA_FILE": str(material.ca_file),
+            "MAILER_SMTP_PASSWORD": worker_key or self.key,
+            "MAILER_DEFAULT_FROM": FROM_ADDR,
+            **(env or {}),
+        }
+        self.workers: list[WorkerProcess] = []
+        self.client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        import mailer
+
+        mailer.reset_default_mailer()
+
+    def start_workers(self, n: int, tag: str = "w") -> list[WorkerProcess]:
+        """Starts `n` worker processes at once (each imports Celery for seconds)."""
+        fresh = [WorkerProcess(self.env, name=f"{tag}{len(self.workers) + i}") for i in range(n)]
+        self.workers += fresh
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda w: w.start(timeout=120), fresh))
+        return fresh
+
+    def close(self) -> None:
+        import mailer
+
+        with ThreadPoolExecutor(max(1, len(self.workers))) as pool:
+            list(pool.map(lambda w: w.stop(timeout=30), self.workers))
+        mailer.reset_default_mailer()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.client.close()
+        self.sink.stop()
+        self.redis.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- readings
+
+    def delivered(self) -> int:
+        return len(self.sink.message_ids())
+
+    def duplicates(self) -> int:
+        return sum(n - 1 for n in self.sink.message_ids().values() if n > 1)
+
+    def dead_letters(self) -> int:
+        from workers.state.deadletters import DeadLetters
+
+        return DeadLetters(self.client).count()
+
+    def retried(self) -> int:
+        """`retried` events in the workers' logs (a message sent back to its retry budget)."""
+        return sum(1 for w in self.workers for line in w.lines if RETRIED.search(line))
+
+    def key_in_logs(self) -> bool:
+        return any(
+            self.key in line or self.env["MAILER_SMTP_PASSWORD"] in line
+            for w in self.workers
+            for line in w.lines
+        )
+
+    def wait_delivered(self, n: int, timeout: float) -> float | None:
+        """Waits until `n` distinct messages arrived; the wall-clock time it happened, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.delivered() >= n:
+                return time.time()
+            time.sleep(0.1)
+        return None
+
+    def pid_names(self) -> dict[int, str]:
+        return {w.pid: w.name for w in self.workers}
+
+
+def produce(n: int, tag: str, chunk: int = 1000, **fields: Any) -> list[str]:
+    """`n` messages through `mailer.send_many` in chunks; their ids in order."""
+    import mailer
+
+    ids: list[str] = []
+    for start in range(0, n, chunk):
+        ids += mailer.send_many(
+            [
+                {
+                    "to": f"{tag}{i}@example.com",
+                    "subject": f"{tag} {i}",
+                    "text": "shaping bench\n",
+                    **fields,
+                }
+                for i in range(start, min(start + chunk, n))
+            ]
+        )
+    return ids
+
+
+def local_ids(sink: SinkServer) -> dict[str, float]:
+    """Our id (the Message-ID's local part) -> when the sink first answered 250 to it."""
+    out: dict[str, float] = {}
+    for r in sink.received:
+        if r.message_id is not None:
+            out.setdefault(r.message_id.split("@", 1)[0], r.received_at)
+    return out
+
+
+# ---- Redis command accounting ------------------------------------------------------------------
+
+
+def commandstats(client: redis.Redis) -> Counter[str]:
+    stats = client.info("commandstats")
+    return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
+
+
+class Monitor:
+    """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
+    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.rate_commands = 0
+        self.evalsha: Counter[str] = Counter()
+        self.rate_scripts: set[str] = set()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(1 << 16):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\r\n")
+                for line in lines:
+                    self._count(line)
+
+    def _count(self, line: bytes) -> None:
+        parts = line.split(b'"')
+        command = parts[1].lower() if len(parts) > 1 else b""
+        rate = RATE_PREFIX.encode() in line
+        self.rate_commands += rate
+        if command == b"evalsha" and len(parts) > 3:
+            sha = parts[3].decode()
+            self.evalsha[sha] += 1
+            if rate:
+                self.rate_scripts.add(sha)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+
+def steady_rate(times: Sequence[float]) -> float | None:
+    """Messages per second between 10% and 90% delivered (no ramp-up, no tail)."""
+    if len(times) < 10:
+        return None
+    lo, hi = times[len(times) // 10], times[len(times) * 9 // 10]
+    return (len(times) * 8 // 10) / (hi - lo) if hi > lo else None
+
+
+def series(counts: Sequence[int], limit: int = 40) -> str:
+    shown = " ".join(str(c) for c in counts[:limit])
+    return shown + (f" ... ({len(counts)} s)" if len(counts) > limit else "")
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def fmt(value: float | None, spec: str = ",.0f", unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+# ---- scenarios ---------------------------------------------------------------------------------
+
+
+def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    limit = args.rate_limit
+    per_second = parse_rate(limit)
+    n = int(per_second * args.rate_seconds)
+    note = feature_note("MAILER_RATE_LIMIT")
+    say(f"rate: {args.rate_workers} workers, {n:,} messages (send_many){note}")
+    runs = [("off", None)] if args.compare else []
+    for label, value in [*runs, (limit, limit)]:
+        env = {"MAILER_RATE_LIMIT": value} if value else {}
+        with Fleet(material, env=env) as fleet:
+            fleet.start_workers(args.rate_workers)
+            monitor = Monitor(fleet.redis.port)
+            before = commandstats(fleet.client)
+            started = time.time()
+            produce(n, "rate")
+            done = fleet.wait_delivered(n, timeout=n / per_second * 3 + 120)
+            calls = commandstats(fleet.client) - before
+            monitor.stop()
+            sink = fleet.sink
+            steady = steady_rate(sink.timestamps("accepted"))
+            share = steady and 100 * steady / per_second
+            took = done and done - started
+            rate_scripts = sum(monitor.evalsha[s] for s in monitor.rate_scripts)
+            say(
+                f"  {label:<10} delivered {fleet.delivered():,}/{n:,} in {fmt(took, '.1f', ' s')};"
+                f" max in any 1 s window {sink.max_in_window('accepted', 1.0):,};"
+                f" steady {fmt(steady)}/s = {fmt(share, '.1f', '%')} of {per_second:,.0f}/s"
+            )
+            say(
+                f"  {'':<10} Redis per message: {sum(calls.values()) / n:.2f} commands,"
+                f" EVALSHA {calls['evalsha'] / n:.3f} (all scripts),"
+                f" naming {RATE_PREFIX}* {monitor.rate_commands / n:.3f},"
+                f" rate-limit EVALSHA {rate_scripts / n:.3f}"
+            )
+            say(
+                f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
+                f" accepted/s: {series(sink.per_second('accepted', start=started))}"
+            )
+
+
+def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    limit = args.minute_limit
+    per_second = parse_rate(limit)
+    window = window_seconds(limit)
+    n = int(per_second * args.minute_seconds)
+    note = feature_note("MAILER_RATE_LIMIT")
+    say(
+        f"minute: {args.rate_workers} workers, {limit} ({window:.0f} s window), {n:,} messages"
+        f" over ~{args.minute_seconds:.0f} s (feature-off: see rate){note}"
+    )
+    with Fleet(material, env={"MAILER_RATE_LIMIT": limit}) as fleet:
+        fleet.start_workers(args.rate_workers)
+        started = time.time()
+        produce(n, "minute")
+        done = fleet.wait_delivered(n, timeout=args.minute_seconds * 3 + 120)
+        sink = fleet.sink
+        steady = steady_rate(sink.timestamps("accepted"))
+        share = steady and 100 * steady / per_second
+        took = done and done - started
+        say(
+            f"  delivered {fleet.delivered():,}/{n:,} in {fmt(took, '.1f', ' s')};"
+            f" max in any {window:.0f} s window {sink.max_in_window('accepted', window):,}"
+            f" (limit {per_second * window:,.0f}); max in any 1 s"
+            f" {sink.max_in_window('accepted', 1.0):,}; steady {fmt(steady)}/s"
+            f" = {fmt(share, '.1f', '%')}; dead letters {fleet.dead_letters()}"
+        )
+
+
+def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    cap = args.adaptive_throttle
+    throttled_s, lifted_s = args.adaptive_seconds, args.adaptive_lifted_seconds
+    n = int(cap * throttled_s + args.adaptive_lifted_messages)
+    say(
+        f"adaptive: the sink answers 421 to every MAIL above {cap}/s for {throttled_s:.0f} s,"
+        f" then lifts it; {args.rate_workers} workers, {n:,} messages, no MAILER_RATE_LIMIT"
+    )
+    with Fleet(material, sink={"throttle_rate": cap}) as fleet:
+        fleet.start_workers(args.rate_workers)
+        started = time.time()
+        produce(n, "adaptive")
+        time.sleep(max(0.0, started + throttled_s - time.time()))
+        lifted = time.time()
+        fleet.sink.throttle_rate = None
+        time.sleep(lifted_s)
+        done = fleet.wait_delivered(n, timeout=args.drain_timeout)
+        sink = fleet.sink
+        during = sink.per_second("accepted", start=started, end=lifted - 1)
+        settled = next(
+            (i for i in range(len(during)) if all(abs(c - cap) <= cap / 10 for c in during[i:])),
+            None,
+        )
+        settled_rate = statistics.mean(during[settled:]) if settled is not None else None
+
+        def phase(kind: SeriesKind) -> int:
+            return sum(1 for t in sink.timestamps(kind) if started <= t < lifted)
+
+        accepted, refused = phase("accepted"), phase("refused")
+        say(
+            f"  settled within 10% of {cap}/s after"
+            f" {'never' if settled is None else f'{settled} s'};"
+            f" settled rate {fmt(settled_rate)}/s; throttled phase: {accepted:,} accepted,"
+            f" {refused:,} MAILs refused ({fmt(100 * refused / max(1, accepted), '.1f', '%')}"
+            f" of accepted), {phase('sessions'):,} sessions opened"
+        )
+        say(f"  accepted/s throttled: {series(during)}")
+        after = sink.per_second("accepted", start=lifted, end=lifted + lifted_s)
+        say(f"  accepted/s lifted:    {series(after)}")
+        outcome = f"yes, {done - started:.1f} s after the first enqueue" if done else "no"
+        say(
+            f"  all {n:,} delivered: {outcome} ({fleet.delivered():,}); dead letters"
+            f" {fleet.dead_letters()}, duplicates {fleet.duplicates()},"
+            f" retried events {fleet.retried():,}"
+        )
+
+
+def scenario_wrongkey(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    probe = args.probe_interval
+    say(
+        f"wrong key: {args.rate_workers} workers with a key the sink does not accept,"
+        f" {args.wrongkey_messages} messages, watched {args.wrongkey_seconds:.0f} s,"
+        f" MAILER_CIRCUIT_PROBE_INTERVAL={probe:g}"
+    )
+    env = {"MAILER_CIRCUIT_PROBE_INTERVAL": str(probe)}
+    with Fleet(material, env=env, sink={"peer_pids": True}, worker_key=new_key()) as fleet:
+        fleet.start_workers(args.rate_workers)
+        started = time.time()
+        produce(args.wrongkey_messages, "wrongkey")
+        time.sleep(args.wrongkey_seconds)
+        failures = [a for a in fleet.sink.auth_failures() if a.at >= started]
+        names = fleet.pid_names()
+        per_process = Counter(names.get(a.peer_pid or 0, f"pid {a.peer_pid}") for a in failures)
+        first_2s = sum(1 for a in failures if a.at < started + 2)
+        later = max_in([a.at for a in failures if a.at >= started + probe], probe)
+        sessions = {s.id: s for s in fleet.sink.sessions}
+        failed_sessions = {a.session_id for a in failures}
+        no_quit = sum(1 for i in failed_sessions if not sessions[i].quit)
+        say(
+            f"  failed AUTHs: {len(failures)} in {args.wrongkey_seconds:.0f} s, {first_2s} in the"
+            f" first 2 s; per worker process {dict(sorted(per_process.items()))}"
+            f" (max {max(per_process.values(), default=0)}); after the first interval,"
+            f" most in any {probe:g} s window: {later}"
+        )
+        say(
+            f"  mechanisms {dict(Counter(a.mechanism for a in failures))},"
+            f" replies {dict(Counter(a.code for a in failures))},"
+            f" sessions closed without QUIT {no_quit}/{len(failed_sessions)};"
+            f" key in worker logs: {fleet.key_in_logs()}"
+        )
+        fleet.sink.auth = ("apikey", fleet.env["MAILER_SMTP_PASSWORD"])  # the key is fixed
+        restored = time.time()
+        done = fleet.wait_delivered(args.wrongkey_messages, timeout=probe * 3 + 60)
+        first = next((t for t in fleet.sink.timestamps("accepted") if t >= restored), None)
+        say(
+            f"  key restored: first message {fmt(first and first - restored, '.1f', ' s')} later,"
+            f" all delivered: {'yes' if done else 'no'}; dead letters {fleet.dead_letters()},"
+            f" duplicates {fleet.duplicates()}"
+        )
+
+
+def scenario_quota(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    probe = args.probe_interval
+    n = args.quota_messages
+    note = feature_note("MAILER_QUOTA_PROBE_INTERVAL")
+    say(
+        f"quota: AUTH answered '451 ... Maximum credits exceeded' for {args.quota_seconds:.0f} s,"
+        f" {args.rate_workers} workers, {n} messages, MAILER_QUOTA_PROBE_INTERVAL={probe:g}{note}"
+    )
+    env = {"MAILER_QUOTA_PROBE_INTERVAL": str(probe), "MAILER_CIRCUIT_PROBE_INTERVAL": str(probe)}
+    with Fleet(material, env=env, sink={"peer_pids": True}) as fleet:
+        fleet.start_workers(args.rate_workers)
+        fleet.sink.start_quota(args.quota_seconds)
+        started = time.time()
+        produce(n, "quota")
+        ends = started + args.quota_seconds
+        time.sleep(max(0.0, ends - time.time()))
+        done = fleet.wait_delivered(n, timeout=probe * 3 + args.drain_timeout)
+        sink = fleet.sink
+        attempts = [a for a in sink.auth_attempts if started <= a.at < ends]
+        quota = [a.at for a in attempts if a.code == 451]
+        accepted = sum(1 for t in sink.timestamps("accepted") if started <= t < ends)
+        first = next((t for t in sink.timestamps("accepted") if t >= ends), None)
+        say(
+            f"  during the quota: {len(quota)} AUTHs answered 451 (most in any {probe:g} s:"
+            f" {max_in(quota, probe)}), {len(attempts) - len(quota)} other AUTH replies,"
+            f" {accepted} messages accepted (on sessions authenticated before)"
+        )
+        say(
+            f"  quota ended: first message {fmt(first and first - ends, '.1f', ' s')} later;"
+            f" all {n} delivered: {'yes' if done else f'no ({fleet.delivered()})'};"
+            f" dead letters {fleet.dead_letters()}; duplicates {fleet.duplicates()};"
+            f" key in worker logs: {fleet.key_in_logs()}"
+        )
+
+
+def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    import mailer
+
+    bulk_n, tx_n = args.lanes_bulk, args.lanes_transactional
+    note = feature_note("MAILER_LANES")
+    say(
+        f"lanes: {args.rate_workers} workers, a bulk backlog of {bulk_n:,} (send_many), then"
+        f" {tx_n:,} transactional (mailer.send, one by one){note}"
+    )
+    runs = [("off", None)] if args.compare else []
+    if known("MAILER_LANES"):
+        runs.append((args.lanes, args.lanes))
+    for label, lanes in runs:
+        env = {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
+        with Fleet(material, env=env) as fleet:
+            fleet.start_workers(args.rate_workers)
+            bulk_ids = set(produce(bulk_n, "bulk"))
+            time.sleep(args.lanes_warm)
+            sink = fleet.sink
+            if len(bulk_ids & local_ids(sink).keys()) >= bulk_n:
+                say(f"  {label:<10} the bulk backlog drained before the burst: raise --lanes-bulk")
+                continue
+            lane: dict[str, Any] = {"lane": "transactional"} if lanes else {}
+            enqueued: dict[str, float] = {}
+            burst = time.time()
+            for i in range(tx_n):
+                at = time.time()
+                mid = mailer.send(to=f"tx{i}@example.com", subject=f"tx {i}", text="hi\n", **lane)
+                enqueued[mid] = at
+            deadline = time.monotonic() + args.drain_timeout + bulk_n / 100
+            while time.monotonic() < deadline and not enqueued.keys() <= local_ids(sink).keys():
+                time.sleep(0.1)
+            arrived = local_ids(sink)
+            latencies = [arrived[i] - at for i, at in enqueued.items() if i in arrived]
+            tx_done = max((arrived[i] for i in enqueued if i in arrived), default=time.time())
+            bulk_times = sorted(t for i, t in arrived.items() if i in bulk_ids)
+            bulk_left = bulk_n - sum(1 for t in bulk_times if t <= tx_done)
+            before = rate_between(bulk_times, burst - 5, burst)
+            during = rate_between(bulk_times, burst, tx_done)
+            share = 100 * during / before if before else None
+            p50 = percentile(latencies, 50) if latencies else None
+            p99 = percentile(latencies, 99) if latencies else None
+            say(
+                f"  {label:<10} transactional: {len(latencies):,}/{tx_n:,} delivered,"
+                f" enqueue->250 p50 {fmt(p50, '.3f', ' s')}, p99 {fmt(p99, '.3f', ' s')},"
+                f" max {fmt(max(latencies, default=None), '.3f', ' s')};"
+                f" bulk still queued when the last one arrived: {bulk_left:,}"
+            )
+            say(
+                f"  {'':<10} bulk msg/s: before {before:,.0f}, during the transactional burst"
+                f" {during:,.0f} ({fmt(share, '.0f', '%')} of before),"
+                f" 5 s after {rate_between(bulk_times, tx_done, tx_done + 5):,.0f};"
+                f" duplicates {fleet.duplicates()}, dead letters {fleet.dead_letters()}"
+            )
+
+
+def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
+    n = args.coldstart_messages
+    note = feature_note("MAILER_CONNECT_RATE")
+    say(f"cold start: {args.coldstart_workers} workers started at once on a backlog of {n:,}{note}")
+    runs = [("off", None)] if args.compare else []
+    for label, rate in [*runs, (f"{args.connect_rate}/s", args.connect_rate)]:
+        env = {"MAILER_CONNECT_RATE": str(rate)} if rate else {}
+        with Fleet(material, env=env) as fleet:
+            produce(n, "cold")
+            started = time.time()
+            fleet.start_workers(args.coldstart_workers)
+            ready = time.time()
+            done = fleet.wait_delivered(n, timeout=args.drain_timeout)
+            sink = fleet.sink
+            outcome = f"all, {done - started:.1f} s after start" if done else fleet.delivered()
+            say(
+                f"  {label:<10} sessions opened {len(sink.sessions):,}, most in any 1 s window"
+                f" {sink.max_in_window('sessions', 1.0)}, peak open {sink.peak_connections};"
+                f" workers all ready {ready - started:.1f} s after start; delivered {outcome}"
+            )
+            say(f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))}")
+
+
+def rate_between(times: Sequence[float], a: float, b: float) -> float:
+    return sum(1 for t in times if a <= t < b) / (b - a) if b > a else 0.0
+
+
+def max_in(times: Sequence[float], window: float) -> int:
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def window_seconds(limit: str) -> float:
+    unit = limit.split(",")[0].split("/", 1)[1].split(":", 1)[0]
+    if unit not in UNITS:
+        raise argparse.ArgumentTypeError(f"unknown unit {unit!r} in {limit!r} (s, min, h, d)")
+    return UNITS[unit]
+
+
+def parse_rate(limit: str) -> float:
+    """Messages per second of a `N/unit[:burst]` window (the first of a list)."""
+    count, _, _ = limit.split(",")[0].partition("/")
+    try:
+        return int(count) / window_seconds(limit)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a rate like 300/s: {limit!r}") from None
+
+
+RUNNERS = {
+    "rate": scenario_rate,
+    "minute": scenario_minute,
+    "adaptive": scenario_adaptive,
+    "wrongkey": scenario_wrongkey,
+    "quota": scenario_quota,
+    "lanes": scenario_lanes,
+    "coldstart": scenario_coldstart,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the feature-off comparison runs",
+    )
+    parser.add_argument("--rate-limit", default="300/s")
+    parser.add_argument("--rate-seconds", type=float, default=20.0, help="run length at the limit")
+    parser.add_argument("--rate-workers", type=int, default=4)
+    parser.add_argument("--minute-limit", default="18000/min")
+    parser.add_argument("--minute-seconds", type=float, default=75.0)
+    parser.add_argument("--adaptive-throttle", type=int, default=200)
+    parser.add_argument("--adaptive-seconds", type=float, default=30.0)
+    parser.add_argument("--adaptive-lifted-seconds", type=float, default=10.0)
+    parser.add_argument("--adaptive-lifted-messages", type=int, default=10_000)
+    parser.add_argument("--probe-interval", type=float, default=10.0)
+    parser.add_argument("--wrongkey-messages", type=int, default=100)
+    parser.add_argument("--wrongkey-seconds", type=float, default=35.0)
+    parser.add_argument("--quota-seconds", type=float, default=30.0)
+    parser.add_argument("--quota-messages", type=int, default=200)
+    parser.add_argument("--lanes", default="transactional:20%,bulk")
+    parser.add_argument("--lanes-bulk", type=int, default=100_000)
+    parser.add_argument("--lanes-transactional", type=int, default=1_000)
+    parser.add_argument(
+        "--lanes-warm",
+        type=float,
+        default=5.0,
+        help="seconds the bulk lane runs saturated before the burst",
+    )
+    parser.add_argument("--connect-rate", type=int, default=50)
+    parser.add_argument("--coldstart-workers", type=int, default=8)
+    parser.add_argument("--coldstart-messages", type=int, default=4_000)
+    parser.add_argument("--drain-timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    for flag in ("rate_limit", "minute_limit"):
+        try:
+            parse_rate(getattr(args, flag))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--{flag.replace('_', '-')}: {exc}")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="shaping-bench-") as tmp:
+        material = make_tls_material(Path(tmp))
+        say(
+            f"shaping bench: {', '.join(chosen)}; {os.cpu_count()} CPUs, "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
+        for name in chosen:
+            began = time.monotonic()
+            RUNNERS[name](args, material, say)
+            say(f"  ({name}: {time.monotonic() - began:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

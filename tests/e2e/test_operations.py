@@ -307,6 +307,45 @@ def test_sigterm_mid_run_loses_nothing_and_leaves_no_lease(
     assert deadletters.DeadLetters(client).count() == 0
 
 
+def test_sigterm_while_the_relay_throttles_releases_every_lease_and_quits_every_session(
+    redis_url: str,
+    relay: Callable[..., Relay],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    """Two workers under a relay that throttles (450 on MAIL above 40/s: sessions stay open,
+    messages wait for the lowered rate), stopped with SIGTERM mid-run: no lease outlives them,
+    every session that carried mail said QUIT, and a new worker delivers the rest once."""
+    sink, env = relay(
+        {
+            "record_data": False,
+            "throttle_rate": 40,
+            "throttle_reply": "450 4.7.1 Error: too much mail from 127.0.0.1",
+        },
+        MAILER_WORKER_CONNECTIONS=6,
+        MAILER_LEASE_TTL=60,  # a leaked lease would still be held when we look
+    )
+    client = redis.Redis.from_url(redis_url)
+    ids = enqueue(800, "throttled-term")
+    first = [workers(env, name="w1"), workers(env, name="w2")]
+    assert sink.wait_for(120, timeout=120)
+    assert wait_until(lambda: bool(sink.timestamps("refused")), timeout=60), "never throttled"
+
+    assert [stop(w) for w in first] == [0, 0]
+    assert holders(client) == 0, "a lease outlived its worker"
+    assert wait_until(lambda: sink.open_connections == 0, timeout=10)
+    used = [s for s in sink.sessions if s.mail_count]
+    assert used and all(s.quit for s in used), "a session was cut without QUIT"
+    assert sink.ambiguous == []
+    waiting = queued(client)
+    assert waiting, "SIGTERM came after the run: nothing was tested"
+
+    workers(env, name="w3")
+    assert sink.wait_for(800, timeout=240), f"{len(sink.received)} of 800 arrived"
+    time.sleep(0.5)
+    assert set(ids_at(sink)) == set(ids) and max(ids_at(sink).values()) == 1
+    assert deadletters.DeadLetters(client).count() == 0
+
+
 def test_sigterm_puts_reserved_and_countdown_messages_back_in_the_queue(
     redis_url: str,
     relay: Callable[..., Relay],

@@ -461,7 +461,9 @@ class SessionPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = time.monotonic() + timeout
-        while self._busy and time.monotonic() < deadline:
+        # Opens under way count too: a session still in its handshake holds a lease, and once
+        # the loop stops nobody would release it (it would lapse only after its TTL).
+        while (self._busy or self._opening) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))

@@ -6,6 +6,7 @@ Importing this package starts nothing: the broker connection opens on the first 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from mailer.client import Mailer, default_mailer, reset_default_mailer
@@ -23,6 +24,7 @@ __all__ = [
     "PublishError",
     "SMTPAPIHeader",
     "asend",
+    "cancel",
     "reset_default_mailer",
     "send",
     "send_many",
@@ -44,9 +46,11 @@ def send(
     smtpapi: SMTPAPIHeader | Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
     lane: str | None = None,
+    send_at: datetime | float | None = None,
 ) -> str:
     """Validates, renders and enqueues one message; returns its id (the Message-ID's local part).
-    `lane`: its priority lane (MAILER_LANES; default MAILER_DEFAULT_LANE)."""
+    `lane`: its priority lane (MAILER_LANES; default MAILER_DEFAULT_LANE). `send_at`: an aware
+    datetime or UNIX seconds to send it at (any horizon; `cancel(id)` calls it back)."""
     return default_mailer().send_message(
         Message(
             to=to,
@@ -63,15 +67,24 @@ def send(
             idempotency_key=idempotency_key,
         ),
         lane=lane,
+        send_at=send_at,
     )
 
 
+def cancel(message_id: str) -> bool:
+    """Cancels a scheduled or still-queued message; False when it is sent or being sent."""
+    return default_mailer().cancel(message_id)
+
+
 def send_many(
-    messages: Iterable[Message | Mapping[str, Any]], *, lane: str | None = None
+    messages: Iterable[Message | Mapping[str, Any]],
+    *,
+    lane: str | None = None,
+    send_at: datetime | float | None = None,
 ) -> list[str]:
     """Enqueues many messages in few broker round trips; ids come back in order. A mapping may
-    name its own `lane`; `lane` is the others'."""
-    return default_mailer().send_many(messages, lane=lane)
+    name its own `lane` and `send_at`; the arguments are the others'."""
+    return default_mailer().send_many(messages, lane=lane, send_at=send_at)
 
 
 async def asend(**fields: Any) -> str:

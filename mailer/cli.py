@@ -126,6 +126,22 @@ def _read_rows(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]
             start = reader.line_num + 1
 
 
+def _when(value: Any) -> Any:
+    """A file's `send_at`: UNIX seconds, or an ISO 8601 time with its offset."""
+    from datetime import datetime
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return value  # due_time names it
+
+
 class _BadRow(Exception):
     def __init__(self, line: int, field: str, problem: str) -> None:
         super().__init__(f"line {line}: {field}: {problem}")
@@ -153,6 +169,7 @@ def _send_file(args: argparse.Namespace) -> int:
     from mailer.client import default_mailer, message_from_mapping
     from mailer.errors import InvalidMessage
     from mailer.message import Rendered
+    from mailer.schedule import due_time
 
     path = args.csv or args.jsonl
     if args.chunk_size < 1:
@@ -160,12 +177,13 @@ def _send_file(args: argparse.Namespace) -> int:
         return 2
     client = default_mailer()
     started = time.monotonic()
-    rendered: list[tuple[Rendered, str]] = []
+    rendered: list[tuple[Rendered, str, float | None]] = []
     try:
         for number, row in _read_rows(args):
             try:
                 lane = client.lane(row.pop("lane", None) or args.lane)
-                rendered.append((client.render(message_from_mapping(row)), lane))
+                due = due_time(_when(row.pop("send_at", None)))
+                rendered.append((client.render(message_from_mapping(row)), lane, due))
             except InvalidMessage as exc:
                 raise _BadRow(number, exc.field, exc.problem) from None
             if len(rendered) % 1000 == 0:
@@ -196,6 +214,21 @@ def _send_file(args: argparse.Namespace) -> int:
     rate = f", {queued / elapsed:,.0f} msg/s" if elapsed > 0 else ""
     print(f"queued {queued:,} messages from {path} in {elapsed:.1f} s{rate}", file=sys.stderr)
     return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    """One line per id; exit 1 if any could not be cancelled (sent, or being sent)."""
+    from mailer.client import default_mailer
+
+    client = default_mailer()
+    late = 0
+    for message_id in args.ids:
+        if client.cancel(message_id):
+            print(f"{message_id}: cancelled")
+        else:
+            print(f"{message_id}: too late (sent, or being sent)", file=sys.stderr)
+            late += 1
+    return 1 if late else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -349,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lane", help="priority lane (MAILER_LANES); a file's `lane` column wins for its row"
     )
 
+    p = sub.add_parser("cancel", help="cancel scheduled or still-queued messages")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
     p = sub.add_parser("status", help="leases, circuit breaker, queue and dead letters")
     p.add_argument("--json", action="store_true")
 
@@ -388,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers: dict[str, Any] = {
         "send": _send,
+        "cancel": _cancel,
         "status": _status,
         "failures": _failures,
         "demo": _demo,

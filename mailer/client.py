@@ -10,12 +10,14 @@ import asyncio
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields as dataclass_fields
+from functools import partial
 from typing import Any
 
 from mailer.config import Settings
 from mailer.errors import InvalidMessage
 from mailer.message import Message, Rendered
 from mailer.publish import Publisher
+from mailer.schedule import SendAt, cancel, due_time
 from mailer.wire import Payload, to_payload
 
 BATCH_SIZE = 100
@@ -48,15 +50,25 @@ class Mailer:
             raise InvalidMessage(field, f"{lane!r} is not a lane; MAILER_LANES has {names}")
         return lane
 
-    def send_message(self, message: Message, *, lane: str | None = None) -> str:
+    def send_message(
+        self, message: Message, *, lane: str | None = None, send_at: SendAt = None
+    ) -> str:
         lane = self.lane(lane)
+        due = due_time(send_at)
         rendered = self.render(message)
-        self.publisher.send(to_payload(rendered, lane))
+        self.publisher.send(to_payload(rendered, lane, due), send_at=due)
         return rendered.id
 
     def send(self, **fields: Any) -> str:
-        lane = fields.pop("lane", None)
-        return self.send_message(message_from_mapping(fields), lane=lane)
+        lane, send_at = fields.pop("lane", None), fields.pop("send_at", None)
+        return self.send_message(message_from_mapping(fields), lane=lane, send_at=send_at)
+
+    def cancel(self, message_id: str) -> bool:
+        """Cancels a scheduled or still-queued message: True when it will not be sent, False
+        when it was sent already or its transaction is under way (too late). A cancel that
+        races the release or a worker's claim still wins: the ledger records `cancelled`, and a
+        worker that finds it acknowledges the message without sending (docs/scheduling.md)."""
+        return cancel(self.settings, message_id)
 
     def send_many(
         self,
@@ -64,54 +76,58 @@ class Mailer:
         *,
         batch_size: int = BATCH_SIZE,
         lane: str | None = None,
+        send_at: SendAt = None,
     ) -> list[str]:
         """Renders every message first (one bad message refuses the call, nothing published),
-        then publishes them as `mailer.send_batch` tasks over one broker connection."""
-        rendered: list[tuple[Rendered, str]] = []
+        then publishes them as `mailer.send_batch` tasks over one broker connection. A mapping
+        may name its own `lane` and `send_at`; the arguments are the others'."""
+        rendered: list[tuple[Rendered, str, float | None]] = []
         for index, item in enumerate(messages):
             try:
                 if isinstance(item, Message):
-                    rendered.append((self.render(item), self.lane(lane)))
+                    rendered.append((self.render(item), self.lane(lane), due_time(send_at)))
                     continue
                 fields = dict(item) if isinstance(item, Mapping) else item
                 own = fields.pop("lane", lane) if isinstance(fields, dict) else lane
-                chosen = self.lane(own)
-                rendered.append((self.render(message_from_mapping(fields)), chosen))
+                when = fields.pop("send_at", send_at) if isinstance(fields, dict) else send_at
+                chosen, due = self.lane(own), due_time(when)
+                rendered.append((self.render(message_from_mapping(fields)), chosen, due))
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
         return self.publish_rendered(rendered, batch_size=batch_size)
 
     def publish_rendered(
         self,
-        rendered: Sequence[Rendered | tuple[Rendered, str]],
+        rendered: Sequence[Rendered | tuple[Rendered, str] | tuple[Rendered, str, float | None]],
         *,
         batch_size: int = BATCH_SIZE,
     ) -> list[str]:
-        """Publishes already-rendered messages (each optionally with its lane) as
-        `mailer.send_batch` tasks over one broker connection, one lane per batch (for callers
-        that validate everything before publishing anything)."""
+        """Publishes already-rendered messages (each optionally with its lane and due time) as
+        `mailer.send_batch` tasks over one broker connection, one lane and due time per batch
+        (for callers that validate everything before publishing anything)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        by_lane: dict[str, list[Payload]] = {}
+        groups: dict[tuple[str, float | None], list[Payload]] = {}
         ids = []
         for item in rendered:
-            one, lane = item if isinstance(item, tuple) else (item, self.settings.default_lane)
-            by_lane.setdefault(lane, []).append(to_payload(one, lane))
+            if isinstance(item, Rendered):
+                one, lane, due = item, self.settings.default_lane, None
+            else:
+                one, lane, due = item[0], item[1], item[2] if len(item) > 2 else None
+            groups.setdefault((lane, due), []).append(to_payload(one, lane, due))
             ids.append(one.id)
-        batches: list[Sequence[Payload]] = [
-            payloads[i : i + batch_size]
-            for payloads in by_lane.values()
-            for i in range(0, len(payloads), batch_size)
-        ]
-        if batches:
-            self.publisher.send_batches(batches)
+        for (_, due), payloads in groups.items():
+            batches = [payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)]
+            self.publisher.send_batches(batches, send_at=due)
         return ids
 
     async def asend(self, **fields: Any) -> str:
         """Renders in the caller's loop (cheap) and publishes from a worker thread."""
         lane = self.lane(fields.pop("lane", None))
+        due = due_time(fields.pop("send_at", None))
         rendered = self.render(message_from_mapping(fields))
-        await asyncio.to_thread(self.publisher.send, to_payload(rendered, lane))
+        payload = to_payload(rendered, lane, due)
+        await asyncio.to_thread(partial(self.publisher.send, payload, send_at=due))
         return rendered.id
 
     async def asend_many(self, messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:

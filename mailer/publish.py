@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +28,15 @@ from kombu.utils.uuid import uuid
 
 from mailer.config import Settings
 from mailer.errors import PublishError
-from mailer.wire import BATCH_TASK, QUEUE, SEND_TASK, lane_of, queue_for
+from mailer.wire import (
+    BATCH_TASK,
+    QUEUE,
+    SCHEDULE_DUE,
+    SCHEDULE_ITEMS,
+    SEND_TASK,
+    lane_of,
+    queue_for,
+)
 
 PUBLISH_RETRY_POLICY = {
     "max_retries": 5,
@@ -137,6 +146,19 @@ class ProducerTransport(kredis.Transport):
 #: A task as the publisher sends it: task name, positional args, the repr Flower shows, queue.
 Task = tuple[str, tuple[Any, ...], str, str]
 
+
+@dataclass(frozen=True)
+class Retry:
+    """What makes a published task a retry of an earlier one (see `RedisPublisher._messages`)."""
+
+    task_id: str
+    retries: int
+    kwargs: Mapping[str, Any]
+    kwargsrepr: str = "{}"
+    root_id: str | None = None
+    parent_id: str | None = None
+
+
 #: What a lost or refused broker connection raises (redis-py, the socket, kombu connecting).
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, OperationalError)
 
@@ -157,6 +179,8 @@ def _envelope(body: Any, headers: dict[str, Any], properties: dict[str, Any]) ->
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 _LPUSH = b"*3\r\n$5\r\nLPUSH\r\n"  # then the key and the value as bulk strings
+_HSET = b"*4\r\n$4\r\nHSET\r\n"
+_ZADD = b"*4\r\n$4\r\nZADD\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 
 
@@ -192,17 +216,37 @@ class RedisPublisher:
         self._event_topic = b""
         self._event_exchange = app.conf.event_exchange
 
-    def publish(self, tasks: Sequence[Task]) -> None:
-        """Queues all of `tasks` or none of them, retrying as PUBLISH_RETRY_POLICY says."""
-        messages = [self._messages(*task) for task in tasks]
-        retry_over_time(self._push, CONNECTION_ERRORS, args=(messages,), **PUBLISH_RETRY_POLICY)
+    def publish(
+        self,
+        tasks: Sequence[Task],
+        due: Sequence[tuple[str, float]] = (),
+        retry: Retry | None = None,
+    ) -> None:
+        """Queues all of `tasks` or none of them, retrying as PUBLISH_RETRY_POLICY says. With
+        `due` ((id, UNIX time) per task), they go to the durable schedule instead, which the
+        workers release into their queues when due (workers/state/schedule.py). `retry`: the
+        one task is a retry of an earlier one (see `_messages`)."""
+        messages = [self._messages(*task, retry=retry) for task in tasks]
+        retry_over_time(self._push, CONNECTION_ERRORS, args=(messages, due), **PUBLISH_RETRY_POLICY)
 
     def _messages(
-        self, name: str, args: tuple[Any, ...], argsrepr: str, queue: str
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        argsrepr: str,
+        queue: str,
+        retry: Retry | None = None,
     ) -> tuple[dict, dict]:
         """The task message (what celery's `amqp.as_task_v2` and `send_task_message` build for
-        our call) and its task-sent event (what `events.Dispatcher.publish` builds)."""
-        task_id = uuid()
+        our call) and its task-sent event (what `events.Dispatcher.publish` builds). `retry`:
+        the same task again (its id, retry count and keyword arguments), as Celery's
+        `Task.retry` would publish it, less the ETA (the schedule holds it instead)."""
+        task_id = retry.task_id if retry else uuid()
+        kwargs = dict(retry.kwargs) if retry else {}
+        kwargsrepr = retry.kwargsrepr if retry else "{}"
+        retries = retry.retries if retry else 0
+        root_id = (retry.root_id or task_id) if retry else task_id
+        parent_id = retry.parent_id if retry else None
         origin = anon_nodename()
         headers = {
             "lang": "py",
@@ -213,12 +257,12 @@ class RedisPublisher:
             "expires": None,
             "group": None,
             "group_index": None,
-            "retries": 0,
+            "retries": retries,
             "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
+            "root_id": root_id,
+            "parent_id": parent_id,
             "argsrepr": argsrepr,
-            "kwargsrepr": "{}",
+            "kwargsrepr": kwargsrepr,
             "origin": origin,
             "ignore_result": True,
             "replaced_task_nesting": 0,
@@ -229,26 +273,26 @@ class RedisPublisher:
             "correlation_id": task_id,
             "reply_to": self.app.thread_oid,
             "argsrepr": argsrepr,  # send_task passes its extra options on as properties
-            "kwargsrepr": "{}",
+            "kwargsrepr": kwargsrepr,
             "delivery_mode": 2,  # persistent
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": None,  # set per attempt in _push
         }
-        message = _envelope((args, {}, _NO_EMBED), headers, properties)
+        message = _envelope((args, kwargs, _NO_EMBED), headers, properties)
         event = {
             "hostname": origin,
             "utcoffset": utcoffset(),
             "pid": os.getpid(),
             "clock": self.app.clock.forward(),
             "uuid": task_id,
-            "root_id": task_id,
-            "parent_id": None,
+            "root_id": root_id,
+            "parent_id": parent_id,
             "name": name,
             "args": argsrepr,
-            "kwargs": "{}",
-            "retries": 0,
+            "kwargs": kwargsrepr,
+            "retries": retries,
             "eta": None,
             "expires": None,
             "queue": queue,
@@ -266,21 +310,35 @@ class RedisPublisher:
         }
         return message, _envelope(event, {"hostname": origin}, event_properties)
 
-    def _push(self, messages: list[tuple[dict, dict]]) -> None:
+    def _push(
+        self, messages: list[tuple[dict, dict]], due: Sequence[tuple[str, float]] = ()
+    ) -> None:
         """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends a large share of
         what `mailer.send` costs its caller building and packing commands."""
         pool = self._pool
         if pool is None or self._pid != os.getpid():
             pool = self._connect()  # also packs the queue and topic keys, once per process
         packed = [_MULTI]
-        for message, event in messages:
+        commands = 0
+        for index, (message, event) in enumerate(messages):
             # A fresh delivery tag per attempt, as kombu gives each publish it retries.
             message["properties"]["delivery_tag"] = uuid()
             event["properties"]["delivery_tag"] = uuid()
             queue = message["properties"]["delivery_info"]["routing_key"]
-            key = self._queue_keys.get(queue) or self._queue_keys.setdefault(queue, _bulk(queue))
-            packed += (_LPUSH, key, _bulk(dumps(message)))
+            if due:
+                item, at = due[index]
+                entry = _bulk(f"{queue}\n{dumps(message)}")
+                packed += (_HSET, _bulk(SCHEDULE_ITEMS), _bulk(item), entry)
+                packed += (_ZADD, _bulk(SCHEDULE_DUE), _bulk(repr(float(at))), _bulk(item))
+                commands += 2
+            else:
+                key = self._queue_keys.get(queue) or self._queue_keys.setdefault(
+                    queue, _bulk(queue)
+                )
+                packed += (_LPUSH, key, _bulk(dumps(message)))
+                commands += 1
             packed += (_PUBLISH, self._event_topic, _bulk(dumps(event)))
+            commands += 1
         packed.append(_EXEC)
         idle = self._idle  # `close` replaces it: a connection in use then is not handed back
         try:
@@ -289,7 +347,7 @@ class RedisPublisher:
             conn = pool.make_connection()  # connects on its first command
         try:
             conn.send_packed_command([b"".join(packed)])
-            for _ in range(2 * len(messages) + 1):  # +OK, then +QUEUED per command
+            for _ in range(commands + 1):  # +OK, then +QUEUED per command
                 conn.read_response()
             replies = conn.read_response()
             errors = [reply for reply in replies if isinstance(reply, Exception)]
@@ -346,19 +404,36 @@ class Publisher:
             self.app.conf.broker_transport = "mailer.publish:ProducerTransport"
             self.fast = RedisPublisher(self.app)
 
-    def send(self, payload: Mapping[str, Any], *, countdown: float | None = None) -> None:
+    def send(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        countdown: float | None = None,
+        send_at: float | None = None,
+    ) -> None:
+        """Queues one message; `send_at` (UNIX time) holds it in the durable schedule until
+        then, `countdown` (seconds) the same from now."""
         queue = queue_for(lane_of(payload))
         task = (SEND_TASK, (dict(payload),), describe(payload), queue)
-        if self.fast is not None and not countdown:
-            with self._errors(SEND_TASK):
+        if countdown and send_at is None:
+            send_at = time.time() + countdown
+        if self.fast is None:
+            self._publish(*task, None if send_at is None else max(0.0, send_at - time.time()))
+            return
+        with self._errors(SEND_TASK):
+            if send_at is None:
                 self.fast.publish([task])
-        else:
-            self._publish(*task, countdown)  # name, args, argsrepr, queue
+            else:
+                self.fast.publish([task], due=[(str(payload["id"]), send_at)])
 
     def send_batch(self, payloads: Sequence[Mapping[str, Any]]) -> None:
         self.send_batches([payloads])
 
-    def send_batches(self, batches: Iterable[Sequence[Mapping[str, Any]]]) -> None:
+    def send_batches(
+        self, batches: Iterable[Sequence[Mapping[str, Any]]], *, send_at: float | None = None
+    ) -> None:
+        """One `mailer.send_batch` task per batch, all in one round trip; with `send_at`
+        (UNIX time) they wait in the durable schedule until then."""
         tasks = [
             (
                 BATCH_TASK,
@@ -369,12 +444,14 @@ class Publisher:
             for batch in batches
         ]
         if self.fast is not None:
+            due = [(uuid(), send_at) for _ in tasks] if send_at is not None else []
             with self._errors(BATCH_TASK):
-                self.fast.publish(tasks)
+                self.fast.publish(tasks, due=due)
             return
+        countdown = None if send_at is None else max(0.0, send_at - time.time())
         with self.app.producer_or_acquire() as producer:
             for task in tasks:
-                self._publish(*task, None, producer)
+                self._publish(*task, countdown, producer)
 
     def _publish(
         self,

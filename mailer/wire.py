@@ -18,8 +18,11 @@ from mailer.message import PAYLOAD_VERSION, Rendered
 __all__ = [
     "BATCH_TASK",
     "DEFAULT_LANE",
+    "LEDGER_PREFIX",
     "PAYLOAD_VERSION",
     "QUEUE",
+    "SCHEDULE_DUE",
+    "SCHEDULE_ITEMS",
     "SEND_TASK",
     "InvalidPayload",
     "Meta",
@@ -40,6 +43,14 @@ BATCH_TASK = "mailer.send_batch"
 #: Payloads per `mailer.send_batch` task: one broker round trip carries this many messages.
 MAX_BATCH = 1000
 
+#: Producers and workers both touch these Redis keys. The ledger (state Redis): + message id,
+#: one record per message (docs/ledger.md); `mailer.cancel` writes `cancelled` there.
+LEDGER_PREFIX = "mailer:ledger:"
+#: The durable schedule (broker Redis, beside the queues it releases into): message or task id
+#: -> due time (ZSET), and id -> "<queue>\n<broker message>" (HASH). docs/scheduling.md.
+SCHEDULE_DUE = "mailer:schedule:due"
+SCHEDULE_ITEMS = "mailer:schedule:items"
+
 
 class Meta(TypedDict):
     """Display and policy data: never needed to send the bytes, never a secret."""
@@ -49,6 +60,7 @@ class Meta(TypedDict):
     idempotency_key: str | None
     created_at: float
     lane: NotRequired[str]
+    send_at: NotRequired[float]  # UNIX time it was scheduled for (display only)
 
 
 class Payload(TypedDict):
@@ -71,10 +83,14 @@ def queue_for(lane: str) -> str:
     return QUEUE if lane == DEFAULT_LANE else f"{QUEUE}.{lane}"
 
 
-def to_payload(rendered: Rendered, lane: str = DEFAULT_LANE) -> Payload:
+def to_payload(
+    rendered: Rendered, lane: str = DEFAULT_LANE, send_at: float | None = None
+) -> Payload:
     payload: Payload = rendered.to_payload()  # type: ignore[assignment]
     if lane != DEFAULT_LANE:
         payload["meta"]["lane"] = lane
+    if send_at is not None:
+        payload["meta"]["send_at"] = send_at
     return payload
 
 
@@ -90,8 +106,12 @@ def from_payload(value: object) -> Rendered:
         lane = meta.get("lane", DEFAULT_LANE)
         if not isinstance(lane, str) or not lane.isidentifier():
             raise InvalidPayload("payload['meta']['lane']: expected a lane name")
-        if "lane" in meta:
-            value = {**value, "meta": {k: v for k, v in meta.items() if k != "lane"}}
+        send_at = meta.get("send_at", 0.0)
+        if isinstance(send_at, bool) or not isinstance(send_at, int | float):
+            raise InvalidPayload("payload['meta']['send_at']: expected a UNIX time")
+        if "lane" in meta or "send_at" in meta:
+            extra = ("lane", "send_at")
+            value = {**value, "meta": {k: v for k, v in meta.items() if k not in extra}}
     try:
         return Rendered.from_payload(value)  # type: ignore[arg-type]
     except InvalidPayload:

@@ -76,6 +76,7 @@ class _Process:
 
     throughput: Any = None
     exporter: Any = None
+    releaser: Any = None  # the durable schedule's (workers/state/schedule.py)
 
 
 _process = _Process()
@@ -120,6 +121,9 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _process.throughput = Throughput(client).start()
     logs.subscribe(_process.throughput.on_event)
+    from workers.state.schedule import Releaser
+
+    _process.releaser = Releaser(settings.broker_url).start()
 
 
 def _serves_in_process(pool_cls: Any) -> bool:
@@ -175,6 +179,9 @@ def _close_sessions(**_: object) -> None:
             "shutdown", open_sessions=rt.pool.open_sessions, leases=len(rt.keeper.leases)
         )
     runtime.shutdown_runtime(timeout=RUNTIME_CLOSE_TIMEOUT)
+    if _process.releaser is not None:
+        _process.releaser.stop()
+        _process.releaser = None
     if _process.throughput is not None:
         logs.unsubscribe(_process.throughput.on_event)
         _process.throughput.stop()

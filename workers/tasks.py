@@ -22,7 +22,10 @@ expired) and FAILURE `HeldForReview` (dead-lettered as "uncertain" under the `ho
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
+from datetime import datetime
 from typing import Any, NoReturn
 
 import redis
@@ -31,9 +34,9 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from mailer import wire
-from mailer.publish import describe, describe_batch
+from mailer.publish import Publisher, Retry, describe, describe_batch
 from mailer.wire import queue_for
-from workers.app import app
+from workers.app import app, settings
 from workers.engine.classify import Failure
 from workers.engine.runtime import runtime
 from workers.observe.logs import log_retried
@@ -59,6 +62,60 @@ log = logging.getLogger("mailer.worker")
 app.steps["consumer"].add(DrainStream)
 
 
+class DurableCountdowns(Task):
+    """A task whose countdowns wait in the durable schedule (workers/state/schedule.py), not in
+    a worker's memory: Celery's ETA tasks on Redis are held by the worker that fetched them and
+    redelivered when they outlive the visibility timeout, so every retry with a countdown (ours
+    and `Task.retry`'s) is published to the schedule instead and released when due."""
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        countdown, eta = options.get("countdown"), options.get("eta")
+        fast = _fast_publisher()
+        if not (countdown or eta) or fast is None or link or link_error:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        due = eta.timestamp() if isinstance(eta, datetime) else time.time() + float(countdown or 0)
+        task_id = task_id or str(uuid.uuid4())
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        # A message has at most one retry pending: file it under the message's id.
+        item = str(payload.get("id") or task_id)
+        retry = Retry(
+            task_id,
+            int(options.get("retries") or 0),
+            kwargs,
+            options.get("kwargsrepr") or repr(kwargs),
+            options.get("root_id"),
+            options.get("parent_id"),
+        )
+        queue = options.get("queue") or queue_for(wire.lane_of(payload))
+        argsrepr = options.get("argsrepr") or repr(args)
+        fast.publish([(self.name, args, argsrepr, str(queue))], due=[(item, due)], retry=retry)
+        return self.AsyncResult(task_id)
+
+
+_publishers: dict[int, Any] = {}
+
+
+def _fast_publisher() -> Any:
+    """This process's publisher to the schedule (None when the broker is not Redis)."""
+    pid = os.getpid()
+    if pid not in _publishers:
+        _publishers[pid] = Publisher(settings).fast
+    return _publishers[pid]
+
+
 def _republish(
     task: Task, countdown: float, exc: BaseException, *, lane: str, **options: Any
 ) -> NoReturn:
@@ -74,6 +131,7 @@ def _republish(
 
 @app.task(
     name="mailer.send",
+    base=DurableCountdowns,
     bind=True,
     max_retries=None,
     acks_late=True,
@@ -151,6 +209,7 @@ class DecodedRequest(Request):
 
 @app.task(
     name="mailer.send_batch",
+    base=DurableCountdowns,
     bind=True,
     max_retries=None,
     acks_late=True,

@@ -30,6 +30,7 @@ import mailer
 from devkit.redis_server import free_port
 from devkit.sink import FaultPlan
 from devkit.worker import WorkerProcess
+from mailer.wire import SCHEDULE_DUE, SCHEDULE_ITEMS
 from tests.support.helpers import ids_at, wait_until
 from tests.support.relay import Relay
 from workers.engine.runtime import ATTEMPTS_PER_SESSION
@@ -88,9 +89,11 @@ def enqueue(n: int, tag: str, countdown: float | None = None) -> list[str]:
 
 
 def queued(client: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Message id -> {"headers", "kwargs"} of every task waiting in the queue."""
+    """Message id -> {"headers", "kwargs"} of every task waiting in the queue, or in the durable
+    schedule for its countdown."""
     out: dict[str, dict[str, Any]] = {}
-    for raw in client.lrange("mailer", 0, -1):
+    scheduled = [raw.split(b"\n", 1)[1] for raw in client.hvals(SCHEDULE_ITEMS)]
+    for raw in [*client.lrange("mailer", 0, -1), *scheduled]:
         envelope = json.loads(raw)
         args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
         message_id = str(args[0]["id"])
@@ -248,6 +251,8 @@ def test_status_json_reflects_leases_and_dead_letters_the_test_created(
         "version",
         "broker",
         "queue",
+        "lanes",
+        "rate",
         "leases",
         "circuit",
         "dead_letters",
@@ -346,32 +351,33 @@ def test_sigterm_while_the_relay_throttles_releases_every_lease_and_quits_every_
     assert deadletters.DeadLetters(client).count() == 0
 
 
-def test_sigterm_puts_reserved_and_countdown_messages_back_in_the_queue(
+def test_sigterm_puts_reserved_messages_back_and_countdowns_stay_scheduled(
     redis_url: str,
     relay: Callable[..., Relay],
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    """Threads pool, one session, a prefetch of ten: five messages held in memory for their
-    countdown, then ten to send now, of which the worker takes only two (it never holds more
+    """Threads pool, one session, a prefetch of ten: five messages with a countdown, then ten
+    to send now, of which the worker takes only two (it never holds more
     than twice the attempts it has sessions for: the rest stay for other workers). The warm
-    shutdown restores what it holds to the queue, the one waiting for the session included."""
+    shutdown restores what it holds to the queue, the one waiting for the session included;
+    the countdowns wait in the durable schedule throughout."""
     sink, env = relay({"mail_delay": 0.5}, MAILER_WORKER_CONNECTIONS=1)
     client = redis.Redis.from_url(redis_url)
     later_ids = enqueue(5, "later", countdown=15)
     now_ids = enqueue(10, "now")
     worker = workers(env, args=("--prefetch-multiplier", "10"))
     assert wait_until(lambda: len(sink.received) >= 1, 30)
-    assert wait_until(lambda: client.hlen("unacked") >= 6, 10)  # countdowns + now ones held
+    assert wait_until(lambda: client.hlen("unacked") >= 1, 10)  # the now ones held
     assert client.llen("mailer") >= 6, "the worker took more than twice its sessions"
+    # The countdowns never reach a worker: they wait in the durable schedule.
+    assert all(client.zscore(SCHEDULE_DUE, i) is not None for i in later_ids)
 
     assert stop(worker) == 0
-    assert "Restoring" in worker.log
     assert client.hlen("unacked") == 0 and holders(client) == 0
     arrived = set(ids_at(sink))
     back = queued(client)
     assert arrived.isdisjoint(back) and arrived | set(back) == set(now_ids) | set(later_ids)
-    assert set(later_ids) <= set(back), "a countdown message was not restored"
-    assert all(back[i]["headers"].get("eta") for i in later_ids), "a countdown was lost"
+    assert set(later_ids) <= set(back), "a countdown message was lost"
     assert len(set(now_ids) & set(back)) >= 6
 
     workers(env, name="w2")

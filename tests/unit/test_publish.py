@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,12 +186,19 @@ def test_a_kombu_consumer_reads_it(redis_url: str) -> None:
     assert redis.Redis.from_url(redis_url).llen(QUEUE) == 0
 
 
-def test_a_countdown_still_goes_through_celery(redis_url: str, captured: Captured) -> None:
+def test_a_countdown_waits_in_the_durable_schedule_not_as_an_eta(redis_url: str) -> None:
+    from mailer.wire import SCHEDULE_DUE, SCHEDULE_ITEMS
+
     publisher = publisher_for(redis_url)
-    publisher.send(payload(), countdown=60)
+    sent = payload()
+    publisher.send(sent, countdown=60)
     publisher.close()
-    (message,) = captured.messages()
-    assert json.loads(message)["headers"]["eta"] is not None
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(QUEUE) == 0
+    due = client.zscore(SCHEDULE_DUE, sent["id"])
+    assert due is not None and 50 < due - time.time() <= 60
+    queue, message = client.hget(SCHEDULE_ITEMS, sent["id"]).decode().split("\n", 1)
+    assert queue == QUEUE and json.loads(message)["headers"]["eta"] is None
 
 
 def test_threads_share_one_publisher(redis_url: str) -> None:

@@ -42,7 +42,7 @@ T = TypeVar("T")
 class Result:
     """What became of one delivery attempt."""
 
-    status: str  # sent | duplicate | held | failed | not_started
+    status: str  # sent | duplicate | held | failed | cancelled | not_started
     reply: str = ""
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -396,6 +396,8 @@ class Runtime:
                 return Result("duplicate", blocking.reply)
             if blocking.state == "failed":
                 return Result("failed", blocking.reply)
+            if blocking.state == "cancelled":  # `mailer.cancel`: never sent
+                return Result("cancelled", blocking.reply)
             if blocking.state in ("claimed", "data"):  # `data` within its window: alive
                 raise Failure(Kind.IN_FLIGHT, None, "another attempt holds it", Phase.CONNECT)
             return Result("held", blocking.reply or "a previous attempt may have reached the relay")

@@ -9,12 +9,14 @@ complete it. kombu's own keys are at the end, for the code that reads them.
 
 from __future__ import annotations
 
+from mailer import wire
+
 # -- state Redis ------------------------------------------------------------------------------
 
 #: The lease semaphore's keys live under this prefix (`LeaseSemaphore(prefix=...)`).
 LEASE_PREFIX = "mailer:sem:"
-#: + message id: the message's ledger record (JSON).
-LEDGER_PREFIX = "mailer:ledger:"
+#: + message id: the message's ledger record (JSON); producers write `cancelled` there.
+LEDGER_PREFIX = wire.LEDGER_PREFIX
 DEAD_LETTERS = "mailer:dead:records"
 DEAD_LETTER_INDEX = "mailer:dead:index"
 CIRCUIT = "mailer:circuit"
@@ -27,6 +29,10 @@ RATE = "mailer:rate"
 RATE_CONNECT = "mailer:rate:connect"
 
 # -- broker Redis -----------------------------------------------------------------------------
+
+#: The durable schedule: id -> due time (ZSET), id -> "<queue>\n<message>" (HASH).
+SCHEDULE_DUE = wire.SCHEDULE_DUE
+SCHEDULE_ITEMS = wire.SCHEDULE_ITEMS
 
 FETCH_CONSUMERS = "mailer:fetch:consumers"
 FETCH_QUEUES = "mailer:fetch:queues"

@@ -199,7 +199,7 @@ class RedisPublisher:
 
     def _messages(
         self, name: str, args: tuple[Any, ...], argsrepr: str, queue: str
-    ) -> tuple[dict, dict]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The task message (what celery's `amqp.as_task_v2` and `send_task_message` build for
         our call) and its task-sent event (what `events.Dispatcher.publish` builds)."""
         task_id = uuid()
@@ -266,7 +266,7 @@ class RedisPublisher:
         }
         return message, _envelope(event, {"hostname": origin}, event_properties)
 
-    def _push(self, messages: list[tuple[dict, dict]]) -> None:
+    def _push(self, messages: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends a large share of
         what `mailer.send` costs its caller building and packing commands."""
         pool = self._pool

@@ -10,13 +10,21 @@ back (see `fold_header_value`).
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email import policy as email_policy
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.headerregistry import (
+    Address,
+    BaseHeader,
+    DateHeader,
+    HeaderRegistry,
+    UnstructuredHeader,
+)
 from email.utils import format_datetime, getaddresses
 from functools import lru_cache
+from urllib.parse import unquote_to_bytes
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
@@ -38,6 +46,7 @@ __all__ = [
     "RESERVED_HEADERS",
     "address_header",
     "bad_output",
+    "check_decoded",
     "check_header_text",
     "date_header",
     "display",
@@ -259,6 +268,11 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
         return f"the display name is over {MAX_DISPLAY_NAME} characters"
     if "=?" in name:
         return "the display name contains '=?', which mail readers would decode as RFC 2047"
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the display name is not valid Unicode (lone surrogate)"
     if not addr:
         return f"{value!r} has no address"
     if _WHITESPACE.search(addr) or "," in addr or ";" in addr:
@@ -294,6 +308,58 @@ def parse_mailbox(field: str, value: object) -> tuple[str, str]:
     if isinstance(result, str):
         raise InvalidMessage(field, result)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# What mail readers decode: RFC 2047 encoded-words and RFC 2231 extended values
+
+# An encoded-word as decoders find it (lenient on purpose: RFC 2047 allows no spaces inside, but
+# some decoders do).
+_ENCODED_WORD = re.compile(r"=\?([^?]*)\?([bBqQ])\?(.*?)\?=")
+# An RFC 2231 extended value: charset'language'percent-encoded text.
+_RFC2231 = re.compile(r"[A-Za-z0-9!#$&+^_`{}~-]*'[A-Za-z0-9-]*'(.*)", re.S)
+# Octets that are control characters in every charset we could be given.
+_CONTROL_OCTET = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _decode_word(charset: str, encoding: str, text: str) -> str | None:
+    """One encoded-word's text, as a lenient decoder would read it; None if it is not one."""
+    try:
+        if encoding in "bB":
+            raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        else:
+            raw = binascii.a2b_qp(text.replace("_", " ").encode("ascii"), header=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+    if _CONTROL_OCTET.search(raw):
+        return "\x00"  # a control octet: whatever the charset, the decoded text has one
+    try:
+        return raw.decode(charset.partition("*")[0] or "ascii", errors="replace")
+    except LookupError:
+        return raw.decode("latin-1")
+
+
+def check_decoded(field: str, value: str, what: str = "") -> None:
+    """Refuses a value whose RFC 2047 encoded-words or RFC 2231 form decode to a control
+    character (a line break there becomes a header line of its own in the reader's view, or in
+    the email package's output)."""
+    if "=?" in value:
+        for match in _ENCODED_WORD.finditer(value):
+            decoded = _decode_word(*match.groups())
+            if decoded is not None and CONTROL.search(decoded):
+                raise InvalidMessage(
+                    field,
+                    f"{what}contains an RFC 2047 encoded-word ({match.group()[:40]!r}) that "
+                    "decodes to a line break or a control character",
+                )
+    if "%" in value and "'" in value:
+        extended = _RFC2231.fullmatch(value)
+        if extended and _CONTROL_OCTET.search(unquote_to_bytes(extended.group(1))):
+            raise InvalidMessage(
+                field,
+                f"{what}is in RFC 2231 form (charset'lang'text) and decodes to a line break or a "
+                "control character",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,16 +477,36 @@ def extra_header(name: object, value: object) -> str:
         )
         raise InvalidMessage(field, f"{name} cannot be set through headers=: {hint}")
     text = check_header_text(field, value)
+    kind = REGISTRY[name]
     if text.isascii():
-        # Sent exactly as given, folded at its own spaces; never encoded.
+        # Sent exactly as given, folded at its own spaces; never encoded. Readers decode its
+        # encoded-words, though: none may hide a line break.
+        check_decoded(field, text)
         return f"{name}: {fold_header_value(name, text, field=field)}\r\n"
-    if issubclass(REGISTRY[name], UnstructuredHeader):
-        # Free text: all of it as encoded-words, so it decodes back exactly.
+    if issubclass(kind, UnstructuredHeader):
+        # Free text: all of it as encoded-words (a literal "=?" included), so it decodes back
+        # exactly.
         return f"{name}: {fold_header_value(name, encoded_words(text))}\r\n"
+    if issubclass(kind, DateHeader):
+        # The email package writes a non-ASCII date as an empty header: refuse instead.
+        raise InvalidMessage(field, "a date is ASCII text (RFC 5322 date-time), got non-ASCII")
+    if "=?" in text:
+        # The email package decodes encoded-words in a structured value before writing it
+        # again: what they hide would be written out raw.
+        raise InvalidMessage(
+            field,
+            "contains '=?': in a non-ASCII address header the email package decodes RFC 2047 "
+            "encoded-words; give the text itself",
+        )
     try:  # a structured header (Sender, Resent-*...): the email package knows its syntax
         folded: str = POLICY.header_factory(name, text).fold(policy=POLICY)
     except Exception as exc:  # the email package's parsers raise a variety of errors
         raise InvalidMessage(field, f"cannot be encoded: {exc}") from None
-    if not folded.isascii() or bad_output(folded.encode("ascii")):
-        raise InvalidMessage(field, "cannot be encoded into lines of at most 998 octets")
+    lines = folded.split("\r\n")
+    if (
+        not folded.isascii()
+        or bad_output(folded.encode("ascii"))
+        or any(line[:1] not in (" ", "\t") for line in lines[1:-1])
+    ):
+        raise InvalidMessage(field, "cannot be encoded into one header of lines of 998 octets")
     return folded

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailer.errors import InvalidMessage
-from mailer.headers import CONTROL, check_header_text, display, extra_header, parse_mailbox
+from mailer.headers import (
+    CONTROL,
+    check_decoded,
+    check_header_text,
+    display,
+    extra_header,
+    parse_mailbox,
+)
 from mailer.mime import Part, guess_mimetype
 from mailer.render import ID_NAMESPACE, Fields, message_id_for, render_fields
 from mailer.smtpapi import SMTPAPIHeader
@@ -293,7 +300,18 @@ def _extra_headers(headers: object) -> list[str]:
         return []
     if not isinstance(headers, Mapping):
         raise InvalidMessage("headers", f"expected a dict, got {type(headers).__name__}")
-    return [extra_header(name, value) for name, value in headers.items()]
+    lines: list[str] = []
+    seen: set[str] = set()
+    for name, value in headers.items():
+        line = extra_header(name, value)
+        lower = name.lower()  # a valid name: extra_header checked it
+        if lower in seen:
+            raise InvalidMessage(
+                f"headers.{name}", "given twice (header names are case-insensitive)"
+            )
+        seen.add(lower)
+        lines.append(line)
+    return lines
 
 
 def _attachments(items: object) -> list[Part]:
@@ -316,6 +334,15 @@ def _attachments(items: object) -> list[Part]:
                 field, "expected an Attachment or a (filename, content, mimetype) tuple"
             )
         check_header_text(field, filename, "the filename ")
+        if "=?" in filename:
+            # The email package decodes RFC 2047 in a filename it is given (and readers decode
+            # what it writes): "=?utf-8?q?a=0D=0A...?=" would become a header line of the part.
+            raise InvalidMessage(
+                field,
+                "the filename contains '=?', which the email package and mail readers decode as "
+                "an RFC 2047 encoded-word; give the name itself (any Unicode is fine)",
+            )
+        check_decoded(field, filename, "the filename ")
         filename = filename.strip()  # mail readers drop surrounding blanks anyway
         if not filename:
             raise InvalidMessage(field, "the filename is empty")
@@ -352,6 +379,8 @@ def _attachments(items: object) -> list[Part]:
             cid = content_id.strip()
             if cid.startswith("<") and cid.endswith(">"):
                 cid = cid[1:-1]
+            if "=?" in cid:  # the email package decodes it as RFC 2047, like a filename
+                raise InvalidMessage(field, "content_id contains '=?' (RFC 2047 syntax)")
             if not _CONTENT_ID.fullmatch(cid) or len(cid) > MAX_CONTENT_ID:
                 raise InvalidMessage(
                     field,

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import Celery
@@ -26,6 +25,7 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from mailer.config import Settings
+from mailer.config import redact_url as redact_url  # re-exported: workers/observe/status.py
 from mailer.errors import PublishError
 from mailer.wire import BATCH_TASK, QUEUE, SEND_TASK, lane_of, queue_for
 
@@ -69,15 +69,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QUEUE,
     }
-
-
-def redact_url(url: str) -> str:
-    """redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0"""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def describe(payload: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 Here the envelope is decided (RCPT TO), the message id and the X-SMTPAPI value are made, the
 top-level headers are written (exactly, by mailer/headers.py) in front of the MIME structure
 (mailer/mime.py), and the result is checked: pure ASCII, CRLF line endings, no line over 998
-octets, the size under the limit.
+octets, the size under the limit, and the header names exactly those intended (mailer/guard.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from mailer.errors import InvalidMessage
+from mailer.guard import check_rendered
 from mailer.headers import (
     address_header,
-    bad_output,
     date_header,
     fold_header_value,
     subject_header,
@@ -110,11 +110,17 @@ def render_fields(
     # The MIME structure (parts, Content-*, encodings): written directly for text and/or
     # HTML (the common case), through the email package when there are attachments.
     mime = None if fields.parts or not fast_mime_ok else fast_mime(fields.text, fields.html)
-    flat = (
-        mime.encode("ascii")
-        if mime is not None
-        else email_mime(fields.text, fields.html, fields.parts)
-    )
+    if mime is not None:
+        flat = mime.encode("ascii")
+    else:
+        try:
+            flat = email_mime(fields.text, fields.html, fields.parts)
+        except InvalidMessage:
+            raise
+        except Exception as exc:  # the email package's many errors: name the field instead
+            raise InvalidMessage(
+                "attachments" if fields.parts else "text", f"cannot be encoded: {exc}"
+            ) from None
 
     sender = fields.sender
     domain = sender[1].rpartition("@")[2]
@@ -134,12 +140,25 @@ def render_fields(
         )
     )
     data = head.encode("ascii") + flat
-    if not data.isascii() or bad_output(data):
-        # Every field was checked so that this cannot happen; refuse rather than send junk.
-        raise RuntimeError("rendering produced non-ASCII bytes, a bare CR/LF or a long line")
+    # Every field was checked so that the guard cannot fire; it holds whatever the email
+    # package (or a bug of ours) does.
+    check_rendered(data, _intended(fields))
     sizes["smtpapi"] = len(smtpapi_line)
     _check_size(sizes, len(data), max_size)
     return Output(message_id, rcpt_to, data)
+
+
+def _intended(fields: Fields) -> list[str]:
+    """The top-level header names the message must have, MIME ones included."""
+    names = ["From", "Subject", "Date", "Message-ID", HEADER_NAME, "MIME-Version", "Content-Type"]
+    names += [name for name, present in _OPTIONAL if getattr(fields, present)]
+    names += [line.partition(":")[0] for line in fields.header_lines]
+    if not fields.parts and (fields.text is None or fields.html is None):
+        names.append("Content-Transfer-Encoding")  # a single text part
+    return names
+
+
+_OPTIONAL = (("To", "to"), ("Cc", "cc"), ("Reply-To", "reply_to"))
 
 
 def _envelope(fields: Fields, max_recipients: int) -> list[str]:

@@ -11,9 +11,10 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from mailer.config import Settings
+from mailer.config import Settings, redact_url
 from mailer.errors import MailerError
 
 
@@ -81,51 +82,6 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
-# Columns of a CSV file that hold lists (`;`-separated) or JSON objects.
-_CSV_LISTS = ("to", "cc", "bcc", "reply_to")
-_CSV_JSON = ("headers", "smtpapi")
-
-
-def _read_rows(args: argparse.Namespace) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, Message fields) for every row of the --csv or --jsonl file."""
-    import csv
-
-    path = args.csv or args.jsonl
-    with open(path, encoding="utf-8", newline="" if args.csv else None) as f:
-        if args.jsonl:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise _BadRow(number, "line", f"not JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise _BadRow(number, "line", "expected a JSON object of Message fields")
-                yield number, obj
-            return
-        reader = csv.DictReader(f)
-        start = reader.line_num + 1
-        for record in reader:
-            row: dict[str, Any] = {}
-            for key, value in record.items():
-                if key is None:
-                    raise _BadRow(start, "line", "more cells than header columns")
-                if value is None or value == "":
-                    continue
-                if key in _CSV_LISTS:
-                    row[key] = [v.strip() for v in value.split(";") if v.strip()]
-                elif key in _CSV_JSON:
-                    try:
-                        row[key] = json.loads(value)
-                    except json.JSONDecodeError:
-                        raise _BadRow(start, key, "expected a JSON object") from None
-                else:
-                    row[key] = value
-            yield start, row
-            start = reader.line_num + 1
-
-
 def _when(value: Any) -> Any:
     """A file's `send_at`: UNIX seconds, or an ISO 8601 time with its offset."""
     from datetime import datetime
@@ -140,12 +96,6 @@ def _when(value: Any) -> Any:
         return datetime.fromisoformat(value)
     except ValueError:
         return value  # due_time names it
-
-
-class _BadRow(Exception):
-    def __init__(self, line: int, field: str, problem: str) -> None:
-        super().__init__(f"line {line}: {field}: {problem}")
-        self.line, self.field, self.problem = line, field, problem
 
 
 def _progress(label: str, done: int, total: int | None, quiet: bool) -> None:
@@ -163,11 +113,14 @@ def _progress(label: str, done: int, total: int | None, quiet: bool) -> None:
 
 def _send_file(args: argparse.Namespace) -> int:
     """Validates and renders every row first, so one bad row refuses the whole file before
-    anything is published; then publishes in chunks with `send_many`'s batch tasks."""
+    anything is published; then publishes in chunks with `send_many`'s batch tasks. Each row
+    has an idempotency key (mailer/bulk.py), so a rerun after a partial failure queues only
+    what was not queued."""
     import time
 
+    from mailer.bulk import BadFile, read_rows
     from mailer.client import default_mailer, message_from_mapping
-    from mailer.errors import InvalidMessage
+    from mailer.errors import InvalidMessage, PublishError
     from mailer.message import Rendered
     from mailer.schedule import due_time
 
@@ -179,21 +132,18 @@ def _send_file(args: argparse.Namespace) -> int:
     started = time.monotonic()
     rendered: list[tuple[Rendered, str, float | None]] = []
     try:
-        for number, row in _read_rows(args):
+        for number, row in read_rows(path, "csv" if args.csv else "jsonl"):
             try:
                 lane = client.lane(row.pop("lane", None) or args.lane)
                 due = due_time(_when(row.pop("send_at", None)))
                 rendered.append((client.render(message_from_mapping(row)), lane, due))
             except InvalidMessage as exc:
-                raise _BadRow(number, exc.field, exc.problem) from None
+                raise BadFile(number, exc.field, exc.problem) from None
             if len(rendered) % 1000 == 0:
                 _progress("validating", len(rendered), None, args.quiet)
-    except _BadRow as exc:
-        if not args.quiet:
+    except (BadFile, OSError) as exc:
+        if not args.quiet and rendered:
             sys.stderr.write("\n")
-        print(f"mailer send: {path}: {exc}; nothing was queued", file=sys.stderr)
-        return 2
-    except (OSError, UnicodeDecodeError) as exc:
         print(f"mailer send: {path}: {exc}; nothing was queued", file=sys.stderr)
         return 2
     _progress("validating", len(rendered), None, args.quiet)
@@ -203,7 +153,18 @@ def _send_file(args: argparse.Namespace) -> int:
     queued = 0
     for start in range(0, total, args.chunk_size):
         chunk = rendered[start : start + args.chunk_size]
-        ids = client.publish_rendered(chunk)
+        try:
+            ids = client.publish_rendered(chunk)
+        except PublishError as exc:
+            if not args.quiet:
+                sys.stderr.write("\n")
+            print(
+                f"mailer send: {path}: the broker refused rows {start + 1:,}-{total:,} ({exc}); "
+                f"{queued:,} of {total:,} rows were queued. Rerun the same file: rows already "
+                "queued are not sent twice (idempotency keys)",
+                file=sys.stderr,
+            )
+            return 1
         if args.ids:
             print("\n".join(ids))
         queued += len(chunk)
@@ -234,9 +195,35 @@ def _cancel(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from workers.observe.status import collect, render
 
-    data = collect(Settings.from_env())
+    settings = Settings.from_env()
+    with _redis_errors("status", settings):
+        data = collect(settings)
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
     return 0
+
+
+class _RedisUnavailable(Exception):
+    """Redis could not be reached or refused us; the text is the one line to print."""
+
+
+@contextmanager
+def _redis_errors(command: str, settings: Settings) -> Iterator[None]:
+    """Turns a Redis failure into one line naming the (redacted) URL, not a traceback."""
+    import redis
+
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        url = redact_url(settings.redis_url)
+        if isinstance(exc, redis.AuthenticationError) or any(
+            word in str(exc) for word in ("NOAUTH", "WRONGPASS", "invalid password")
+        ):
+            problem = "refused the credentials (check the password in the URL)"
+        elif isinstance(exc, redis.ConnectionError | OSError):
+            problem = "is unreachable"
+        else:
+            problem = f"answered with an error ({type(exc).__name__})"
+        raise _RedisUnavailable(f"mailer {command}: Redis at {url} {problem}") from None
 
 
 def _failures(args: argparse.Namespace) -> int:
@@ -247,6 +234,12 @@ def _failures(args: argparse.Namespace) -> int:
     re-queues the stored payload with a fresh age budget and attempt count, and removes the
     dead letter once the broker has it. A "recipients" letter holds only the refused envelope.
     """
+    settings = Settings.from_env()
+    with _redis_errors("failures", settings):
+        return _failures_in(args, settings)
+
+
+def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
     import redis
@@ -255,7 +248,6 @@ def _failures(args: argparse.Namespace) -> int:
     from workers.state.deadletters import DeadLetters
     from workers.state.ledger import Ledger
 
-    settings = Settings.from_env()
     store = DeadLetters(redis.Redis.from_url(settings.redis_url))
     kinds = set(args.kind or [])
     if args.action == "list":
@@ -437,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, extra)
         return int(handlers[args.command](args))
+    except _RedisUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except MailerError as exc:
         print(f"mailer: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from mailer.errors import ConfigError
 
@@ -106,6 +107,40 @@ def parse_lanes(raw: str) -> tuple[Lane, ...]:
     if sum(lane.share for lane in lanes) >= 1.0:
         raise ConfigError("MAILER_LANES", "the reserved shares must add up to less than 100%")
     return tuple(lanes) or (Lane("default"),)
+
+
+# A password in a URL's query string (redis-py reads `?password=`), whatever its case.
+_QUERY_SECRET = re.compile(r"(?i)(^|[&;])((?:password|passwd|pass|secret|token)=)[^&;#]*")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked, in the user-info part and in the query string:
+    redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0,
+    redis://host/0?password=secret -> redis://host/0?password=***"""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can read: show nothing of it
+        return "<unreadable URL>"
+    if password is not None:
+        user_info, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{user_info.partition(':')[0]}:***@{host}", 1)
+    head, sep, tail = url.partition("?")
+    return head + sep + _QUERY_SECRET.sub(r"\1\2***", tail)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a URL carries (user-info and query string), for the log redactor."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+    except ValueError:
+        return []
+    for match in _QUERY_SECRET.finditer(parts.query):
+        value = parts.query[match.end(2) : match.end()]
+        if value:
+            found.append(value)
+    return found
 
 
 class Secret:
@@ -237,6 +272,19 @@ class Settings:
     lanes: tuple[Lane, ...] = (Lane("default"),)
     default_lane: str = "default"
 
+    def __repr__(self) -> str:
+        """Every field, the URLs with their passwords masked (Django debug pages, error
+        trackers and logs print settings objects)."""
+        shown = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name in ("broker_url", "redis_url"):
+                value = redact_url(value)
+            shown.append(f"{name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
     def lane(self, name: str) -> Lane:
         for lane in self.lanes:
             if lane.name == name:
@@ -360,6 +408,19 @@ class Settings:
             raise ConfigError(
                 "MAILER_SMTP_PASSWORD",
                 "no API key: set MAILER_SMTP_PASSWORD or SENDGRID_API_KEY",
+            )
+        if self.smtp_tls == "none" and self.smtp_auth:
+            if self.smtp_host.lower().rstrip(".") == "smtp.sendgrid.net":
+                raise ConfigError(
+                    "MAILER_SMTP_TLS",
+                    "'none' would send the SendGrid API key in clear text to smtp.sendgrid.net; "
+                    "use starttls or tls (MAILER_SMTP_ALLOW_INSECURE is for local sinks only)",
+                )
+            log.warning(
+                "INSECURE: MAILER_SMTP_TLS=none with AUTH: the password for %s goes over the "
+                "network in clear text (AUTH without TLS). Only for a local sink; set "
+                "MAILER_SMTP_NO_AUTH=1 or MAILER_SMTP_TLS=starttls otherwise.",
+                self.smtp_host,
             )
         if self.smtp_tls == "tls" and self.smtp_port in STARTTLS_PORTS:
             log.warning("implicit TLS on port %d, which relays use for STARTTLS", self.smtp_port)

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import Celery
@@ -27,6 +26,7 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from mailer.config import Settings
+from mailer.config import redact_url as redact_url  # re-exported: workers/observe/status.py
 from mailer.errors import PublishError
 from mailer.wire import (
     BATCH_TASK,
@@ -78,15 +78,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QUEUE,
     }
-
-
-def redact_url(url: str) -> str:
-    """redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0"""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def describe(payload: Mapping[str, Any]) -> str:
@@ -236,7 +227,7 @@ class RedisPublisher:
         argsrepr: str,
         queue: str,
         retry: Retry | None = None,
-    ) -> tuple[dict, dict]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The task message (what celery's `amqp.as_task_v2` and `send_task_message` build for
         our call) and its task-sent event (what `events.Dispatcher.publish` builds). `retry`:
         the same task again (its id, retry count and keyword arguments), as Celery's
@@ -311,7 +302,9 @@ class RedisPublisher:
         return message, _envelope(event, {"hostname": origin}, event_properties)
 
     def _push(
-        self, messages: list[tuple[dict, dict]], due: Sequence[tuple[str, float]] = ()
+        self,
+        messages: list[tuple[dict[str, Any], dict[str, Any]]],
+        due: Sequence[tuple[str, float]] = (),
     ) -> None:
         """One MULTI/EXEC round trip, packed by hand: redis-py's pipeline spends a large share of
         what `mailer.send` costs its caller building and packing commands."""

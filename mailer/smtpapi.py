@@ -1,13 +1,14 @@
-"""SendGrid's X-SMTPAPI header: a validating builder, and a header folder that never encodes.
+"""SendGrid's X-SMTPAPI header: a validating builder (`SMTPAPIHeader`) and its serialisation.
 
 The header value is one JSON object, ASCII only (non-ASCII escaped as \\uXXXX), serialised with
 the default ``", "`` / ``": "`` separators so that it has spaces to fold at. SendGrid parses the
-*unfolded* value, so folding may only insert CRLF before an existing space: unfolding (removing
-each CRLF) must give back the exact JSON. RFC 2047 encoded-words would make it invalid JSON, and
-SendGrid would then drop the message after accepting it ("Invalid SMTPAPI header").
+*unfolded* value, so folding (mailer/headers.py `fold_header_value`) may only insert CRLF before
+an existing space: unfolding must give back the exact JSON. RFC 2047 encoded-words would make it
+invalid JSON, and SendGrid would then drop the message after accepting it ("Invalid SMTPAPI
+header").
 
-Also here: the mailbox parser shared with `mailer.message` (one address per string, ASCII
-address because the relay offers no SMTPUTF8, display names may be any Unicode).
+The module is longer than the others because the builder has one setter group per
+SendGrid field, each with that field's rules next to it; splitting it would scatter them.
 """
 
 from __future__ import annotations
@@ -17,28 +18,12 @@ import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from email.utils import getaddresses
-from functools import lru_cache
 from typing import Any
 
-from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
-
-try:  # not email_validator's public API: without it every address takes the full check
-    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES as _MAILBOXES
-
-    _LOWERED: frozenset[str] | None = frozenset(_MAILBOXES)
-except ImportError:  # pragma: no cover
-    _LOWERED = None
-
 from mailer.errors import InvalidMessage
+from mailer.headers import MAX_LINE, parse_mailbox
 
-__all__ = [
-    "FIELDS",
-    "SMTPAPIHeader",
-    "fold_header_value",
-    "header_json",
-    "parse_mailbox",
-]
+__all__ = ["FIELDS", "HEADER_NAME", "SMTPAPIHeader", "header_json", "unique_args_size"]
 
 # Limits from SendGrid's documentation (docs/sendgrid.md, "X-SMTPAPI").
 MAX_TO = 10_000
@@ -52,8 +37,6 @@ MAX_SCHEDULE_AHEAD = 72 * 3600
 MAX_SCHEDULE_PAST = 24 * 3600
 MAX_IP_POOL_LENGTH = 64
 MAX_BATCH_ID_LENGTH = 255
-MAX_DISPLAY_NAME = 256
-MAX_LINE = 998  # octets per physical line, CRLF excluded (RFC 5322 2.1.1)
 HEADER_NAME = "X-SMTPAPI"
 
 # The serialisation order of the fields (and the set of keys `from_dict` accepts).
@@ -72,209 +55,11 @@ FIELDS: tuple[str, ...] = (
     "ip_pool",
 )
 
-# C0 controls except TAB, DEL, and what str.splitlines() treats as a line break (the email
-# package splits on those too). TAB is allowed: it is folding whitespace.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 _NO_SPACE_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _FILTER_NAME = re.compile(r"[a-z0-9_]+")
 _FILTER_SETTING = re.compile(r"[a-z0-9_./-]+")
 _WHITESPACE = re.compile(r"\s")
-# Characters that must be quoted in a display name (RFC 5322 specials, minus '.', which
-# every mail reader accepts unquoted in names like "John Q. Public").
-_NAME_SPECIALS = frozenset('()<>[]:;@\\,"')
-# A bare dot-atom address of letters, digits, "_", "+" and "-": the standard library's address
-# parser reads it as exactly itself (tests/test_render_fast.py checks), so it needs no parse.
-_PLAIN_ADDRESS = re.compile(
-    r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-)
-
-# The shape nearly every recipient has: a dot-atom local part and a lower-case host name under
-# a top-level domain of letters, with no "--" (Punycode, R-LDH) in it. email_validator takes
-# such an address as it is, in a twentieth of the time it needs to find that out (a fifth of
-# what `send_many` costs per message). `_common_address` leaves everything else to it, and
-# tests/test_smtpapi.py checks the shortcut against it with hypothesis, so a stricter release
-# of email_validator shows up there.
-_COMMON_ADDRESS = re.compile(
-    r"([A-Za-z0-9_+=-]{1,64}(?:\.[A-Za-z0-9_+=-]+)*)"
-    r"@((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63})",
-    re.ASCII,
-)
-
-
-def _common_address(addr: str) -> bool:
-    """Whether email_validator would accept `addr` unchanged, known without asking it."""
-    match = _COMMON_ADDRESS.fullmatch(addr)
-    if match is None or _LOWERED is None or len(addr) > 254:
-        return False
-    local, domain = match.groups()
-    if len(local) > 64 or len(domain) > 253 or "--" in domain:
-        return False
-    if local.lower() in _LOWERED:  # postmaster@... is lower-cased
-        return False
-    return not any(domain == d or domain.endswith("." + d) for d in SPECIAL_USE_DOMAIN_NAMES)
-
-
-# ---------------------------------------------------------------------------------------------
-# Header folding
-
-
-def _fold_pieces(value: str) -> list[str]:
-    """Splits `value` into pieces that each start with a whitespace run (except the first)."""
-    pieces = re.findall(r"[ \t]*[^ \t]+", value)
-    body = value.rstrip(" \t")
-    if len(body) != len(value):
-        trailing = value[len(body) :]
-        if pieces:
-            pieces[-1] += trailing
-        else:
-            pieces = [trailing]
-    return pieces
-
-
-def fold_header_value(
-    name: str,
-    value: str,
-    limit: int = MAX_LINE,
-    *,
-    width: int = 78,
-    field: str | None = None,
-) -> str:
-    """Folds `value` for the header `name` at existing whitespace only and returns it.
-
-    A fold is a CRLF inserted *before* a run of spaces/tabs, which stays in place, so removing
-    every CRLF gives back `value` exactly. Lines are filled up to `width` octets when possible
-    (``f"{name}: "`` counts on the first line) and never exceed `limit`. Nothing is ever
-    encoded. Raises `InvalidMessage(field or name, ...)` when the value contains a line break,
-    a control character or non-ASCII text, or has a run of non-whitespace too long to fit.
-    """
-    field = field or name
-    if not value.isascii():
-        raise InvalidMessage(field, "non-ASCII text cannot be folded without encoding it")
-    if _CONTROL.search(value):
-        raise InvalidMessage(field, "contains a line break or a control character")
-    width = min(width, limit)
-    prefix = len(name) + 2  # "Name: "
-    if prefix + len(value) <= width:
-        return value
-    lines: list[str] = []
-    buf: list[str] = []
-    used = prefix
-    for piece in _fold_pieces(value):
-        size = len(piece)
-        if buf and used + size > width:
-            lines.append("".join(buf))
-            buf = [piece]
-            used = size
-        else:
-            buf.append(piece)
-            used += size
-        if used > limit:
-            run = len(piece.lstrip(" \t"))
-            raise InvalidMessage(
-                field,
-                f"has a run of {run} characters without a space; a header can only be folded "
-                f"at spaces and a line may not exceed {limit} octets",
-            )
-    lines.append("".join(buf))
-    return "\r\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mailboxes
-
-
-def _unquote(quoted: str) -> str | None:
-    """The content of a quoted-string (with its quotes), or None if it is not exactly one."""
-    out: list[str] = []
-    i, end = 1, len(quoted) - 1
-    if end < 1 or quoted[0] != '"' or quoted[end] != '"':
-        return None
-    while i < end:
-        ch = quoted[i]
-        if ch == "\\":
-            if i + 1 >= end:
-                return None
-            out.append(quoted[i + 1])
-            i += 2
-            continue
-        if ch == '"':
-            return None
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-@lru_cache(maxsize=32768)
-def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
-    """(display name, ASCII address) or a problem description (errors cannot be cached)."""
-    if _CONTROL.search(value):
-        return "contains a line break or a control character"
-    text = value.strip()
-    if not text:
-        return "is empty"
-    if text.endswith(">"):
-        lt = text.rfind("<")
-        if lt < 0:
-            return f"{value!r} has a '>' without a '<'"
-        addr = text[lt + 1 : -1].strip()
-        raw_name = text[:lt].strip()
-        name: str
-        if raw_name.startswith('"'):
-            unquoted = _unquote(raw_name)
-            if unquoted is None:
-                return f"{value!r}: the quoted display name is not closed properly"
-            name = unquoted
-        else:
-            if _NAME_SPECIALS.intersection(raw_name):
-                return (
-                    f"{value!r} is ambiguous: one address per string, and a display name with "
-                    'any of ( ) < > [ ] : ; @ \\ , " must be in double quotes'
-                )
-            name = raw_name
-    else:
-        if "<" in text or ">" in text:
-            return f"{value!r} has unbalanced angle brackets"
-        addr, name = text, ""
-    if len(name) > MAX_DISPLAY_NAME:
-        return f"the display name is over {MAX_DISPLAY_NAME} characters"
-    if "=?" in name:
-        return "the display name contains '=?', which mail readers would decode as RFC 2047"
-    if not addr:
-        return f"{value!r} has no address"
-    if _WHITESPACE.search(addr) or "," in addr or ";" in addr:
-        return f"{value!r} is ambiguous: one address per string"
-    if not addr.isascii():
-        return (
-            f"{addr!r} has non-ASCII characters in the address; the relay does not offer "
-            "SMTPUTF8, so only ASCII addresses can be sent (an IDN domain can be given in its "
-            "xn-- form; the display name may be non-ASCII)"
-        )
-    # Cross-check with the standard library's parser: any disagreement means the string can
-    # be read in two ways, and a mail reader might pick the other one.
-    if not _PLAIN_ADDRESS.fullmatch(text):
-        parsed = getaddresses([text])
-        if len(parsed) != 1 or parsed[0][1] != addr:
-            return f"{value!r} is ambiguous (it can be read as more than one address)"
-    if _common_address(addr):
-        return name, addr
-    try:
-        result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
-    except EmailNotValidError as exc:
-        return f"{addr!r} is not a valid address: {exc}"
-    if result.ascii_email is None:  # not reached with allow_smtputf8=False
-        return f"{addr!r} would need SMTPUTF8, which the relay does not offer"
-    return name, result.ascii_email
-
-
-def parse_mailbox(field: str, value: object) -> tuple[str, str]:
-    """Parses one ``"a@x"`` or ``"Name <a@x>"`` into (display name, ASCII address)."""
-    if not isinstance(value, str):
-        raise InvalidMessage(field, f"expected an address string, got {type(value).__name__}")
-    result = _parse_mailbox_cached(value)
-    if isinstance(result, str):
-        raise InvalidMessage(field, result)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
+from mailer.errors import InvalidMessage
+from mailer.guard import check_wire
 from mailer.message import PAYLOAD_VERSION, Rendered
 
 __all__ = [
@@ -113,11 +115,16 @@ def from_payload(value: object) -> Rendered:
             extra = ("lane", "send_at")
             value = {**value, "meta": {k: v for k, v in meta.items() if k not in extra}}
     try:
-        return Rendered.from_payload(value)  # type: ignore[arg-type]
+        rendered = Rendered.from_payload(value)  # type: ignore[arg-type]
     except InvalidPayload:
         raise
     except (ValueError, TypeError) as exc:
         raise InvalidPayload(str(exc)) from None
+    try:
+        check_wire(rendered.data)  # whatever produced it: what render would have refused
+    except InvalidMessage as exc:
+        raise InvalidPayload(f"payload['data']: {exc}") from None
+    return rendered
 
 
 def send_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], int, str]:

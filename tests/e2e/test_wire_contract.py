@@ -60,10 +60,12 @@ def test_malformed_payloads_are_dead_lettered_as_invalid_and_never_sent(
     good = _good_payload()
     wrong_version = {**good, "v": 99, "id": "a" * 32}
     missing_field = {k: v for k, v in good.items() if k != "rcpt_to"} | {"id": "b" * 32}
+    injected = {**good, "id": "f" * 32, "data": "Bcc: x@evil.example\r\n" + good["data"]}
     app = Celery(broker=redis_url)
     app.send_task(SEND_TASK, args=[wrong_version], queue=QUEUE)
     app.send_task(SEND_TASK, args=[missing_field], queue=QUEUE)
     app.send_task(SEND_TASK, args=[], queue=QUEUE)  # no payload at all
+    app.send_task(SEND_TASK, args=[injected], queue=QUEUE)  # a header render never writes
     app.send_task(
         BATCH_TASK,
         args=[[{**good, "id": "c" * 32, "v": 0}, {**good, "id": "d" * 32, "meta": "x"}]],
@@ -75,7 +77,7 @@ def test_malformed_payloads_are_dead_lettered_as_invalid_and_never_sent(
     mailer.send(to="real@example.com", subject="real", text="the one valid message")
 
     store = DeadLetters(client)
-    assert wait_until(lambda: store.count() >= 7, timeout=60), [
+    assert wait_until(lambda: store.count() >= 8, timeout=60), [
         (d.id, d.kind, d.text) for d in store.list()
     ]
     assert sink.wait_for(1, timeout=60)
@@ -86,6 +88,7 @@ def test_malformed_payloads_are_dead_lettered_as_invalid_and_never_sent(
     assert "rcpt_to" in letters["b" * 32].text
     assert "meta" in letters["d" * 32].text
     assert "mail_from" in letters["e" * 32].text
+    assert "data" in letters["f" * 32].text and "bcc" in letters["f" * 32].text.lower()
     assert len(sink.received) == 1, "an invalid payload reached the SMTP server"
     assert sink.received[0].rcpt_tos == ("real@example.com",)
     client.close()

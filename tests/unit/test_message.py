@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailer.errors import InvalidMessage
+from mailer.headers import parse_mailbox
 from mailer.message import ID_NAMESPACE, Attachment, Message, Rendered
-from mailer.smtpapi import SMTPAPIHeader, parse_mailbox
+from mailer.smtpapi import SMTPAPIHeader
 
 FROM = "Sender <sender@example.com>"
 

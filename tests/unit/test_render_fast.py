@@ -1,10 +1,11 @@
-"""The direct MIME writer (`_fast_mime`) against the email package (`_Renderer._email_mime`):
-the same bytes for every text and/or HTML body, and the cheap checks equal to the regexes
-they replaced."""
+"""The direct MIME writer (mailer/mime.py `fast_mime`) against the email package (`email_mime`):
+the same bytes for every text and/or HTML body and whole message, and the cheap checks equal to
+the regexes they replaced."""
 
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from email.utils import getaddresses
 from typing import Any
@@ -14,17 +15,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mailer.errors import InvalidMessage
-from mailer.message import (
-    MAX_RECIPIENTS,
-    MAX_SIZE,
-    Attachment,
-    Message,
-    _bad_output,
-    _body_cte,
-    _fast_mime,
-    _Renderer,
-)
-from mailer.smtpapi import _PLAIN_ADDRESS
+from mailer.headers import _PLAIN_ADDRESS, bad_output
+from mailer.message import MAX_RECIPIENTS, MAX_SIZE, Attachment, Message, _render
+from mailer.mime import body_cte, email_mime, fast_mime
 
 BOUNDARY = re.compile(rb'boundary="([^"]+)"')
 # The email package's format: 15 "=", the token zero-padded to 19 digits, "==".
@@ -36,7 +29,7 @@ _LONG_LINE = re.compile(r"[^\r\n]{999}")
 _BAD_OUTPUT = re.compile(rb"[^\r\n]{999}|\r(?!\n)|(?<!\r)\n")
 
 
-def _old_body_cte(field: str, text: str) -> str:
+def _oldbody_cte(field: str, text: str) -> str:
     if not _NOT_7BIT.search(text) and not _LONG_LINE.search(text):
         return "7bit"
     try:
@@ -58,29 +51,28 @@ def _outcome(fn: Any) -> Any:
 def _mime_both(text: str | None, html: str | None) -> tuple[Any, Any]:
     """(direct, email package) MIME bytes for these bodies, the direct one written with the
     email package's boundary so that the two can be compared octet for octet."""
-    message = Message(to="to@example.com", subject="s", text=text, html=html, from_addr="f@x.org")
-    slow = _outcome(
-        lambda: _Renderer(message, None, MAX_SIZE, MAX_RECIPIENTS, fast_mime=False)._email_mime([])
-    )
+    slow = _outcome(lambda: email_mime(text, html, []))
     if not isinstance(slow, bytes):
-        return _outcome(lambda: _fast_mime(text, html)), slow
+        return _outcome(lambda: fast_mime(text, html)), slow
     found = BOUNDARY.search(slow)
     boundary = found.group(1).decode("ascii") if found else None
-    fast = _fast_mime(text, html, boundary)
+    fast = fast_mime(text, html, boundary)
     return (fast.encode("ascii") if fast is not None else None), slow
 
 
 def _render_both(message: Message) -> tuple[Any, Any]:
     """(fast path, email package) renderings of the whole message, at the same instant, with
     each multipart boundary replaced by a placeholder (after checking its format)."""
-    fast = _Renderer(message, None, MAX_SIZE, MAX_RECIPIENTS)
-    slow = _Renderer(message, None, MAX_SIZE, MAX_RECIPIENTS, fast_mime=False)
-    slow.created_at = fast.created_at
+    now = time.time()
     out = []
-    for renderer in (fast, slow):
+    for fast_mime_ok in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            result = _outcome(renderer.render)
+            result = _outcome(
+                lambda ok=fast_mime_ok: _render(
+                    message, None, MAX_SIZE, MAX_RECIPIENTS, fast_mime_ok=ok, created_at=now
+                )
+            )
         if not isinstance(result, tuple):
             data = result.data
             for boundary in BOUNDARY.findall(data):
@@ -161,7 +153,7 @@ def test_text_and_html(body: str) -> None:
 
 def test_the_benchmark_message_takes_the_direct_path() -> None:
     text = "\n".join("x" * 70 for _ in range(15)) + "\n"
-    mime = _fast_mime(text, None)
+    mime = fast_mime(text, None)
     assert mime is not None
     message = Message(
         to="user1@example.com", subject="Hello", text=text, from_addr="s@x.org", idempotency_key="k"
@@ -182,9 +174,9 @@ def test_multipart_boundaries_are_random_in_the_email_package_format() -> None:
 
 def test_a_body_containing_the_boundary_goes_to_the_email_package() -> None:
     boundary = "===============1234567890123456789=="
-    assert _fast_mime(f"--{boundary}\n", "<p>x</p>", boundary) is None
-    assert _fast_mime("x", f"<p>{boundary}</p>", boundary) is None
-    assert _fast_mime("x", "<p>x</p>", boundary) is not None
+    assert fast_mime(f"--{boundary}\n", "<p>x</p>", boundary) is None
+    assert fast_mime("x", f"<p>{boundary}</p>", boundary) is None
+    assert fast_mime("x", "<p>x</p>", boundary) is not None
 
 
 @pytest.mark.parametrize(
@@ -281,7 +273,7 @@ _wire = st.lists(
 @example(data=b"x" * 998 + b"\r\n" + b"y" * 998)
 @example(data=b"\r\n" + b"x" * 999)
 def test_bad_output_is_the_regex(data: bytes) -> None:
-    assert _bad_output(data) == bool(_BAD_OUTPUT.search(data))
+    assert bad_output(data) == bool(_BAD_OUTPUT.search(data))
 
 
 _texts = st.one_of(
@@ -300,16 +292,12 @@ _texts = st.one_of(
 @example(text="a" * 999)
 @example(text="a" * 998 + "\u2028" + "a")
 def test_body_cte_is_unchanged(text: str) -> None:
-    assert _outcome(lambda: _body_cte("text", text)) == _outcome(
-        lambda: _old_body_cte("text", text)
-    )
+    assert _outcome(lambda: body_cte("text", text)) == _outcome(lambda: _oldbody_cte("text", text))
 
 
 @pytest.mark.parametrize("body", BODIES)
 def test_body_cte_is_unchanged_for_hand_picked_bodies(body: str) -> None:
-    assert _outcome(lambda: _body_cte("html", body)) == _outcome(
-        lambda: _old_body_cte("html", body)
-    )
+    assert _outcome(lambda: body_cte("html", body)) == _outcome(lambda: _oldbody_cte("html", body))
 
 
 @settings(max_examples=200)

@@ -59,7 +59,14 @@ async def _login(smtp: aiosmtplib.SMTP, username: str, password: str) -> None:
     if not methods:
         await smtp.login(username, password)  # raises aiosmtplib's "not supported" error
         return
-    await getattr(smtp, f"auth_{methods[0].replace('-', '')}")(username, password)
+    try:
+        await getattr(smtp, f"auth_{methods[0].replace('-', '')}")(username, password)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        if exc.code >= 400:
+            raise
+        # Neither 235 nor a refusal (Postfix's smtp-sink answers 250): name it.
+        text = f"relay answered AUTH with {exc.code}, not 235 ({exc.message})"
+        raise aiosmtplib.SMTPAuthenticationError(exc.code, text) from None
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+
+from mailer.config import url_secrets
 
 EVENTS = logging.getLogger("mailer.events")
 REDACTED = "[REDACTED]"
@@ -122,9 +123,7 @@ def secrets_of(password: str, username: str = "apikey", urls: Iterable[str] = ()
             base64.b64encode(username.encode() + b"\0" + username.encode() + b"\0" + raw).decode(),
         ]
     for url in urls:
-        secret = urlsplit(url).password
-        if secret:
-            out.append(secret)
+        out += url_secrets(url)  # user-info and ?password= alike
     return out
 
 

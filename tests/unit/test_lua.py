@@ -22,9 +22,9 @@ LUA = REPO / "workers" / "state" / "lua"
 SEMAPHORE = {"lease_acquire", "lease_renew", "lease_release"}
 LEDGER = [ledger._CLAIM_SCRIPT, ledger._DATA_SCRIPT, ledger._SETTLE_SCRIPT, ledger._RELEASE_SCRIPT]
 FETCH = [broker._BEAT, broker._SWEEP, broker._TAKE, broker._MOVE_FIRST]
-OTHERS = [ratelimit._SCRIPT]
+OTHERS = [ratelimit._SCRIPT, scripts.source("schedule_release")]
 LIBRARIES_AND_STEPS = {"fetch_lib", "fetch_beat", "fetch_sweep", "fetch_take", "ledger_lib"}
-STANDALONE = {"fetch_move_first", "ratelimit"}
+STANDALONE = {"fetch_move_first", "ratelimit", "schedule_release"}
 LEDGER_FILES = {"ledger_claim", "ledger_data", "ledger_settle", "ledger_release", "ledger_each"}
 
 

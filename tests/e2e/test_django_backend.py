@@ -10,22 +10,18 @@ from email.mime.image import MIMEImage
 
 import pytest
 import redis
-from django.conf import settings
 
-if not settings.configured:
-    settings.configure(
-        EMAIL_BACKEND="mailer.django.EmailBackend",
-        DEFAULT_FROM_EMAIL="Django App <app@example.com>",
-        USE_TZ=True,
-    )
+from tests.support.django_settings import configure
 
-from django.core import mail
-from django.core.mail import EmailMessage, EmailMultiAlternatives
+configure()
 
-import mailer
-from devkit.worker import WorkerProcess
-from mailer.django import EmailBackend
-from tests.support.relay import Relay
+from django.core import mail  # noqa: E402
+from django.core.mail import EmailMessage, EmailMultiAlternatives  # noqa: E402
+
+import mailer  # noqa: E402
+from devkit.worker import WorkerProcess  # noqa: E402
+from mailer.django import EmailBackend  # noqa: E402
+from tests.support.relay import Relay  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 

@@ -195,16 +195,28 @@ def to_message(email: EmailMessage) -> Message:
         text = None  # an HTML-only message Django-style: body "" plus an HTML alternative
     headers = {_text(k): _text(v) for k, v in (email.extra_headers or {}).items()}
     reply_to = _addresses(email.reply_to)
+    from_addr = _text(email.from_email) or None
     for name in list(headers):
-        if name.lower() == "reply-to":
+        lower = name.lower()
+        if lower == "reply-to":
             # Django writes the header's value over reply_to=, splitting it into addresses.
             reply_to = _split_header_addresses(f"headers.{name}", headers.pop(name))
+        elif lower == "from":
+            # Django writes it over from_email; here it is the envelope sender too (SendGrid
+            # replaces the envelope sender with its own bounce address anyway).
+            from_addr = headers.pop(name)
+        elif lower in ("to", "cc"):
+            raise InvalidMessage(
+                f"headers.{name}",
+                f"a {name} header differing from {lower}= is not supported: the mailer writes "
+                f"{name} from {lower}= (the recipients); pass the addresses there",
+            )
     return Message(
         to=_addresses(email.to),
         subject=_text(email.subject),
         text=text,
         html=html,
-        from_addr=_text(email.from_email) or None,
+        from_addr=from_addr,
         cc=_addresses(email.cc) or None,
         bcc=_addresses(email.bcc) or None,
         reply_to=reply_to or None,

@@ -21,6 +21,8 @@ from tests.support.django_settings import configure
 
 configure()
 
+from django.core import mail  # noqa: E402
+from django.core.mail import EmailMessage  # noqa: E402
 from django.test import SimpleTestCase  # noqa: E402
 
 import mailer  # noqa: E402
@@ -49,6 +51,8 @@ DIFFERENCES = {
     # The relay delivers to real mailboxes only.
     "test_recipient_without_domain": "addresses without a domain are refused",
     "test_lazy_addresses": "addresses without a domain are refused",
+    # Display-only To headers naming non-recipients are refused.
+    "test_encodes_idna_in_smtp_commands": "a To header differing from to= is refused",
 }
 
 
@@ -126,6 +130,25 @@ class RelayMailerBackendTests(BaseEmailBackendTests, SMTPBackendBehaviours, Simp
         self._delivered()
         self.queued.clear()
         self.sink.reset()
+
+    def test_idn_envelope_without_display_headers(self) -> None:
+        """Django's test_encodes_idna_in_smtp_commands without its display-only To header."""
+        email = EmailMessage(
+            from_email="lists@discussão.example.org",
+            to=["To Example <to@漢字.example.com>"],
+            bcc=["monitor@discussão.example.org"],
+            headers={"From": "Gestor de listas <lists@discussão.example.org>"},
+        )
+        self.assertEqual(mail.get_connection().send_messages([email]), 1)
+        envelope = self.get_smtp_envelopes()[0]
+        self.assertEqual(envelope["mail_from"], "lists@xn--discusso-xza.example.org")
+        self.assertEqual(
+            envelope["rcpt_tos"],
+            ["to@xn--p8s937b.example.com", "monitor@xn--discusso-xza.example.org"],
+        )
+        message = self.get_the_message()
+        self.assertEqual(message["From"], "Gestor de listas <lists@xn--discusso-xza.example.org>")
+        self.assertEqual(message["To"], "To Example <to@xn--p8s937b.example.com>")
 
 
 # A documented difference must still fail (an unexpected success fails the run): when Django or

@@ -31,6 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils.encoding import force_str
+from django.utils.functional import Promise
 
 from mailer.client import Mailer, default_mailer
 from mailer.errors import InvalidMessage, MailerError
@@ -106,7 +107,7 @@ def _raise_for_sender_settings() -> None:
 def _text(value: Any) -> Any:
     """A lazy string (gettext_lazy) as the str it stands for; anything else unchanged (the
     model reports wrong types, naming the field)."""
-    return value if isinstance(value, str | bytes | None) else force_str(value)
+    return force_str(value) if isinstance(value, Promise) else value
 
 
 def _addresses(values: Any) -> list[str]:
@@ -193,7 +194,8 @@ def to_message(email: EmailMessage) -> Message:
         )
     if text is not None and html is not None and not text:
         text = None  # an HTML-only message Django-style: body "" plus an HTML alternative
-    headers = {_text(k): _text(v) for k, v in (email.extra_headers or {}).items()}
+    # Django writes str(value) for every header value.
+    headers = {_text(k): force_str(v) for k, v in (email.extra_headers or {}).items()}
     reply_to = _addresses(email.reply_to)
     from_addr = _text(email.from_email) or None
     for name in list(headers):
@@ -205,6 +207,7 @@ def to_message(email: EmailMessage) -> Message:
             # Django writes it over from_email; here it is the envelope sender too (SendGrid
             # replaces the envelope sender with its own bounce address anyway).
             from_addr = headers.pop(name)
+            parse_mailbox(f"headers.{name}", from_addr)  # a refusal names the header
         elif lower in ("to", "cc"):
             raise InvalidMessage(
                 f"headers.{name}",
@@ -227,12 +230,15 @@ def to_message(email: EmailMessage) -> Message:
     )
 
 
-_ADDRESS_FIELDS = frozenset({"from_addr", "to", "cc", "bcc", "reply_to", "headers.Reply-To"})
+_ADDRESS_FIELDS = frozenset(
+    {"from_addr", "to", "cc", "bcc", "reply_to", "headers.reply-to", "headers.from"}
+)
 
 
 def _django_wording(error: InvalidMessage) -> InvalidMessage:
     """An address refusal says "Invalid address", as Django's (callers match on it)."""
-    if error.field in _ADDRESS_FIELDS and not error.problem.startswith("Invalid address"):
+    field = error.field.lower()
+    if field in _ADDRESS_FIELDS and not error.problem.startswith("Invalid address"):
         return InvalidMessage(error.field, f"Invalid address: {error.problem}")
     return error
 
@@ -263,10 +269,9 @@ class EmailBackend(BaseEmailBackend):
         client: Mailer | None = None
         rendered: list[Rendered] = []
         for index, email in enumerate(messages):
-            smtpapi = getattr(email, "smtpapi", None)
-            if not email.recipients() and not _has_smtpapi_to(smtpapi):
-                continue  # Django's SMTP backend sends nothing and does not count it
             try:
+                if not email.recipients() and not _has_smtpapi_to(getattr(email, "smtpapi", None)):
+                    continue  # Django's SMTP backend sends nothing and does not count it
                 message = to_message(email)
                 client = client or self.mailer
                 rendered.append(client.render(message))

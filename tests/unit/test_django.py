@@ -113,3 +113,36 @@ def test_messages_without_recipients_are_skipped_before_the_broker() -> None:
     blank = EmailMessage("s", "b", "from@example.com", to=[""], cc=[gettext_lazy("")])
     assert backend.send_messages(iter([empty, blank])) == 0
     assert backend.send_messages([]) == 0
+
+
+def test_from_header_wins_over_from_email_and_header_values_are_strings() -> None:
+    email = EmailMessage(
+        "s",
+        "b",
+        "plain@example.com",
+        ["to@example.com"],
+        headers={"From": "Support Team <plain@example.com>", "X-Priority": 1},
+    )
+    message = to_message(email)
+    assert message.from_addr == "Support Team <plain@example.com>"
+    assert message.headers == {"X-Priority": "1"}  # Django writes str(value)
+    rendered = message.render()
+    assert rendered.mail_from == "plain@example.com"
+    assert b"\r\nFrom: Support Team <plain@example.com>\r\n" in b"\r\n" + rendered.data
+
+
+def test_display_only_to_header_is_refused_naming_it() -> None:
+    email = EmailMessage(
+        "s", "b", to=["real@example.com"], headers={"To": "Everyone <list@example.com>"}
+    )
+    with pytest.raises(mailer.InvalidMessage) as info:
+        EmailBackend().send_messages([email])
+    assert info.value.field == "headers.To"
+    assert "the mailer writes To from to=" in info.value.problem
+
+
+def test_an_invalid_from_header_names_the_header() -> None:
+    email = EmailMessage("s", "b", to=["to@example.com"], headers={"from": "nobody@"})
+    with pytest.raises(ValueError, match="Invalid address") as info:
+        EmailBackend().send_messages([email])
+    assert isinstance(info.value, mailer.InvalidMessage) and info.value.field == "headers.from"

@@ -10,22 +10,18 @@ from email.mime.image import MIMEImage
 
 import pytest
 import redis
-from django.conf import settings
 
-if not settings.configured:
-    settings.configure(
-        EMAIL_BACKEND="mailer.django.EmailBackend",
-        DEFAULT_FROM_EMAIL="Django App <app@example.com>",
-        USE_TZ=True,
-    )
+from tests.support.django_settings import configure
 
-from django.core import mail
-from django.core.mail import EmailMessage, EmailMultiAlternatives
+configure()
 
-import mailer
-from devkit.worker import WorkerProcess
-from mailer.django import EmailBackend
-from tests.support.relay import Relay
+from django.core import mail  # noqa: E402
+from django.core.mail import EmailMessage, EmailMultiAlternatives  # noqa: E402
+
+import mailer  # noqa: E402
+from devkit.worker import WorkerProcess  # noqa: E402
+from mailer.django import EmailBackend  # noqa: E402
+from tests.support.relay import Relay  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
@@ -138,3 +134,80 @@ def test_an_invalid_address_refuses_the_call_and_publishes_nothing(
     assert silent.send_messages([bad, good]) == 1
     assert _queued(redis_url) == 1
     assert mail.send_mail("s", "b", None, ["a@ex ample.com"], fail_silently=True) == 0
+
+
+ICS = (
+    "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Example//Planner//EN\r\nMETHOD:REQUEST\r\n"
+    "BEGIN:VEVENT\r\nUID:review-42@example.com\r\nDTSTAMP:20260301T090000Z\r\n"
+    "DTSTART:20260302T100000Z\r\nDTEND:20260302T110000Z\r\nSUMMARY:Quartalsrückblick\r\n"
+    "ORGANIZER;CN=Planner:mailto:planner@example.com\r\n"
+    "ATTENDEE;RSVP=TRUE:mailto:jörg@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+
+
+def test_a_django_project_sends_lazy_idn_mass_and_calendar_mail_unchanged(
+    relay: Callable[..., Relay],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    """What a Django project builds, as the sink received it (bytes): gettext_lazy subjects and
+    addresses, an IDN recipient, send_mass_mail with one recipient-less message, a meeting
+    invitation (text/calendar; method=REQUEST), a Reply-To header with two addresses."""
+    from django.utils.translation import gettext_lazy as _
+
+    sink, env = relay()
+    workers(env)
+
+    invite = EmailMultiAlternatives(
+        subject=_("Einladung: Quartalsrückblick"),
+        body=_("Sie sind eingeladen.\n"),
+        from_email=_("Planner <planner@example.com>"),
+        to=[_("Jörg <joerg@bücher.example>")],
+        headers={"Reply-To": "planner@example.com, Assistenz <assist@example.com>"},
+    )
+    invite.attach_alternative("<p>Sie sind eingeladen.</p>", "text/html")
+    invite.attach_alternative(ICS, "text/calendar; method=REQUEST")
+    with mail.get_connection() as connection:
+        assert connection.send_messages([invite]) == 1
+    mass = (
+        (_("Newsletter März"), "Hallo 1\n", None, ["n1@example.com"]),
+        ("no recipients", "skipped\n", None, []),
+        ("Newsletter März", "Hallo 2\n", "News <news@öäü.com>", [_("n2@example.com")]),
+    )
+    assert mail.send_mass_mail(mass) == 2
+    assert sink.wait_for(3, timeout=60), f"only {len(sink.received)} arrived"
+
+    by_rcpt = {received.rcpt_tos: received for received in sink.received}
+    assert set(by_rcpt) == {
+        ("joerg@xn--bcher-kva.example",),
+        ("n1@example.com",),
+        ("n2@example.com",),
+    }
+
+    data = by_rcpt[("joerg@xn--bcher-kva.example",)].data
+    head, _sep, body = data.partition(b"\r\n\r\n")
+    # The header block as sent: IDN domain in xn-- form, Reply-To split into two mailboxes.
+    assert b"\r\nFrom: Planner <planner@example.com>\r\n" in b"\r\n" + head
+    assert b"\r\nTo: =?utf-8?b?SsO2cmc=?= <joerg@xn--bcher-kva.example>\r\n" in head
+    assert b"\r\nReply-To: planner@example.com, Assistenz <assist@example.com>\r\n" in head
+    assert b"\r\nSubject: =?utf-8?b?" in head
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert str(parsed["Subject"]) == "Einladung: Quartalsrückblick"
+    # One multipart/alternative: text, HTML, then the invitation with its method parameter.
+    assert parsed.get_content_type() == "multipart/alternative"
+    parts = list(parsed.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html", "text/calendar"]
+    calendar = parts[2]
+    assert calendar.get_param("method") == "REQUEST"
+    assert b'Content-Type: text/calendar; method="REQUEST"; charset="utf-8"\r\n' in body
+    assert calendar.get_content().replace("\r\n", "\n") == ICS.replace("\r\n", "\n")
+    assert unix(parts[0].get_content()) == "Sie sind eingeladen.\n"
+
+    first = by_rcpt[("n1@example.com",)]
+    assert first.mail_from == "app@example.com"  # DEFAULT_FROM_EMAIL
+    second = by_rcpt[("n2@example.com",)]
+    assert second.mail_from == "news@xn--4ca9at.com"
+    assert b"\r\nFrom: News <news@xn--4ca9at.com>\r\n" in second.data
+    for received in (first, second):
+        parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+        assert str(parsed["Subject"]) == "Newsletter März"
+    print(data.decode("ascii"))  # the bytes, for whoever reads the test log (-s)

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import Celery
@@ -22,12 +21,13 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kredis
-from kombu.utils.functional import retry_over_time
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
+from mailer import redisconn
 from mailer.config import Settings
 from mailer.errors import PublishError
+from mailer.redisconn import redact_url as redact_url  # re-exported: callers import it here
 from mailer.wire import (
     BATCH_TASK,
     QUEUE,
@@ -65,8 +65,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The lanes' queues, highest priority first: the order workers/broker.py fetches in.
         "queue_order": [queue_for(lane.name) for lane in settings.lanes],
     }
+    # TLS (verified), ACL users and Sentinel as mailer/redisconn.py builds them, for kombu too.
+    transport.update(redisconn.kombu_transport_options(settings.broker_url, settings))
+    tls = redisconn.kombu_ssl(settings.broker_url, settings)
     return {
         "broker_transport_options": transport,
+        "broker_use_ssl": tls,
+        "redis_backend_use_ssl": tls,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "visibility_timeout": settings.visibility_timeout,
         "task_serializer": "json",
@@ -78,15 +83,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QUEUE,
     }
-
-
-def redact_url(url: str) -> str:
-    """redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0"""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def describe(payload: Mapping[str, Any]) -> str:
@@ -141,6 +137,16 @@ class ProducerTransport(kredis.Transport):
     """kombu's Redis transport for publishing, one client per channel."""
 
     Channel = ProducerChannel
+
+
+class ProducerSentinelChannel(ReusedClient, kredis.SentinelChannel):
+    """kombu's Sentinel channel, one client per channel."""
+
+
+class ProducerSentinelTransport(kredis.SentinelTransport):
+    """kombu's Sentinel transport for publishing, one client per channel."""
+
+    Channel = ProducerSentinelChannel
 
 
 #: A task as the publisher sends it: task name, positional args, the repr Flower shows, queue.
@@ -203,10 +209,11 @@ class RedisPublisher:
     a call's messages all-or-nothing, so a retry after a lost connection never half-repeats it.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
+        self.settings = settings
         self._lock = threading.Lock()
-        self._pool: redis.BlockingConnectionPool | None = None  # makes and closes connections
+        self._pool: redis.ConnectionPool | None = None  # makes and closes connections
         #: Connections not in use. A list, not the pool's queue: `pop` and `append` are atomic,
         #: and the pool's checkout (a locked queue, a readiness probe of the socket, metrics)
         #: is a visible share of `mailer.send`. There are as many as threads ever published at once.
@@ -222,12 +229,31 @@ class RedisPublisher:
         due: Sequence[tuple[str, float]] = (),
         retry: Retry | None = None,
     ) -> None:
-        """Queues all of `tasks` or none of them, retrying as PUBLISH_RETRY_POLICY says. With
+        """Queues all of `tasks` or none of them. A lost broker (a restart, a Sentinel failover,
+        a primary demoted to a read-only replica) is retried for `publish_retry_for` seconds;
+        a certificate or login that no retry fixes fails at once. With
         `due` ((id, UNIX time) per task), they go to the durable schedule instead, which the
         workers release into their queues when due (workers/state/schedule.py). `retry`: the
         one task is a retry of an earlier one (see `_messages`)."""
         messages = [self._messages(*task, retry=retry) for task in tasks]
-        retry_over_time(self._push, CONNECTION_ERRORS, args=(messages, due), **PUBLISH_RETRY_POLICY)
+        deadline = time.monotonic() + self.settings.publish_retry_for
+        interval = PUBLISH_RETRY_POLICY["interval_start"]
+        while True:
+            try:
+                self._push(messages, due)
+                return
+            except (*CONNECTION_ERRORS, redis.ReadOnlyError) as exc:
+                unusable = redisconn.explain(exc, self.settings.broker_url, "MAILER_BROKER_URL")
+                if unusable is not None:
+                    raise PublishError(str(unusable)) from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(interval, left))
+                interval = min(
+                    interval + PUBLISH_RETRY_POLICY["interval_step"],
+                    PUBLISH_RETRY_POLICY["interval_max"],
+                )
 
     def _messages(
         self,
@@ -344,7 +370,7 @@ class RedisPublisher:
         try:
             conn = idle.pop()
         except IndexError:
-            conn = pool.make_connection()  # connects on its first command
+            conn = pool.make_connection()  # type: ignore[assignment]  # connects when used
         try:
             conn.send_packed_command([b"".join(packed)])
             for _ in range(commands + 1):  # +OK, then +QUEUED per command
@@ -361,11 +387,10 @@ class RedisPublisher:
         finally:
             idle.append(conn)
 
-    def _connect(self) -> redis.BlockingConnectionPool:
-        """kombu reads the URL and the transport options (db, password, TLS, timeouts) into its
-        channel's pool settings; we keep those in a pool of our own, which makes and closes
-        the connections. kombu also declares the queue once (the exchange binding a Celery
-        producer records on its first publish)."""
+    def _connect(self) -> redis.ConnectionPool:
+        """A pool of our own (mailer/redisconn.py: TLS verified, ACL user, Sentinel) makes and
+        closes the connections. kombu declares the queue once (the exchange binding a Celery
+        producer records on its first publish) and names the queue and event keys."""
         with self._lock:
             if self._pid != os.getpid():
                 # A forked child: the parent's sockets are not ours to use, or to close.
@@ -380,7 +405,14 @@ class RedisPublisher:
                     self._event_topic = _bulk(
                         channel._get_publish_topic(self._event_exchange, "task.sent")
                     )
-                    self._pool = redis.BlockingConnectionPool(**channel._connparams())
+                    self._pool = redisconn.pool(
+                        self.settings.broker_url,
+                        self.settings,
+                        socket_timeout=30,
+                        socket_connect_timeout=10,
+                        socket_keepalive=True,
+                        health_check_interval=25,
+                    )
             return self._pool
 
     def close(self) -> None:
@@ -402,7 +434,10 @@ class Publisher:
         self.fast: RedisPublisher | None = None
         if settings.broker_url.startswith(("redis://", "rediss://")):
             self.app.conf.broker_transport = "mailer.publish:ProducerTransport"
-            self.fast = RedisPublisher(self.app)
+            self.fast = RedisPublisher(self.app, settings)
+        elif settings.broker_url.startswith("sentinel://"):
+            self.app.conf.broker_transport = "mailer.publish:ProducerSentinelTransport"
+            self.fast = RedisPublisher(self.app, settings)
 
     def send(
         self,
@@ -480,6 +515,12 @@ class Publisher:
     def _errors(self, name: str) -> Iterator[None]:
         try:
             yield
+        except redis.ReadOnlyError:
+            # Still read-only when the retries ran out: the failover did not finish in time.
+            raise PublishError(
+                f"the broker at {redact_url(self.settings.broker_url)} stayed read-only (a "
+                f"replica) for {self.settings.publish_retry_for:g} s; the message was not queued"
+            ) from None
         except redis.ResponseError as exc:
             # Redis refused the commands (out of memory, the queue's key of another type):
             # retrying would not help. Its reply names no credential.
@@ -491,7 +532,7 @@ class Publisher:
             # The exception text may carry the broker URL and its password: name the type only.
             raise PublishError(
                 f"could not publish {name} to the broker at {redact_url(self.settings.broker_url)} "
-                f"after {PUBLISH_RETRY_POLICY['max_retries']} retries ({type(exc).__name__}); "
+                f"within {self.settings.publish_retry_for:g} s ({type(exc).__name__}); "
                 "the message was not queued"
             ) from None
 

@@ -37,10 +37,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
+from mailer import redisconn
 from mailer.config import Settings
-from mailer.publish import redact_url
+from mailer.redisconn import redact_url
 from mailer.wire import queue_for
 from workers.observe.logs import outcome_of
 from workers.state import keys
@@ -143,7 +143,7 @@ def read_throughput(
 
 
 async def _leases(settings: Settings) -> dict[str, Any]:
-    client = aioredis.from_url(settings.redis_url)
+    client = redisconn.async_client(settings.redis_url, settings, max_connections=4)
     try:
         limits = [Limit("smtp", settings.max_connections)]
         if settings.max_connections_per_host:
@@ -178,8 +178,10 @@ def _rate(settings: Settings, state: redis.Redis) -> dict[str, Any]:
 
 
 def collect(settings: Settings) -> dict[str, Any]:
-    broker = redis.Redis.from_url(settings.broker_url)
-    state = redis.Redis.from_url(settings.redis_url)
+    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL")
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    broker = redisconn.client(settings.broker_url, settings, max_connections=2)
+    state = redisconn.client(settings.redis_url, settings, max_connections=2)
     try:
         circuit = Circuit(state).state(max_age=0)
         lanes = [

@@ -130,8 +130,8 @@ def parse(url: str, variable: str = "MAILER_REDIS_URL") -> Target:
         )
     if not split.hostname:
         raise ConfigError(variable, f"no host in {redact_url(url)!r}")
-    query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-    unknown = sorted(set(query) - set(URL_TLS_OPTIONS))
+    given = {k: v[-1] for k, v in parse_qs(split.query).items()}
+    unknown = sorted(set(given) - set(URL_TLS_OPTIONS))
     if unknown:
         raise ConfigError(
             variable,
@@ -151,7 +151,7 @@ def parse(url: str, variable: str = "MAILER_REDIS_URL") -> Target:
         db=_db(split.path, variable),
         username=username,
         password=password,
-        tls_query=tuple(sorted(query.items())),
+        tls_query=tuple(sorted(given.items())),
     )
 
 

@@ -24,8 +24,8 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
 
     settings = Settings.from_env().require_relay()
     # A certificate or login no retry fixes stops the worker here, with one line.
-    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL")
-    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="worker")
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="worker")
     concurrency = args.concurrency or settings.worker_connections
     # Reserve as many messages as the runtime runs attempts: with one per thread (Celery's
     # default), a session that ends a message idles through its settle, ack and the next fetch

@@ -351,15 +351,97 @@ def explain(exc: BaseException, url: str, variable: str) -> RedisUnusable | None
     return None
 
 
-def check(url: str, settings: Settings, variable: str) -> None:
-    """Connects once (PING): raises `RedisUnusable` for a certificate or login that no retry
-    fixes; an unreachable server is left to the callers' retries."""
+def _probes(role: str, db: int) -> list[tuple[str, ...]]:
+    """Commands (with keys and channels of the kinds the project uses) a process of `role`
+    sends: queued in a MULTI that is then discarded, so nothing runs, but Redis checks each
+    against the user's ACL as it queues it. README "Production Redis" has the rule."""
+    key, mailer_key, kombu, unacked = "mailer:probe", "mailer", "_kombu.binding.mailer", "unacked"
+    reads: list[tuple[str, ...]] = [
+        ("PING",),
+        ("TIME",),
+        ("INFO", "memory"),
+        ("GET", key),
+        ("PTTL", key),
+        ("LLEN", mailer_key),
+        ("LRANGE", mailer_key, "0", "0"),
+        ("HGET", key, "f"),
+        ("HLEN", unacked),
+        ("HMGET", key, "f"),
+        ("HGETALL", key),
+        ("HEXISTS", key, "f"),
+        ("SMEMBERS", kombu),
+        ("ZCARD", key),
+        ("ZSCORE", key, "m"),
+        ("ZRANGE", key, "0", "0"),
+        ("ZRANGEBYSCORE", key, "0", "1"),
+        ("ZREVRANGE", key, "0", "0"),
+        ("EVALSHA", "0" * 40, "1", key),
+        ("EVAL", "return 1", "1", key),
+        ("SCRIPT", "LOAD", "return 1"),
+        ("SCRIPT", "EXISTS", "0" * 40),
+    ]
+    if role == "status":
+        return reads
+    return reads + [
+        ("SET", key, "1"),
+        ("DEL", key),
+        ("EXPIRE", key, "1"),
+        ("LPUSH", mailer_key, "x"),
+        ("RPUSH", mailer_key, "x"),
+        ("RPOP", mailer_key),
+        ("BLMOVE", mailer_key, "_mailer.inflight.probe", "RIGHT", "LEFT", "0"),
+        ("LREM", "_mailer.inflight.probe", "1", "x"),
+        ("HSET", unacked, "f", "v"),
+        ("HDEL", unacked, "f"),
+        ("HINCRBY", key, "f", "1"),
+        ("SADD", kombu, "x"),
+        ("SREM", kombu, "x"),
+        ("ZADD", "unacked_index", "1", "m"),
+        ("ZREM", key, "m"),
+        ("ZREMRANGEBYSCORE", key, "0", "1"),
+        ("LLEN", "probe@host.celery.pidbox"),
+        ("PUBLISH", "mailer:sem:released", "x"),
+        ("PUBLISH", f"/{db}.celeryev/task.sent", "x"),
+        ("SUBSCRIBE", "mailer:sem:released"),
+        ("UNSUBSCRIBE", "mailer:sem:released"),
+        ("PSUBSCRIBE", f"/{db}.celery.pidbox"),
+        ("PUNSUBSCRIBE", f"/{db}.celery.pidbox"),
+    ]
+
+
+def check(url: str, settings: Settings, variable: str, role: str | None = None) -> None:
+    """Connects once: raises `RedisUnusable` for a certificate or login that no retry fixes,
+    and, with `role` ("worker" or "status"), for a command or key the ACL user may not use;
+    an unreachable server is left to the callers' retries."""
     probe = client(url, settings, socket_timeout=5, socket_connect_timeout=5, max_connections=1)
     try:
         probe.ping()
+        if role is not None:
+            _check_permissions(probe, _probes(role, parse(url).db))
     except (redis.RedisError, OSError) as exc:
         error = explain(exc, url, variable)
         if error is not None:
             raise error from None
     finally:
         probe.close()
+
+
+def _check_permissions(probe: redis.Redis, commands: list[tuple[str, ...]]) -> None:
+    conn = probe.connection_pool.get_connection()
+    try:
+        conn.send_command("MULTI")
+        conn.read_response()
+        try:
+            for command in commands:
+                conn.send_command(*command)
+                try:
+                    conn.read_response()  # QUEUED, or why not
+                except redis.exceptions.NoPermissionError:
+                    raise
+                except redis.ResponseError:
+                    pass  # allowed, but not in a transaction (SUBSCRIBE...): fine here
+        finally:
+            conn.send_command("DISCARD")
+            conn.read_response()
+    finally:
+        probe.connection_pool.release(conn)

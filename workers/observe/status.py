@@ -178,8 +178,8 @@ def _rate(settings: Settings, state: redis.Redis) -> dict[str, Any]:
 
 
 def collect(settings: Settings) -> dict[str, Any]:
-    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL")
-    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="status")
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="status")
     broker = redisconn.client(settings.broker_url, settings, max_connections=2)
     state = redisconn.client(settings.redis_url, settings, max_connections=2)
     try:

@@ -245,6 +245,7 @@ class Settings:
     sentinel_master: str | None = None  # with sentinel:// URLs
     sentinel_tls: bool = False
     publish_retry_for: float = 10.0  # how long `mailer.send` retries an unreachable broker
+    wait_replicas: int = 0  # replicas that must confirm a publish and the ledger's `data` mark
     smtp_host: str = "smtp.sendgrid.net"
     smtp_port: int = 587
     smtp_tls: TLSMode = "starttls"
@@ -357,6 +358,7 @@ class Settings:
             redis_url=redis_url,
             **redis_tls,
             publish_retry_for=_float(env, "MAILER_PUBLISH_RETRY_FOR", 10.0, 0.0, 600.0),
+            wait_replicas=_int(env, "MAILER_WAIT_REPLICAS", 0, 0, 16) or 0,
             smtp_host=host,
             smtp_port=port,
             smtp_tls=tls,

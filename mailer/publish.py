@@ -190,6 +190,14 @@ _ZADD = b"*4\r\n$4\r\nZADD\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 
 
+#: How long one WAIT for replicas blocks (ms); `publish` retries within MAILER_PUBLISH_RETRY_FOR.
+WAIT_TIMEOUT_MS = 1000
+
+
+def _wait(replicas: int, timeout_ms: int) -> bytes:
+    return b"*3\r\n$4\r\nWAIT\r\n" + _bulk(str(replicas)) + _bulk(str(timeout_ms))
+
+
 def _bulk(text: str) -> bytes:
     """A RESP bulk string."""
     data = text.encode()
@@ -366,6 +374,10 @@ class RedisPublisher:
             packed += (_PUBLISH, self._event_topic, _bulk(dumps(event)))
             commands += 1
         packed.append(_EXEC)
+        replicas = self.settings.wait_replicas
+        if replicas:
+            # Told "queued" only once a replica has it too: a failover cannot lose it then.
+            packed.append(_wait(replicas, WAIT_TIMEOUT_MS))
         idle = self._idle  # `close` replaces it: a connection in use then is not handed back
         try:
             conn = idle.pop()
@@ -379,6 +391,10 @@ class RedisPublisher:
             errors = [reply for reply in replies if isinstance(reply, Exception)]
             if errors:
                 raise errors[0]
+            if replicas and int(conn.read_response()) < replicas:
+                # Queued on the primary only: retried (the same message ids, which the ledger
+                # delivers once) until a replica confirms or the retry time runs out.
+                raise redis.ConnectionError(f"no {replicas} replica(s) confirmed the write")
         except BaseException:
             # Replies may be left unread: never reuse it mid-stream. Closed, it reconnects on
             # its next command (a broker that restarted costs one failed attempt, retried).

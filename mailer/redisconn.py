@@ -382,7 +382,9 @@ def _probes(role: str, db: int) -> list[tuple[str, ...]]:
     ]
     if role == "status":
         return reads
-    return reads + [
+    return [
+        *reads,
+        ("WAIT", "0", "0"),
         ("SET", key, "1"),
         ("DEL", key),
         ("EXPIRE", key, "1"),

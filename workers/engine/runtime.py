@@ -212,7 +212,12 @@ class Runtime:
         self.leases = _Leases(self.semaphore, self.keeper)
         self.shaper = Shaper(s, RateLimiter(self.redis), RateLimiter(self.redis, CONNECT_KEY))
         self.pool = SessionPool(s, self.leases, self.shaper)
-        self.ledger = Ledger(self.redis, ttl=s.ledger_ttl, claim_ttl=3 * s.smtp_timeout + 10)
+        self.ledger = Ledger(
+            self.redis,
+            ttl=s.ledger_ttl,
+            claim_ttl=3 * s.smtp_timeout + 10,
+            replicas=s.wait_replicas,
+        )
         self.keeper.start()
         self.pool.start()
 

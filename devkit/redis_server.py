@@ -113,6 +113,8 @@ class RedisServer:
             args += ["--user", user.name, "on", f">{user.password}", *user.rule.split()]
         if self.users:
             args += ["--user", "default", "off"]
+        # A replica's first full sync starts at once (Redis waits 5 s for more replicas).
+        args += ["--repl-diskless-sync-delay", "0"]
         if self.replicaof is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
             if self.users:

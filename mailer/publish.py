@@ -384,6 +384,9 @@ class RedisPublisher:
         except IndexError:
             conn = pool.make_connection()  # type: ignore[assignment]  # connects when used
         try:
+            # Connected through `connect`, which a Sentinel-managed connection overrides to ask
+            # the sentinels for the primary (sending on an unconnected one would skip that).
+            conn.connect()
             conn.send_packed_command([b"".join(packed)])
             for _ in range(commands + 1):  # +OK, then +QUEUED per command
                 conn.read_response()

@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
@@ -34,8 +34,24 @@ import redis.sentinel as ssentinel
 
 from mailer.errors import ConfigError
 
-if TYPE_CHECKING:
-    from mailer.config import Settings
+
+class Settings(Protocol):
+    """What this module reads of `mailer.config.Settings` (which parses these from the
+    environment and calls `parse` to check the URLs)."""
+
+    @property
+    def redis_ca_file(self) -> str | None: ...
+    @property
+    def redis_cert_file(self) -> str | None: ...
+    @property
+    def redis_key_file(self) -> str | None: ...
+    @property
+    def redis_tls_verify(self) -> bool: ...
+    @property
+    def sentinel_master(self) -> str | None: ...
+    @property
+    def sentinel_tls(self) -> bool: ...
+
 
 log = logging.getLogger("mailer.redis")
 
@@ -391,8 +407,8 @@ def _probes(role: str, db: int) -> list[tuple[str, ...]]:
         ("LPUSH", mailer_key, "x"),
         ("RPUSH", mailer_key, "x"),
         ("RPOP", mailer_key),
-        ("BLMOVE", mailer_key, "_mailer.inflight.probe", "RIGHT", "LEFT", "0"),
-        ("LREM", "_mailer.inflight.probe", "1", "x"),
+        ("BLMOVE", mailer_key, "mailer:fetch:inflight:probe", "RIGHT", "LEFT", "0"),
+        ("LREM", "mailer:fetch:inflight:probe", "1", "x"),
         ("HSET", unacked, "f", "v"),
         ("HDEL", unacked, "f"),
         ("HINCRBY", key, "f", "1"),

@@ -25,6 +25,7 @@ from devkit.worker import WorkerProcess
 from mailer.errors import PublishError
 from tests.support.helpers import ids_at
 from tests.support.relay import relay_env
+from workers.state import keys
 
 PASSWORD = "tls-redis-secret-pw"
 
@@ -86,7 +87,7 @@ def test_producer_worker_and_status_over_verified_tls(
     # The worker consumed with the loss-free fetch (its consumer heartbeats in Redis), not
     # kombu's stock transport: workers/broker.py over TLS.
     state = redis.Redis.from_url(tls_url, ssl_ca_certs=str(tls_material.ca_file))
-    assert state.zcard("_mailer.consumers") >= 1
+    assert state.zcard(keys.FETCH_CONSUMERS) >= 1
     assert PASSWORD not in worker.log
     status = cli(env, "status", "--json")
     assert status.returncode == 0, status.stderr

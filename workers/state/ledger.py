@@ -100,8 +100,6 @@ _RELEASE_SCRIPT = _Script("release")
 #: How long a WAIT for replicas blocks the ledger's round trip (ms).
 WAIT_TIMEOUT_MS = 1000
 
-#: How long a WAIT for replicas blocks the ledger's round trip (ms).
-WAIT_TIMEOUT_MS = 1000
 
 # The most calls in one pipeline: the queue is bounded by the callers anyway (one call at a time
 # per attempt, `worker_connections` attempts), this only caps one write and its replies.

@@ -122,9 +122,10 @@ def secrets_of(password: str, username: str = "apikey", urls: Iterable[str] = ()
             base64.b64encode(username.encode() + b"\0" + username.encode() + b"\0" + raw).decode(),
         ]
     for url in urls:
-        secret = urlsplit(url).password
-        if secret:
-            out.append(secret)
+        for part in url.split(";"):  # sentinel:// URLs come as a list
+            secret = urlsplit(part).password
+            if secret:
+                out.append(secret)
     return out
 
 

@@ -409,6 +409,8 @@ def _probes(role: str, db: int) -> list[tuple[str, ...]]:
         ("RPOP", mailer_key),
         ("BLMOVE", mailer_key, "mailer:fetch:inflight:probe", "RIGHT", "LEFT", "0"),
         ("LREM", "mailer:fetch:inflight:probe", "1", "x"),
+        ("LMOVE", mailer_key, "mailer.probe", "RIGHT", "LEFT"),
+        ("HKEYS", "mailer:rate"),
         ("HSET", unacked, "f", "v"),
         ("HDEL", unacked, "f"),
         ("HINCRBY", key, "f", "1"),

@@ -19,10 +19,14 @@ from mailer.errors import MailerError
 
 
 def _worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from mailer import redisconn
     from mailer.wire import queue_for
     from workers.engine.runtime import ATTEMPTS_PER_SESSION
 
     settings = Settings.from_env().require_relay()
+    # A certificate or login no retry fixes stops the worker here, with one line.
+    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="worker")
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="worker")
     concurrency = args.concurrency or settings.worker_connections
     # Reserve as many messages as the runtime runs attempts: with one per thread (Celery's
     # default), a session that ends a message idles through its settle, ack and the next fetch
@@ -242,13 +246,14 @@ def _failures(args: argparse.Namespace) -> int:
 def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    import redis
-
+    from mailer import redisconn
     from mailer.publish import Publisher
     from workers.state.deadletters import DeadLetters
     from workers.state.ledger import Ledger
 
-    store = DeadLetters(redis.Redis.from_url(settings.redis_url))
+    settings = Settings.from_env()
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    store = DeadLetters(redisconn.client(settings.redis_url, settings, max_connections=2))
     kinds = set(args.kind or [])
     if args.action == "list":
         letters = [d for d in store.list(limit=args.limit) if not kinds or d.kind in kinds]

@@ -13,10 +13,12 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
+from mailer import redisconn
 from mailer.errors import ConfigError
+from mailer.redisconn import redact_url as redact_url  # re-exported: the CLI and callers
+from mailer.redisconn import url_secrets as url_secrets
 
 log = logging.getLogger("mailer.config")
 
@@ -110,39 +112,6 @@ def parse_lanes(raw: str) -> tuple[Lane, ...]:
 
 
 # A password in a URL's query string (redis-py reads `?password=`), whatever its case.
-_QUERY_SECRET = re.compile(r"(?i)(^|[&;])((?:password|passwd|pass|secret|token)=)[^&;#]*")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password masked, in the user-info part and in the query string:
-    redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0,
-    redis://host/0?password=secret -> redis://host/0?password=***"""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # not a URL we can read: show nothing of it
-        return "<unreadable URL>"
-    if password is not None:
-        user_info, _, host = parts.netloc.rpartition("@")
-        url = url.replace(parts.netloc, f"{user_info.partition(':')[0]}:***@{host}", 1)
-    head, sep, tail = url.partition("?")
-    return head + sep + _QUERY_SECRET.sub(r"\1\2***", tail)
-
-
-def url_secrets(url: str) -> list[str]:
-    """The passwords a URL carries (user-info and query string), for the log redactor."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password] if parts.password else []
-    except ValueError:
-        return []
-    for match in _QUERY_SECRET.finditer(parts.query):
-        value = parts.query[match.end(2) : match.end()]
-        if value:
-            found.append(value)
-    return found
-
-
 class Secret:
     """A string that never shows itself in a repr, str, log line or exception."""
 
@@ -231,10 +200,55 @@ def _password(env: Mapping[str, str]) -> Secret:
     return Secret(value)
 
 
+def _redis_tls(env: Mapping[str, str], broker: str, redis_url: str) -> dict[str, Any]:
+    """The URLs checked, and how TLS and Sentinel reach them (mailer/redisconn.py)."""
+    targets = [
+        redisconn.parse(broker, "MAILER_BROKER_URL"),
+        redisconn.parse(redis_url, "MAILER_REDIS_URL"),
+    ]
+    files: dict[str, str | None] = {}
+    for name in ("CA", "CERT", "KEY"):
+        variable = f"MAILER_REDIS_{name}_FILE"
+        path = env.get(variable, "").strip() or None
+        if path and not os.path.isfile(path):
+            raise ConfigError(variable, f"no such file: {path}")
+        files[name] = path
+    if bool(files["CERT"]) != bool(files["KEY"]):
+        raise ConfigError(
+            "MAILER_REDIS_CERT_FILE",
+            "a client certificate needs both MAILER_REDIS_CERT_FILE and MAILER_REDIS_KEY_FILE",
+        )
+    # Verification is on unless explicitly turned off (redisconn logs that it is off).
+    verify = not env.get("MAILER_REDIS_TLS_VERIFY", "").strip() or _flag(
+        env, "MAILER_REDIS_TLS_VERIFY"
+    )
+    master = env.get("MAILER_SENTINEL_MASTER", "").strip() or None
+    if any(t.kind == "sentinel" for t in targets) and not master:
+        raise ConfigError(
+            "MAILER_SENTINEL_MASTER", "a sentinel:// URL needs the name of the master to follow"
+        )
+    return {
+        "redis_ca_file": files["CA"],
+        "redis_cert_file": files["CERT"],
+        "redis_key_file": files["KEY"],
+        "redis_tls_verify": verify,
+        "sentinel_master": master,
+        "sentinel_tls": _flag(env, "MAILER_SENTINEL_TLS"),
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     broker_url: str = "redis://localhost:6379/0"
     redis_url: str = "redis://localhost:6379/0"
+    redis_ca_file: str | None = None  # TLS to Redis (mailer/redisconn.py): a private CA
+    redis_cert_file: str | None = None  # client certificate, with redis_key_file
+    redis_key_file: str | None = None
+    redis_tls_verify: bool = True
+    sentinel_master: str | None = None  # with sentinel:// URLs
+    sentinel_tls: bool = False
+    publish_retry_for: float = 10.0  # how long `mailer.send` retries an unreachable broker
+    wait_replicas: int = 0  # replicas that must confirm a publish and the ledger's `data` mark
     smtp_host: str = "smtp.sendgrid.net"
     smtp_port: int = 587
     smtp_tls: TLSMode = "starttls"
@@ -299,11 +313,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         broker = env.get("MAILER_BROKER_URL", "").strip() or cls.broker_url
-        if not broker.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("MAILER_BROKER_URL", f"must be a redis:// URL, got {broker!r}")
         redis_url = env.get("MAILER_REDIS_URL", "").strip() or broker
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("MAILER_REDIS_URL", "must be a redis:// URL")
+        redis_tls = _redis_tls(env, broker, redis_url)
 
         port = _int(env, "MAILER_SMTP_PORT", 587, 1, 65535)
         assert port is not None
@@ -361,6 +372,9 @@ class Settings:
         settings = cls(
             broker_url=broker,
             redis_url=redis_url,
+            **redis_tls,
+            publish_retry_for=_float(env, "MAILER_PUBLISH_RETRY_FOR", 10.0, 0.0, 600.0),
+            wait_replicas=_int(env, "MAILER_WAIT_REPLICAS", 0, 0, 16) or 0,
             smtp_host=host,
             smtp_port=port,
             smtp_tls=tls,

@@ -35,8 +35,8 @@ from django.utils.functional import Promise
 
 from mailer.client import Mailer, default_mailer
 from mailer.errors import InvalidMessage, MailerError
-from mailer.message import Attachment, Message, Rendered
 from mailer.headers import parse_mailbox
+from mailer.message import Attachment, Message, Rendered
 from mailer.smtpapi import SMTPAPIHeader
 
 __all__ = ["EmailBackend", "MailerConfig", "check_sender_settings", "to_message"]

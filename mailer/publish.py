@@ -21,10 +21,10 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kredis
-from kombu.utils.functional import retry_over_time
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
+from mailer import redisconn
 from mailer.config import Settings
 from mailer.config import redact_url as redact_url  # re-exported: workers/observe/status.py
 from mailer.errors import PublishError
@@ -65,8 +65,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The lanes' queues, highest priority first: the order workers/broker.py fetches in.
         "queue_order": [queue_for(lane.name) for lane in settings.lanes],
     }
+    # TLS (verified), ACL users and Sentinel as mailer/redisconn.py builds them, for kombu too.
+    transport.update(redisconn.kombu_transport_options(settings.broker_url, settings))
+    tls = redisconn.kombu_ssl(settings.broker_url, settings)
     return {
         "broker_transport_options": transport,
+        "broker_use_ssl": tls,
+        "redis_backend_use_ssl": tls,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "visibility_timeout": settings.visibility_timeout,
         "task_serializer": "json",
@@ -134,6 +139,16 @@ class ProducerTransport(kredis.Transport):
     Channel = ProducerChannel
 
 
+class ProducerSentinelChannel(ReusedClient, kredis.SentinelChannel):
+    """kombu's Sentinel channel, one client per channel."""
+
+
+class ProducerSentinelTransport(kredis.SentinelTransport):
+    """kombu's Sentinel transport for publishing, one client per channel."""
+
+    Channel = ProducerSentinelChannel
+
+
 #: A task as the publisher sends it: task name, positional args, the repr Flower shows, queue.
 Task = tuple[str, tuple[Any, ...], str, str]
 
@@ -175,6 +190,14 @@ _ZADD = b"*4\r\n$4\r\nZADD\r\n"
 _PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
 
 
+#: How long one WAIT for replicas blocks (ms); `publish` retries within MAILER_PUBLISH_RETRY_FOR.
+WAIT_TIMEOUT_MS = 1000
+
+
+def _wait(replicas: int, timeout_ms: int) -> bytes:
+    return b"*3\r\n$4\r\nWAIT\r\n" + _bulk(str(replicas)) + _bulk(str(timeout_ms))
+
+
 def _bulk(text: str) -> bytes:
     """A RESP bulk string."""
     data = text.encode()
@@ -194,10 +217,11 @@ class RedisPublisher:
     a call's messages all-or-nothing, so a retry after a lost connection never half-repeats it.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
+        self.settings = settings
         self._lock = threading.Lock()
-        self._pool: redis.BlockingConnectionPool | None = None  # makes and closes connections
+        self._pool: redis.ConnectionPool | None = None  # makes and closes connections
         #: Connections not in use. A list, not the pool's queue: `pop` and `append` are atomic,
         #: and the pool's checkout (a locked queue, a readiness probe of the socket, metrics)
         #: is a visible share of `mailer.send`. There are as many as threads ever published at once.
@@ -213,12 +237,31 @@ class RedisPublisher:
         due: Sequence[tuple[str, float]] = (),
         retry: Retry | None = None,
     ) -> None:
-        """Queues all of `tasks` or none of them, retrying as PUBLISH_RETRY_POLICY says. With
+        """Queues all of `tasks` or none of them. A lost broker (a restart, a Sentinel failover,
+        a primary demoted to a read-only replica) is retried for `publish_retry_for` seconds;
+        a certificate or login that no retry fixes fails at once. With
         `due` ((id, UNIX time) per task), they go to the durable schedule instead, which the
         workers release into their queues when due (workers/state/schedule.py). `retry`: the
         one task is a retry of an earlier one (see `_messages`)."""
         messages = [self._messages(*task, retry=retry) for task in tasks]
-        retry_over_time(self._push, CONNECTION_ERRORS, args=(messages, due), **PUBLISH_RETRY_POLICY)
+        deadline = time.monotonic() + self.settings.publish_retry_for
+        interval = PUBLISH_RETRY_POLICY["interval_start"]
+        while True:
+            try:
+                self._push(messages, due)
+                return
+            except (*CONNECTION_ERRORS, redis.ReadOnlyError) as exc:
+                unusable = redisconn.explain(exc, self.settings.broker_url, "MAILER_BROKER_URL")
+                if unusable is not None:
+                    raise PublishError(str(unusable)) from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(interval, left))
+                interval = min(
+                    interval + PUBLISH_RETRY_POLICY["interval_step"],
+                    PUBLISH_RETRY_POLICY["interval_max"],
+                )
 
     def _messages(
         self,
@@ -333,12 +376,19 @@ class RedisPublisher:
             packed += (_PUBLISH, self._event_topic, _bulk(dumps(event)))
             commands += 1
         packed.append(_EXEC)
+        replicas = self.settings.wait_replicas
+        if replicas:
+            # Told "queued" only once a replica has it too: a failover cannot lose it then.
+            packed.append(_wait(replicas, WAIT_TIMEOUT_MS))
         idle = self._idle  # `close` replaces it: a connection in use then is not handed back
         try:
             conn = idle.pop()
         except IndexError:
-            conn = pool.make_connection()  # connects on its first command
+            conn = pool.make_connection()  # type: ignore[assignment]  # connects when used
         try:
+            # Connected through `connect`, which a Sentinel-managed connection overrides to ask
+            # the sentinels for the primary (sending on an unconnected one would skip that).
+            conn.connect()
             conn.send_packed_command([b"".join(packed)])
             for _ in range(commands + 1):  # +OK, then +QUEUED per command
                 conn.read_response()
@@ -346,6 +396,10 @@ class RedisPublisher:
             errors = [reply for reply in replies if isinstance(reply, Exception)]
             if errors:
                 raise errors[0]
+            if replicas and int(conn.read_response()) < replicas:
+                # Queued on the primary only: retried (the same message ids, which the ledger
+                # delivers once) until a replica confirms or the retry time runs out.
+                raise redis.ConnectionError(f"no {replicas} replica(s) confirmed the write")
         except BaseException:
             # Replies may be left unread: never reuse it mid-stream. Closed, it reconnects on
             # its next command (a broker that restarted costs one failed attempt, retried).
@@ -354,11 +408,10 @@ class RedisPublisher:
         finally:
             idle.append(conn)
 
-    def _connect(self) -> redis.BlockingConnectionPool:
-        """kombu reads the URL and the transport options (db, password, TLS, timeouts) into its
-        channel's pool settings; we keep those in a pool of our own, which makes and closes
-        the connections. kombu also declares the queue once (the exchange binding a Celery
-        producer records on its first publish)."""
+    def _connect(self) -> redis.ConnectionPool:
+        """A pool of our own (mailer/redisconn.py: TLS verified, ACL user, Sentinel) makes and
+        closes the connections. kombu declares the queue once (the exchange binding a Celery
+        producer records on its first publish) and names the queue and event keys."""
         with self._lock:
             if self._pid != os.getpid():
                 # A forked child: the parent's sockets are not ours to use, or to close.
@@ -373,7 +426,14 @@ class RedisPublisher:
                     self._event_topic = _bulk(
                         channel._get_publish_topic(self._event_exchange, "task.sent")
                     )
-                    self._pool = redis.BlockingConnectionPool(**channel._connparams())
+                    self._pool = redisconn.pool(
+                        self.settings.broker_url,
+                        self.settings,
+                        socket_timeout=30,
+                        socket_connect_timeout=10,
+                        socket_keepalive=True,
+                        health_check_interval=25,
+                    )
             return self._pool
 
     def close(self) -> None:
@@ -395,7 +455,10 @@ class Publisher:
         self.fast: RedisPublisher | None = None
         if settings.broker_url.startswith(("redis://", "rediss://")):
             self.app.conf.broker_transport = "mailer.publish:ProducerTransport"
-            self.fast = RedisPublisher(self.app)
+            self.fast = RedisPublisher(self.app, settings)
+        elif settings.broker_url.startswith("sentinel://"):
+            self.app.conf.broker_transport = "mailer.publish:ProducerSentinelTransport"
+            self.fast = RedisPublisher(self.app, settings)
 
     def send(
         self,
@@ -473,6 +536,12 @@ class Publisher:
     def _errors(self, name: str) -> Iterator[None]:
         try:
             yield
+        except redis.ReadOnlyError:
+            # Still read-only when the retries ran out: the failover did not finish in time.
+            raise PublishError(
+                f"the broker at {redact_url(self.settings.broker_url)} stayed read-only (a "
+                f"replica) for {self.settings.publish_retry_for:g} s; the message was not queued"
+            ) from None
         except redis.ResponseError as exc:
             # Redis refused the commands (out of memory, the queue's key of another type):
             # retrying would not help. Its reply names no credential.
@@ -484,7 +553,7 @@ class Publisher:
             # The exception text may carry the broker URL and its password: name the type only.
             raise PublishError(
                 f"could not publish {name} to the broker at {redact_url(self.settings.broker_url)} "
-                f"after {PUBLISH_RETRY_POLICY['max_retries']} retries ({type(exc).__name__}); "
+                f"within {self.settings.publish_retry_for:g} s ({type(exc).__name__}); "
                 "the message was not queued"
             ) from None
 

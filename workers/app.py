@@ -63,10 +63,12 @@ app.conf.update(
     task_queues=[Queue(queue_for(lane.name)) for lane in settings.lanes],
     task_ignore_result=True,
 )
-if settings.broker_url.startswith("redis://"):
+if settings.broker_url.startswith(("redis://", "rediss://")):
     # kombu's Redis transport with an atomic fetch (workers/broker.py): a killed worker loses
-    # no message.
+    # no message. TLS and ACL users come with celery_config (mailer/redisconn.py).
     app.conf.broker_transport = "workers.broker:Transport"
+elif settings.broker_url.startswith("sentinel://"):
+    app.conf.broker_transport = "workers.broker:SentinelTransport"
 
 log = logging.getLogger("mailer.worker")
 
@@ -110,15 +112,16 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
     """Fails the worker at start-up (not a task later) when the relay settings are unusable;
     then metrics and throughput counters, once per worker process."""
     settings.require_relay()
-    import redis
-
+    from mailer import redisconn
     from workers.engine.runtime import occupancy
     from workers.observe import logs, metrics
     from workers.observe.status import Throughput
 
     in_process = _serves_in_process(getattr(sender, "pool_cls", None))
     _process.exporter = metrics.install(settings, in_process=in_process, probe=occupancy)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redisconn.client(
+        settings.redis_url, settings, socket_timeout=5, socket_connect_timeout=5, max_connections=4
+    )
     _process.throughput = Throughput(client).start()
     logs.subscribe(_process.throughput.on_event)
     from workers.state.schedule import Releaser

@@ -360,5 +360,26 @@ class Transport(kredis.Transport):
         super().register_with_event_loop(connection, loop)
 
 
+class SentinelChannel(Channel, kredis.SentinelChannel):
+    """The fetch above on the primary kombu's Sentinel channel finds (and finds again after a
+    failover): its connections are redis-py's sentinel-managed ones, the commands the same."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        *(
+            o
+            for o in kredis.SentinelChannel.from_transport_options
+            if o not in Channel.from_transport_options
+        ),
+    )
+
+
+class SentinelTransport(Transport):
+    """kombu's Sentinel transport (`sentinel://` URLs) with the loss-free fetch."""
+
+    Channel = SentinelChannel
+    default_port = kredis.SentinelTransport.default_port  # type: ignore[assignment]
+
+
 def _nothing() -> None:
     pass

@@ -16,8 +16,8 @@ from functools import partial
 from typing import Any, TypeVar
 
 import redis
-import redis.asyncio as aioredis
 
+from mailer import redisconn
 from mailer.config import Settings
 from mailer.wire import lane_of
 from workers.engine.classify import Failure, Kind, Phase
@@ -166,7 +166,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.require_relay()
         self.pid = os.getpid()
-        self.sync_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        self.sync_redis = redisconn.client(settings.redis_url, settings, socket_timeout=10)
         self.dead = DeadLetters(self.sync_redis)
         self.circuit = Circuit(
             self.sync_redis, settings.circuit_probe_interval, settings.quota_probe_interval
@@ -183,14 +183,13 @@ class Runtime:
         s = self.settings
         # The ledger's client blocks rather than raising when busy (see the lease client below);
         # `adeliver` runs at most `worker_connections` attempts at once, each one call at a time.
-        self.redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                s.redis_url,
-                max_connections=s.worker_connections + 8,
-                timeout=10.0,
-                socket_timeout=max(2.0, s.lease_ttl / 6),
-                socket_connect_timeout=2.0,
-            )
+        self.redis = redisconn.async_client(
+            s.redis_url,
+            s,
+            max_connections=s.worker_connections + 8,
+            timeout=10.0,
+            socket_timeout=max(2.0, s.lease_ttl / 6),
+            socket_connect_timeout=2.0,
         )
         limits = [Limit("smtp", s.max_connections)]
         if s.max_connections_per_host:
@@ -200,21 +199,25 @@ class Runtime:
         # fail an acquire or delay a renewal. Lease commands take well under a millisecond, so a
         # few connections serve every acquire and release of the process (they queue), and a
         # fleet of hundreds of processes stays far below Redis' maxclients (10,000).
-        self.lease_redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                s.redis_url,
-                max_connections=min(32, 2 * s.worker_connections + 4),
-                timeout=5.0,
-                socket_timeout=max(2.0, s.lease_ttl / 6),
-                socket_connect_timeout=2.0,
-            )
+        self.lease_redis = redisconn.async_client(
+            s.redis_url,
+            s,
+            max_connections=min(32, 2 * s.worker_connections + 4),
+            timeout=5.0,
+            socket_timeout=max(2.0, s.lease_ttl / 6),
+            socket_connect_timeout=2.0,
         )
         self.semaphore = LeaseSemaphore(self.lease_redis, limits, s.lease_ttl, host=s.hostname)
         self.keeper = LeaseKeeper(self.semaphore, on_lost=self._on_lease_lost)
         self.leases = _Leases(self.semaphore, self.keeper)
         self.shaper = Shaper(s, RateLimiter(self.redis), RateLimiter(self.redis, CONNECT_KEY))
         self.pool = SessionPool(s, self.leases, self.shaper)
-        self.ledger = Ledger(self.redis, ttl=s.ledger_ttl, claim_ttl=3 * s.smtp_timeout + 10)
+        self.ledger = Ledger(
+            self.redis,
+            ttl=s.ledger_ttl,
+            claim_ttl=3 * s.smtp_timeout + 10,
+            replicas=s.wait_replicas,
+        )
         self.keeper.start()
         self.pool.start()
 

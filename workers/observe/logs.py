@@ -123,7 +123,8 @@ def secrets_of(password: str, username: str = "apikey", urls: Iterable[str] = ()
             base64.b64encode(username.encode() + b"\0" + username.encode() + b"\0" + raw).decode(),
         ]
     for url in urls:
-        out += url_secrets(url)  # user-info and ?password= alike
+        for part in url.split(";"):  # sentinel:// URLs come as a list
+            out += url_secrets(part)  # user-info and ?password= alike
     return out
 
 

@@ -142,8 +142,14 @@ class RuntimeCollector(Collector):
 
         try:
             if self._redis is None:
-                self._redis = redis.Redis.from_url(
-                    self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+                from mailer import redisconn
+
+                self._redis = redisconn.client(
+                    self.settings.redis_url,
+                    self.settings,
+                    socket_timeout=2,
+                    socket_connect_timeout=2,
+                    max_connections=2,
                 )
             circuit = Circuit(self._redis).state(max_age=0)
             stored = DeadLetters(self._redis).count()

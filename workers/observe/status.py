@@ -17,6 +17,10 @@ added, existing ones keep their names, types and meaning):
     circuit         {open, reason, since, kind}: `kind` quota is the quota state (the
                     account's sending quota is spent; one probe per MAILER_QUOTA_PROBE_INTERVAL)
     dead_letters    how many messages are dead-lettered
+    memory          [{role, used_bytes, maxmemory_bytes, policy, used_ratio, warning}]: the
+                    broker's and (when another server) the state Redis' memory against
+                    `maxmemory` (0: no limit; `used_ratio` then null); `warning` above 80%
+                    (with `noeviction` a full Redis refuses writes: producers fail)
     throughput      {window_minutes, total, last_minute, per_minute}: message outcomes (sent,
                     duplicate, retried, failed, held) over the window, in the last complete
                     minute, and per minute (oldest first; the last entry is the current,
@@ -37,10 +41,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
-from mailer.config import Settings
-from mailer.publish import redact_url
+from mailer import redisconn
+from mailer.config import Settings, redact_url
 from mailer.wire import queue_for
 from workers.observe.logs import outcome_of
 from workers.state import keys
@@ -143,7 +146,7 @@ def read_throughput(
 
 
 async def _leases(settings: Settings) -> dict[str, Any]:
-    client = aioredis.from_url(settings.redis_url)
+    client = redisconn.async_client(settings.redis_url, settings, max_connections=4)
     try:
         limits = [Limit("smtp", settings.max_connections)]
         if settings.max_connections_per_host:
@@ -155,6 +158,15 @@ async def _leases(settings: Settings) -> dict[str, Any]:
             await semaphore.close()
     finally:
         await client.aclose()
+
+
+def _leases_or_why(settings: Settings) -> dict[str, Any]:
+    """The lease snapshot; a Redis past its maxmemory refuses the snapshot's transaction, and
+    status must still show the rest (the memory line says why)."""
+    try:
+        return asyncio.run(_leases(settings))
+    except redis.OutOfMemoryError as exc:
+        return {"error": f"Redis refused the snapshot: {exc}"}
 
 
 def _waiting(client: redis.Redis, queue: str) -> int:
@@ -177,9 +189,35 @@ def _rate(settings: Settings, state: redis.Redis) -> dict[str, Any]:
     }
 
 
+#: `mailer status` warns when Redis uses more than this share of its `maxmemory`.
+MEMORY_WARNING = 0.8
+
+
+def _memory(role: str, client: redis.Redis) -> dict[str, Any]:
+    info = client.info("memory")
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    ratio = used / limit if limit else None
+    warning = ""
+    if ratio is not None and ratio > MEMORY_WARNING:
+        warning = (
+            f"the {role} Redis uses {ratio:.0%} of its maxmemory; with "
+            f"{info.get('maxmemory_policy', '?')} a full Redis refuses writes (producers fail)"
+        )
+    return {
+        "role": role,
+        "used_bytes": used,
+        "maxmemory_bytes": limit,
+        "policy": str(info.get("maxmemory_policy", "")),
+        "used_ratio": ratio,
+        "warning": warning,
+    }
+
+
 def collect(settings: Settings) -> dict[str, Any]:
-    broker = redis.Redis.from_url(settings.broker_url)
-    state = redis.Redis.from_url(settings.redis_url)
+    redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="status")
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="status")
+    broker = redisconn.client(settings.broker_url, settings, max_connections=2)
+    state = redisconn.client(settings.redis_url, settings, max_connections=2)
     try:
         circuit = Circuit(state).state(max_age=0)
         lanes = [
@@ -202,7 +240,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             },
             "lanes": lanes,
             "rate": _rate(settings, state),
-            "leases": asyncio.run(_leases(settings)),
+            "leases": _leases_or_why(settings),
             "circuit": {
                 "open": circuit.open,
                 "reason": circuit.reason,
@@ -211,10 +249,16 @@ def collect(settings: Settings) -> dict[str, Any]:
             },
             "dead_letters": DeadLetters(state).count(),
             "throughput": read_throughput(state),
+            "memory": [_memory("broker", broker)]
+            + ([] if settings.redis_url == settings.broker_url else [_memory("state", state)]),
         }
     finally:
         broker.close()
         state.close()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _outcomes(counts: Mapping[str, int]) -> str:
@@ -249,6 +293,14 @@ def render(data: dict[str, Any]) -> str:
         opened = f"OPEN: {circuit['reason']}" if circuit["open"] else "closed"
         lines.append("circuit       " + opened)
     lines.append(f"dead letters  {data['dead_letters']}")
+    for memory in data.get("memory", []):
+        limit = memory["maxmemory_bytes"]
+        of = f"of {_mib(limit)} ({memory['used_ratio']:.0%})" if limit else "(no maxmemory)"
+        lines.append(
+            f"memory {memory['role']:<7}{_mib(memory['used_bytes'])} {of}, {memory['policy']}"
+        )
+        if memory["warning"]:
+            lines.append(f"WARNING       {memory['warning']}")
     tp = data.get("throughput")
     if tp:
         sent = tp["total"]["sent"]
@@ -257,6 +309,8 @@ def render(data: dict[str, Any]) -> str:
             f"last {tp['window_minutes']} min   {_outcomes(tp['total'])} "
             f"({sent / tp['window_minutes']:.1f} sent/min)"
         )
+    if data["leases"].get("error"):
+        lines.append(f"leases        unknown: {data['leases']['error']}")
     for name, limit in sorted(data["leases"].get("limits", {}).items()):
         lines.append(
             f"leases {name:<7} {limit.get('held', 0)}/{limit.get('cap', '?')} held, "

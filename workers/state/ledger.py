@@ -73,9 +73,11 @@ class _Script:
     """A transition run over many records per call (`ledger_each.lua`), sent by its SHA1
     (EVALSHA); its source goes over only if Redis lacks it."""
 
-    __slots__ = ("load", "sha", "sha_bulk", "single", "source")
+    __slots__ = ("confirm", "load", "sha", "sha_bulk", "single", "source")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, confirm: bool = False) -> None:
+        #: A replica must have its result before the caller goes on (see `Ledger.replicas`).
+        self.confirm = confirm
         step = scripts.source(f"ledger_{name}")
         function = f"{scripts.source('ledger_lib')}local function step(key, argv)\n{step}\nend\n"
         self.source = function + scripts.source("ledger_each")
@@ -91,9 +93,13 @@ def _bulk(data: bytes) -> bytes:
 
 
 _CLAIM_SCRIPT = _Script("claim")
-_DATA_SCRIPT = _Script("data")
+_DATA_SCRIPT = _Script("data", confirm=True)
 _SETTLE_SCRIPT = _Script("settle")
 _RELEASE_SCRIPT = _Script("release")
+
+#: How long a WAIT for replicas blocks the ledger's round trip (ms).
+WAIT_TIMEOUT_MS = 1000
+
 
 # The most calls in one pipeline: the queue is bounded by the callers anyway (one call at a time
 # per attempt, `worker_connections` attempts), this only caps one write and its replies.
@@ -142,8 +148,9 @@ class _Coalescer:
     time, so its own steps never share a round trip.
     """
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, replicas: int = 0) -> None:
         self.redis = redis
+        self.replicas = replicas
         # Arguments are encoded when the call is made, so a bad one fails that call, not the
         # round trip it would have joined (packing then passes the bytes through).
         self._encode = redis.connection_pool.get_encoder().encode
@@ -237,12 +244,29 @@ class _Coalescer:
             packed += (group[0].script.sha_bulk, _bulk(b"%d" % len(group)))
             packed += [call.key for call in group]
             packed += [call.args for call in group]
+        # WAIT for replicas after a step that must survive a failover (docs/redis.md): it
+        # covers every write of the round trip, and its caller goes on only once confirmed.
+        confirm = self.replicas > 0 and any(group[0].script.confirm for group in groups)
+        if confirm:
+            packed.append(b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % self.replicas))
+            packed.append(_bulk(b"%d" % WAIT_TIMEOUT_MS))
         self.round_trips += 1
         try:
-            replies = await self._round_trip(b"".join(packed), len(load) + len(groups))
+            count = len(load) + len(groups) + confirm
+            replies = await self._round_trip(b"".join(packed), count)
         except Exception as exc:
             return [exc for _ in groups]
-        return replies[len(load) :]
+        if confirm and not (isinstance(replies[-1], int) and replies[-1] >= self.replicas):
+            unconfirmed = RedisConnectionError(
+                f"no {self.replicas} replica(s) confirmed the ledger write within "
+                f"{WAIT_TIMEOUT_MS} ms"
+            )
+            replies[-1:] = []
+            return [
+                unconfirmed if group[0].script.confirm else reply
+                for group, reply in zip(groups, replies[len(load) :], strict=True)
+            ]
+        return replies[len(load) : len(load) + len(groups)]
 
     async def _round_trip(self, packed: bytes, count: int) -> list[Any]:
         """Writes `packed` and reads `count` replies; a command's error reply is its reply."""
@@ -298,11 +322,15 @@ class Ledger:
     """Async ledger on the process's Redis client; every transition is one atomic script, and
     concurrent transitions share round trips (see `_Coalescer`)."""
 
-    def __init__(self, redis: aioredis.Redis, *, ttl: int, claim_ttl: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, ttl: int, claim_ttl: float, replicas: int = 0
+    ) -> None:
+        """`replicas`: how many replicas must confirm the `data` mark before `begin_data`
+        returns (so the DATA terminator follows only a mark a failover cannot lose)."""
         self.redis = redis
         self.ttl = ttl
         self.claim_ttl_ms = int(claim_ttl * 1000)
-        self._calls = _Coalescer(redis)
+        self._calls = _Coalescer(redis, replicas)
 
     @property
     def round_trips(self) -> int:

@@ -17,6 +17,21 @@ local quarantine = redis.call('PTTL', qkey)
 if quarantine > 0 then
   return {0, quarantine, redis.call('GET', ekey) or ''}
 end
+-- A replica promoted by a failover may lack the newest leases (replication is asynchronous)
+-- while their holders stay connected until a renewal tells them: grant nothing for a TTL, by
+-- which time each of them has fenced itself. Promoted: its previous replication id is the
+-- primary's we last saw (`{epoch}:primary`; a restart or a first start is not a failover).
+local pkey = ekey .. ':primary'
+local repl = redis.call('INFO', 'replication')
+local replid = string.match(repl, 'master_replid:(%w+)')
+local known = redis.call('GET', pkey)
+if replid and known ~= replid then
+  redis.call('SET', pkey, replid)
+  if known and known == string.match(repl, 'master_replid2:(%w+)') then
+    redis.call('SET', qkey, replid, 'PX', ARGV[2])
+    return {0, tonumber(ARGV[2]), redis.call('GET', ekey) or ''}
+  end
+end
 local epoch = redis.call('GET', ekey)
 if not epoch then
   epoch = ARGV[5]

@@ -215,8 +215,12 @@ def _redis_errors(command: str, settings: Settings) -> Iterator[None]:
     """Turns a Redis failure into one line naming the (redacted) URL, not a traceback."""
     import redis
 
+    from mailer.redisconn import RedisUnusable
+
     try:
         yield
+    except RedisUnusable as exc:  # already one line: a refused certificate or login
+        raise _RedisUnavailable(f"mailer {command}: {exc}") from None
     except (redis.RedisError, OSError) as exc:
         url = redact_url(settings.redis_url)
         if isinstance(exc, redis.AuthenticationError) or any(

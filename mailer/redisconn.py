@@ -172,6 +172,15 @@ def parse(url: str, variable: str = "MAILER_REDIS_URL") -> Target:
     if not split.hostname:
         raise ConfigError(variable, f"no host in {redact_url(url)!r}")
     given = {k: v[-1] for k, v in parse_qs(split.query).items()}
+    # redis-py's own URL form for credentials (`?password=`, `?username=`) is accepted too.
+    db_text = split.path
+    for key in [k for k in given if k.lower() in ("password", "username", "db")]:
+        if key.lower() == "password":
+            password = given.pop(key)
+        elif key.lower() == "username":
+            username = given.pop(key)
+        else:
+            db_text = given.pop(key)
     unknown = sorted(set(given) - set(URL_TLS_OPTIONS))
     if unknown:
         raise ConfigError(
@@ -189,7 +198,7 @@ def parse(url: str, variable: str = "MAILER_REDIS_URL") -> Target:
         tls=split.scheme == "rediss",
         host=split.hostname,
         port=port,
-        db=_db(split.path, variable),
+        db=_db(db_text, variable),
         username=username,
         password=password,
         tls_query=tuple(sorted(given.items())),

@@ -71,6 +71,7 @@ _LEDGER_STATES = {
     "sent": "sent",
     "failed": "failed",
     "uncertain": "held",
+    "cancelled": "cancelled",
 }
 
 

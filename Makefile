@@ -29,8 +29,8 @@ test-fast: system $(BIN)/.installed
 
 # Style, formatting, the import layering (pyproject.toml [tool.importlinter]) and types.
 lint: $(BIN)/.installed
-	$(BIN)/ruff check mailer workers devkit tests bench
-	$(BIN)/ruff format --check mailer workers devkit tests bench
+	$(BIN)/ruff check mailer workers devkit events tests bench
+	$(BIN)/ruff format --check mailer workers devkit events tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

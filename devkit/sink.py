@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import ssl
 import sys
@@ -309,6 +310,9 @@ class Received:
     received_at: float
     ambiguous: bool = False
     """The connection was dropped before the client saw our 250 (the client cannot know)."""
+    queue_id: str = ""
+    """The id our 250 named ("250 2.0.0 OK queued as <id>"), 22 base64url characters like
+    SendGrid's, so tests can shape events whose `sg_message_id` starts with it."""
 
 
 def _code(reply: str) -> int:
@@ -605,7 +609,7 @@ class _Handler:
         received = self.sink._accept(server.sink_record, envelope, ambiguous=drop)
         if drop:
             await server.sink_close(abort=True)
-        return f"250 2.0.0 OK queued as {received.session_id}.{server.sink_record.messages}"
+        return f"250 2.0.0 OK queued as {received.queue_id}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,6 +917,7 @@ class SinkServer:
             message_id=parse_message_id(data),
             received_at=time.time(),
             ambiguous=ambiguous,
+            queue_id=secrets.token_urlsafe(16)[:22],
         )
         with self._cond:
             self._received.append(received)

@@ -11,6 +11,7 @@ from typing import Any
 
 from mailer.client import Mailer, default_mailer, reset_default_mailer
 from mailer.errors import ConfigError, InvalidMessage, MailerError, PublishError
+from mailer.lifecycle import MessageStatus, status
 from mailer.message import Attachment, Message
 from mailer.smtpapi import SMTPAPIHeader
 
@@ -21,6 +22,7 @@ __all__ = [
     "Mailer",
     "MailerError",
     "Message",
+    "MessageStatus",
     "PublishError",
     "SMTPAPIHeader",
     "asend",
@@ -28,6 +30,7 @@ __all__ = [
     "reset_default_mailer",
     "send",
     "send_many",
+    "status",
 ]
 
 
@@ -47,10 +50,13 @@ def send(
     idempotency_key: str | None = None,
     lane: str | None = None,
     send_at: datetime | float | None = None,
+    ignore_suppressions: bool = False,
 ) -> str:
     """Validates, renders and enqueues one message; returns its id (the Message-ID's local part).
     `lane`: its priority lane (MAILER_LANES; default MAILER_DEFAULT_LANE). `send_at`: an aware
-    datetime or UNIX seconds to send it at (any horizon; `cancel(id)` calls it back)."""
+    datetime or UNIX seconds to send it at (any horizon; `cancel(id)` calls it back).
+    `ignore_suppressions`: send even to recipients on a suppression list (mail that must go,
+    such as legal notices)."""
     return default_mailer().send_message(
         Message(
             to=to,
@@ -68,6 +74,7 @@ def send(
         ),
         lane=lane,
         send_at=send_at,
+        ignore_suppressions=ignore_suppressions,
     )
 
 

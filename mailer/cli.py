@@ -1,4 +1,5 @@
-"""`mailer` command line: send, worker, status, failures, demo, sink, bench.
+"""`mailer` command line: send, show, worker, status, failures, suppressions, webhook, demo,
+sink, bench.
 
 Operator commands import the worker side lazily, inside the subcommand, so `import mailer`
 stays light for app code.
@@ -311,6 +312,90 @@ def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if missing else 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    """A message's status: state, transitions, the relay's replies, recipients, events."""
+    from mailer.lifecycle import render, status
+
+    code = 0
+    for ident in args.ids:
+        try:
+            st = status(idempotency_key=ident) if args.key else status(ident)
+        except ValueError as exc:
+            print(f"mailer show: {exc}", file=sys.stderr)
+            code = 2
+            continue
+        print(json.dumps(st.to_dict(), indent=2) if args.json else render(st))
+    return code
+
+
+def _suppressions(args: argparse.Namespace) -> int:
+    """The suppression lists: list | add | remove | import (docs/lifecycle.md)."""
+    import csv
+
+    import redis
+
+    from workers.state.suppressions import Suppression, Suppressions
+
+    settings = Settings.from_env()
+    store = Suppressions(redis.Redis.from_url(settings.redis_url))
+    group = args.group
+    if args.action == "list":
+        groups = [group] if group is not None else [None, *store.groups()]
+        rows = [s for g in groups for s in store.list(g)]
+        if args.json:
+            print(json.dumps([s.__dict__ for s in rows], indent=2))
+            return 0
+        for s in sorted(rows, key=lambda s: (s.group or 0, s.address)):
+            scope = "global" if s.group is None else f"group {s.group}"
+            print(f"{s.address}  {scope:<10} {s.reason:<18} {s.source}")
+        print(f"{len(rows)} suppressed", file=sys.stderr)
+        return 0
+    if args.action == "import":
+        if not args.file:
+            print("mailer suppressions import: give --file (CSV: email[,reason])", file=sys.stderr)
+            return 2
+        import time
+
+        with open(args.file, encoding="utf-8", newline="") as f:
+            entries = [
+                Suppression(
+                    row[0],
+                    row[1] if len(row) > 1 and row[1] else args.reason,
+                    time.time(),
+                    "import",
+                    group=group,
+                )
+                for row in csv.reader(f)
+                if row and "@" in row[0]
+            ]
+        print(f"imported {store.add_many(entries)} addresses")
+        return 0
+    if not args.addresses:
+        print(f"mailer suppressions {args.action}: name one or more addresses", file=sys.stderr)
+        return 2
+    missing = 0
+    for address in args.addresses:
+        if "@" not in address:
+            print(f"{address}: not an email address", file=sys.stderr)
+            missing += 1
+        elif args.action == "add":
+            store.add(address, args.reason, group)
+            print(f"{address}: suppressed")
+        elif store.remove(address, group):
+            print(f"{address}: removed")
+        else:
+            print(f"{address}: not suppressed", file=sys.stderr)
+            missing += 1
+    return 1 if missing else 0
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    from events.app import serve
+
+    serve(args.host, args.port, args.log_level)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from devkit.demo import run_demo
 
@@ -386,6 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel scheduled or still-queued messages")
     p.add_argument("ids", nargs="+", metavar="ID")
 
+    p = sub.add_parser("show", help="a message's status: state, transitions, replies, events")
+    p.add_argument("ids", nargs="+", help="message ids (or idempotency keys with --key)")
+    p.add_argument("--key", action="store_true", help="the arguments are idempotency keys")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("suppressions", help="suppressed recipients: list | add | remove | import")
+    p.add_argument("action", choices=["list", "add", "remove", "import"])
+    p.add_argument("addresses", nargs="*")
+    p.add_argument("--group", type=int, help="an unsubscribe group (asm_group_id); default global")
+    p.add_argument("--reason", default="manual", help="with add/import: why")
+    p.add_argument("--file", help="with import: a CSV of email[,reason] rows")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("webhook", help="serve SendGrid's Event Webhook (POST /webhooks/sendgrid)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8025)
+    p.add_argument("--log-level", default="info")
+
     p = sub.add_parser("status", help="leases, circuit breaker, queue and dead letters")
     p.add_argument("--json", action="store_true")
 
@@ -428,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cancel": _cancel,
         "status": _status,
         "failures": _failures,
+        "show": _show,
+        "suppressions": _suppressions,
+        "webhook": _webhook,
         "demo": _demo,
     }
     try:

@@ -18,6 +18,7 @@ from mailer.errors import InvalidMessage
 from mailer.message import Message, Rendered
 from mailer.publish import Publisher
 from mailer.schedule import SendAt, cancel, due_time
+from mailer.smtpapi import SMTPAPIHeader
 from mailer.wire import Payload, to_payload
 
 BATCH_SIZE = 100
@@ -51,17 +52,33 @@ class Mailer:
         return lane
 
     def send_message(
-        self, message: Message, *, lane: str | None = None, send_at: SendAt = None
+        self,
+        message: Message,
+        *,
+        lane: str | None = None,
+        send_at: SendAt = None,
+        ignore_suppressions: bool = False,
     ) -> str:
+        """`ignore_suppressions`: send even to suppressed recipients (mail that must go)."""
         lane = self.lane(lane)
         due = due_time(send_at)
         rendered = self.render(message)
-        self.publisher.send(to_payload(rendered, lane, due), send_at=due)
+        payload = to_payload(
+            rendered,
+            lane,
+            due,
+            ignore_suppressions=ignore_suppressions,
+            asm_group=group_of(message),
+        )
+        self.publisher.send(payload, send_at=due)
         return rendered.id
 
     def send(self, **fields: Any) -> str:
         lane, send_at = fields.pop("lane", None), fields.pop("send_at", None)
-        return self.send_message(message_from_mapping(fields), lane=lane, send_at=send_at)
+        ignore = bool(fields.pop("ignore_suppressions", False))
+        return self.send_message(
+            message_from_mapping(fields), lane=lane, send_at=send_at, ignore_suppressions=ignore
+        )
 
     def cancel(self, message_id: str) -> bool:
         """Cancels a scheduled or still-queued message: True when it will not be sent, False
@@ -80,31 +97,42 @@ class Mailer:
     ) -> list[str]:
         """Renders every message first (one bad message refuses the call, nothing published),
         then publishes them as `mailer.send_batch` tasks over one broker connection. A mapping
-        may name its own `lane` and `send_at`; the arguments are the others'."""
+        may name its own `lane`, `send_at` and `ignore_suppressions`; the arguments are the
+        others'."""
         rendered: list[tuple[Rendered, str, float | None]] = []
+        options: dict[str, dict[str, Any]] = {}
         for index, item in enumerate(messages):
             try:
                 if isinstance(item, Message):
-                    rendered.append((self.render(item), self.lane(lane), due_time(send_at)))
-                    continue
-                fields = dict(item) if isinstance(item, Mapping) else item
-                own = fields.pop("lane", lane) if isinstance(fields, dict) else lane
-                when = fields.pop("send_at", send_at) if isinstance(fields, dict) else send_at
-                chosen, due = self.lane(own), due_time(when)
-                rendered.append((self.render(message_from_mapping(fields)), chosen, due))
+                    message, chosen, ignore = item, self.lane(lane), False
+                    due = due_time(send_at)
+                else:
+                    fields = dict(item) if isinstance(item, Mapping) else item
+                    own = fields.pop("lane", lane) if isinstance(fields, dict) else lane
+                    when = fields.pop("send_at", send_at) if isinstance(fields, dict) else send_at
+                    ignore = bool(fields.pop("ignore_suppressions", False))
+                    message, chosen = message_from_mapping(fields), self.lane(own)
+                    due = due_time(when)
+                one = self.render(message)
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
-        return self.publish_rendered(rendered, batch_size=batch_size)
+            rendered.append((one, chosen, due))
+            group = group_of(message)
+            if ignore or group is not None:
+                options[one.id] = {"ignore_suppressions": ignore, "asm_group": group}
+        return self.publish_rendered(rendered, batch_size=batch_size, options=options)
 
     def publish_rendered(
         self,
         rendered: Sequence[Rendered | tuple[Rendered, str] | tuple[Rendered, str, float | None]],
         *,
         batch_size: int = BATCH_SIZE,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[str]:
         """Publishes already-rendered messages (each optionally with its lane and due time) as
         `mailer.send_batch` tasks over one broker connection, one lane and due time per batch
-        (for callers that validate everything before publishing anything)."""
+        (for callers that validate everything before publishing anything). `options`: message
+        id -> `to_payload` keywords (ignore_suppressions, asm_group) for those that have any."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         groups: dict[tuple[str, float | None], list[Payload]] = {}
@@ -114,7 +142,8 @@ class Mailer:
                 one, lane, due = item, self.settings.default_lane, None
             else:
                 one, lane, due = item[0], item[1], item[2] if len(item) > 2 else None
-            groups.setdefault((lane, due), []).append(to_payload(one, lane, due))
+            extra = options.get(one.id, {}) if options else {}
+            groups.setdefault((lane, due), []).append(to_payload(one, lane, due, **extra))
             ids.append(one.id)
         for (_, due), payloads in groups.items():
             batches = [payloads[i : i + batch_size] for i in range(0, len(payloads), batch_size)]
@@ -138,6 +167,16 @@ class Mailer:
             if self._publisher is not None:
                 self._publisher.close()
                 self._publisher = None
+
+
+def group_of(message: Message) -> int | None:
+    """The message's SendGrid unsubscribe group (`smtpapi` `asm_group_id`), for the workers'
+    suppression check (a group unsubscribe suppresses that group's mail only)."""
+    api = message.smtpapi
+    if api is None:
+        return None
+    group = (api.to_dict() if isinstance(api, SMTPAPIHeader) else api).get("asm_group_id")
+    return group if isinstance(group, int) and not isinstance(group, bool) else None
 
 
 MESSAGE_FIELDS = frozenset(f.name for f in dataclass_fields(Message))

@@ -456,3 +456,41 @@ class Settings:
     def retry_countdown_max(self) -> int:
         """Countdowns stay well below the visibility timeout, or Redis redelivers them early."""
         return max(1, min(600, self.visibility_timeout // 4))
+
+
+RESOLVE_POLICIES = ("retry", "hold")
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The Event Webhook's settings (`events/`), read apart from `Settings` because only the
+    webhook process needs them; `from_env` checks them at start-up."""
+
+    #: SendGrid's verification key as the console shows it (base64 DER SubjectPublicKeyInfo).
+    public_key: str = ""
+    #: A signed timestamp older (or newer) than this is refused (a replayed capture).
+    tolerance: float = 300.0
+    #: A message held as uncertain with no relay event after this long follows `resolve_policy`.
+    resolve_after: float = 900.0
+    resolve_policy: str = "hold"
+    #: PostgreSQL for every event (history); "" = off.
+    events_dsn: Secret = field(default_factory=lambda: Secret(""))
+    #: How often the sweep looks for uncertain holds to resolve by time.
+    sweep_interval: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WebhookSettings:
+        env = os.environ if env is None else env
+        policy = env.get("MAILER_UNCERTAIN_RESOLVE_POLICY", "").strip().lower() or "hold"
+        if policy not in RESOLVE_POLICIES:
+            raise ConfigError(
+                "MAILER_UNCERTAIN_RESOLVE_POLICY", f"must be retry or hold, got {policy!r}"
+            )
+        return cls(
+            public_key="".join(env.get("MAILER_SENDGRID_WEBHOOK_KEY", "").split()),
+            tolerance=_float(env, "MAILER_WEBHOOK_TOLERANCE", 300.0, 1.0, 86400.0),
+            resolve_after=_float(env, "MAILER_UNCERTAIN_RESOLVE_AFTER", 900.0, 1.0, 30 * 86400.0),
+            resolve_policy=policy,
+            events_dsn=Secret(env.get("MAILER_EVENTS_DSN", "").strip()),
+            sweep_interval=_float(env, "MAILER_UNCERTAIN_SWEEP_INTERVAL", 30.0, 0.1, 3600.0),
+        )

@@ -31,6 +31,8 @@ __all__ = [
     "Payload",
     "batch_args",
     "from_payload",
+    "group_of",
+    "ignores_suppressions",
     "message_id_of",
     "queue_for",
     "send_args",
@@ -63,6 +65,10 @@ class Meta(TypedDict):
     created_at: float
     lane: NotRequired[str]
     send_at: NotRequired[float]  # UNIX time it was scheduled for (display only)
+    #: True: sent even to suppressed recipients (mail that must go: legal notices).
+    ignore_suppressions: NotRequired[bool]
+    #: The message's SendGrid unsubscribe group (`asm_group_id`): its list is checked too.
+    asm_group: NotRequired[int]
 
 
 class Payload(TypedDict):
@@ -86,14 +92,32 @@ def queue_for(lane: str) -> str:
 
 
 def to_payload(
-    rendered: Rendered, lane: str = DEFAULT_LANE, send_at: float | None = None
+    rendered: Rendered,
+    lane: str = DEFAULT_LANE,
+    send_at: float | None = None,
+    *,
+    ignore_suppressions: bool = False,
+    asm_group: int | None = None,
 ) -> Payload:
     payload: Payload = rendered.to_payload()  # type: ignore[assignment]
     if lane != DEFAULT_LANE:
         payload["meta"]["lane"] = lane
     if send_at is not None:
         payload["meta"]["send_at"] = send_at
+    if ignore_suppressions:
+        payload["meta"]["ignore_suppressions"] = True
+    if asm_group is not None:
+        payload["meta"]["asm_group"] = asm_group
     return payload
+
+
+def ignores_suppressions(payload: Mapping[str, Any]) -> bool:
+    return payload.get("meta", {}).get("ignore_suppressions") is True
+
+
+def group_of(payload: Mapping[str, Any]) -> int | None:
+    group = payload.get("meta", {}).get("asm_group")
+    return group if isinstance(group, int) and not isinstance(group, bool) else None
 
 
 def lane_of(payload: Mapping[str, Any]) -> str:
@@ -111,9 +135,14 @@ def from_payload(value: object) -> Rendered:
         send_at = meta.get("send_at", 0.0)
         if isinstance(send_at, bool) or not isinstance(send_at, int | float):
             raise InvalidPayload("payload['meta']['send_at']: expected a UNIX time")
-        if "lane" in meta or "send_at" in meta:
-            extra = ("lane", "send_at")
-            value = {**value, "meta": {k: v for k, v in meta.items() if k not in extra}}
+        if "ignore_suppressions" in meta and not isinstance(meta["ignore_suppressions"], bool):
+            raise InvalidPayload("payload['meta']['ignore_suppressions']: expected true or false")
+        group = meta.get("asm_group", 0)
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+            raise InvalidPayload("payload['meta']['asm_group']: expected a group id (integer)")
+        optional = ("lane", "send_at", "ignore_suppressions", "asm_group")
+        if any(k in meta for k in optional):
+            value = {**value, "meta": {k: v for k, v in meta.items() if k not in optional}}
     try:
         rendered = Rendered.from_payload(value)  # type: ignore[arg-type]
     except InvalidPayload:

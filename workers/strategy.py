@@ -210,7 +210,7 @@ class Stream:
             _quietly(job.message.reject, requeue=True)
             return None
         runtime_s = time.monotonic() - job.started
-        if status in ("sent", "duplicate", "failed", "cancelled"):
+        if status in ("sent", "duplicate", "failed", "cancelled", "suppressed"):
             self._event("task-succeeded", job, result=_result_repr(status), runtime=runtime_s)
         elif status == "retry":
             self._event("task-retried", job, exception=saferepr(outcome), traceback="")

@@ -3,6 +3,7 @@ redis-server, the TLS SMTP sink, the relay environment and worker processes."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -107,3 +108,23 @@ def producer_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, str]], 
 
     yield apply  # type: ignore[misc]
     mailer.reset_default_mailer()
+
+
+#: The PostgreSQL server tests use (the machine's own; each test makes a database of its own).
+POSTGRES_ADMIN = os.environ.get(
+    "MAILER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture
+def postgres_dsn() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL, dropped afterwards."""
+    import psycopg
+
+    name = "mailer_test_" + secrets.token_hex(6)
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, _ = POSTGRES_ADMIN.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

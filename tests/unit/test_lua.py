@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from workers import broker
-from workers.state import ledger, ratelimit, scripts
+from workers.state import ledger, lifecycle, ratelimit, scripts
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "workers" / "state" / "lua"
@@ -23,7 +23,9 @@ SEMAPHORE = {"lease_acquire", "lease_renew", "lease_release"}
 LEDGER = [ledger._CLAIM_SCRIPT, ledger._DATA_SCRIPT, ledger._SETTLE_SCRIPT, ledger._RELEASE_SCRIPT]
 FETCH = [broker._BEAT, broker._SWEEP, broker._TAKE, broker._MOVE_FIRST]
 OTHERS = [ratelimit._SCRIPT, scripts.source("schedule_release")]
+OTHERS += [lifecycle.NOTE_SOURCE, lifecycle.EVENT_SOURCE]
 LIBRARIES_AND_STEPS = {"fetch_lib", "fetch_beat", "fetch_sweep", "fetch_take", "ledger_lib"}
+LIBRARIES_AND_STEPS |= {"status_lib", "status_note", "event_apply"}
 STANDALONE = {"fetch_move_first", "ratelimit", "schedule_release"}
 LEDGER_FILES = {"ledger_claim", "ledger_data", "ledger_settle", "ledger_release", "ledger_each"}
 

@@ -19,7 +19,7 @@ import redis
 
 from mailer import redisconn
 from mailer.config import Settings
-from mailer.wire import lane_of
+from mailer.wire import group_of, ignores_suppressions, lane_of
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.loop import LoopThread
 from workers.engine.pool import LeaseLike, PoolStats, SessionPool
@@ -31,8 +31,10 @@ from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
 from workers.state.keeper import LeaseKeeper
 from workers.state.ledger import Ledger
+from workers.state.lifecycle import StatusWriter
 from workers.state.ratelimit import CONNECT_KEY, RateLimiter
 from workers.state.semaphore import LeaseSemaphore, Limit
+from workers.state.suppressions import SuppressionCheck
 
 log = logging.getLogger("mailer.worker")
 T = TypeVar("T")
@@ -42,7 +44,7 @@ T = TypeVar("T")
 class Result:
     """What became of one delivery attempt."""
 
-    status: str  # sent | duplicate | held | failed | cancelled | not_started
+    status: str  # sent | duplicate | held | failed | cancelled | suppressed | not_started
     reply: str = ""
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -218,6 +220,8 @@ class Runtime:
             claim_ttl=3 * s.smtp_timeout + 10,
             replicas=s.wait_replicas,
         )
+        self.status = StatusWriter(self.redis, s.ledger_ttl)
+        self.suppressions = SuppressionCheck(self.redis)
         self.keeper.start()
         self.pool.start()
 
@@ -380,6 +384,10 @@ class Runtime:
         follows MAILER_UNCERTAIN_POLICY: `hold` returns "held", `retry` takes it over.
         """
         message_id = str(payload["id"])
+        if not ignores_suppressions(payload):
+            payload = await self._unsuppressed(payload)
+            if not payload["rcpt_to"]:
+                return Result("suppressed", "every recipient is suppressed")
         owner = os.urandom(16).hex()  # what uuid4().hex is, less the UUID object
         try:
             body = wire_body(str(payload["data"]).encode("ascii"))
@@ -438,8 +446,28 @@ class Runtime:
             await _quietly(self.ledger.release(message_id, owner))
             raise
         metrics.delivered(delivered.refused)
+        self.status.note(message_id, "sent", reply=f"250 {delivered.reply}")  # never waits
         await _quietly(self.ledger.settle(message_id, owner, "sent", delivered.reply))
         return Result("sent", delivered.reply, delivered.refused)
+
+    async def _unsuppressed(self, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`payload` without its suppressed recipients (docs/lifecycle.md); the status records
+        who was left out and why, `suppressed` when nobody is left. A Redis error is
+        UNAVAILABLE: nothing was sent, the message waits."""
+        recipients = list(payload["rcpt_to"])
+        try:
+            found = await self.suppressions.suppressed(recipients, group_of(payload))
+        except (redis.RedisError, OSError) as exc:
+            raise _unavailable(exc, Phase.CONNECT) from None
+        if not found:
+            return payload
+        left = [r for r in recipients if r not in found]
+        reason = "; ".join(f"{r}: {why}" for r, why in found.items())
+        marks = {r.lower(): "suppressed" for r in found}
+        self.status.note(
+            str(payload["id"]), "suppressed" if not left else "", reason=reason, recipients=marks
+        )
+        return {**payload, "rcpt_to": left}
 
     def close(self, timeout: float = 30.0) -> None:
         async def stop() -> None:
@@ -447,6 +475,7 @@ class Runtime:
             await self.pool.close(timeout)
             await self.keeper.stop()
             await self.semaphore.close()
+            await self.status.close()
             await self.ledger.close()
             await self.lease_redis.aclose()
             await self.redis.aclose()

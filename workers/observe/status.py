@@ -21,6 +21,12 @@ added, existing ones keep their names, types and meaning):
                     broker's and (when another server) the state Redis' memory against
                     `maxmemory` (0: no limit; `used_ratio` then null); `warning` above 80%
                     (with `noeviction` a full Redis refuses writes: producers fail)
+
+    events          {window_minutes, counts: {type: n}, rates: {delivered, bounce, dropped,
+                    spamreport: share of the hour's processed (or, without any, of its
+                    delivered + bounce + dropped)}}: SendGrid's events of the last hour, by
+                    their own time (docs/lifecycle.md)
+    suppressions    suppressed addresses, global and per unsubscribe group together
     throughput      {window_minutes, total, last_minute, per_minute}: message outcomes (sent,
                     duplicate, retried, failed, held) over the window, in the last complete
                     minute, and per minute (oldest first; the last entry is the current,
@@ -49,8 +55,10 @@ from workers.observe.logs import outcome_of
 from workers.state import keys
 from workers.state.circuit import Circuit
 from workers.state.deadletters import DeadLetters
+from workers.state.lifecycle import event_counts
 from workers.state.ratelimit import peek_ceiling
 from workers.state.semaphore import LeaseSemaphore, Limit
+from workers.state.suppressions import Suppressions
 
 log = logging.getLogger("mailer.status")
 
@@ -213,6 +221,16 @@ def _memory(role: str, client: redis.Redis) -> dict[str, Any]:
     }
 
 
+EVENT_RATES = ("delivered", "bounce", "dropped", "spamreport")
+
+
+def _events(state: redis.Redis) -> dict[str, Any]:
+    counts = event_counts(state, 60)
+    base = counts["processed"] or (counts["delivered"] + counts["bounce"] + counts["dropped"])
+    rates = {kind: (counts[kind] / base if base else None) for kind in EVENT_RATES}
+    return {"window_minutes": 60, "counts": dict(counts), "rates": rates}
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="status")
     redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="status")
@@ -248,6 +266,8 @@ def collect(settings: Settings) -> dict[str, Any]:
                 "kind": circuit.kind,
             },
             "dead_letters": DeadLetters(state).count(),
+            "events": _events(state),
+            "suppressions": Suppressions(state).count(),
             "throughput": read_throughput(state),
             "memory": [_memory("broker", broker)]
             + ([] if settings.redis_url == settings.broker_url else [_memory("state", state)]),
@@ -301,6 +321,16 @@ def render(data: dict[str, Any]) -> str:
         )
         if memory["warning"]:
             lines.append(f"WARNING       {memory['warning']}")
+
+    events = data.get("events") or {}
+    counts = events.get("counts") or {}
+    shown = ", ".join(
+        f"{counts.get(kind, 0)} {kind}"
+        + (f" ({rate:.1%})" if (rate := events["rates"].get(kind)) is not None else "")
+        for kind in EVENT_RATES
+    )
+    lines.append(f"events (1 h)  {shown}")
+    lines.append(f"suppressed    {data.get('suppressions', 0)} addresses")
     tp = data.get("throughput")
     if tp:
         sent = tp["total"]["sent"]

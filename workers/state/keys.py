@@ -10,6 +10,7 @@ complete it. kombu's own keys are at the end, for the code that reads them.
 from __future__ import annotations
 
 from mailer import wire
+from mailer.lifecycle import RELAY_ID_PREFIX, STATUS_PREFIX
 
 # -- state Redis ------------------------------------------------------------------------------
 
@@ -27,6 +28,24 @@ THROUGHPUT_PREFIX = "mailer:throughput:"
 RATE = "mailer:rate"
 #: The fleet's session-open rate (MAILER_CONNECT_RATE), same layout.
 RATE_CONNECT = "mailer:rate:connect"
+
+#: A message's status record (mailer/lifecycle.py names it: the app reads it); + message id.
+STATUS = STATUS_PREFIX
+#: + the relay's queue id ("250 Ok: queued as <id>"): our message id, for events without ours.
+RELAY_ID = RELAY_ID_PREFIX
+#: + sg_event_id: an event already applied (SendGrid retries and duplicates for 24 hours).
+EVENT_SEEN_PREFIX = "mailer:events:seen:"
+#: + minute since the epoch: event counts by type of that minute (`mailer status`).
+EVENT_COUNTS_PREFIX = "mailer:events:count:"
+#: Verified webhook batches waiting to be applied, and those being applied.
+EVENT_INBOX = "mailer:events:inbox"
+EVENT_PROCESSING = "mailer:events:processing"
+#: The uncertain sweep's once-per-interval lock (one webhook process sweeps).
+EVENT_SWEEP = "mailer:events:sweep"
+#: Suppressed recipients: address -> JSON {reason, at, source, message_id}.
+SUPPRESS_GLOBAL = "mailer:suppress:global"
+#: + asm_group_id: the recipients who left that unsubscribe group.
+SUPPRESS_GROUP_PREFIX = "mailer:suppress:group:"
 
 # -- broker Redis -----------------------------------------------------------------------------
 
@@ -48,6 +67,26 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 
 def ledger(message_id: str) -> str:
     return LEDGER_PREFIX + message_id
+
+
+def status(message_id: str) -> str:
+    return STATUS_PREFIX + message_id
+
+
+def relay_id(queue_id: str) -> str:
+    return RELAY_ID_PREFIX + queue_id
+
+
+def event_seen(sg_event_id: str) -> str:
+    return EVENT_SEEN_PREFIX + sg_event_id
+
+
+def event_counts(minute: int) -> str:
+    return f"{EVENT_COUNTS_PREFIX}{minute}"
+
+
+def suppress_group(group: int | str) -> str:
+    return f"{SUPPRESS_GROUP_PREFIX}{group}"
 
 
 def throughput(minute: int) -> str:

@@ -1,0 +1,141 @@
+"""The pieces of a message's life in-process, on a real Redis: the status record and how the
+reader merges it with the ledger, the signature check, the worker's suppression check, the wire
+contract's optional meta keys, and the event batch applied directly (the webhook process is
+tested end to end in tests/e2e/test_webhook.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from events.ingest import Ingestor
+from events.signature import Refused, Verifier
+from mailer import lifecycle as reader
+from mailer.errors import ConfigError
+from mailer.message import Message, message_id_for
+from mailer.wire import InvalidPayload, from_payload, group_of, ignores_suppressions, to_payload
+from tests.support.webhook import Signer, event
+from workers.state import keys, lifecycle
+from workers.state.suppressions import SuppressionCheck, Suppressions
+
+
+def test_the_readers_keys_are_the_workers() -> None:
+    assert reader.LEDGER_PREFIX == keys.LEDGER_PREFIX
+    assert keys.status("x") == reader.STATUS_PREFIX + "x"
+
+
+def test_queue_id_from_the_relays_250() -> None:
+    assert (
+        lifecycle.queue_id("250 Ok: queued as Yo60h6C5ScGPeP5fUWU3Kw") == "Yo60h6C5ScGPeP5fUWU3Kw"
+    )
+    assert lifecycle.queue_id("250 2.0.0 Ok") == ""
+
+
+def test_status_merges_the_ledger_and_ranks_states() -> None:
+    ledger = json.dumps({"state": "uncertain", "at": 10.0, "reply": "timed out"})
+    st = reader.merge("a" * 32, None, ledger)
+    assert (st.state, st.recorded, st.replies) == ("held", True, ("timed out",))
+    record = json.dumps(
+        {"state": "bounced", "at": 30, "transitions": [["bounced", 30], ["delivered", 20]]}
+    )
+    st = reader.merge("a" * 32, record, json.dumps({"state": "sent", "at": 5.5, "reply": "ok"}))
+    assert st.state == "bounced"
+    assert [t.state for t in st.transitions] == ["sent", "delivered", "bounced"]
+    unknown = reader.merge("b" * 32, None, None)
+    assert (unknown.state, unknown.recorded) == ("queued", False)
+
+
+def test_status_by_idempotency_key_and_bad_ids(redis_url: str) -> None:
+    from mailer.config import Settings
+
+    settings = Settings.from_env({"MAILER_BROKER_URL": redis_url})
+    client = redis.Redis.from_url(redis_url)
+    mid = message_id_for("order-1")
+    lifecycle.note(client, mid, "sent", 60, reply="250 Ok: queued as QID")
+    st = reader.status(idempotency_key="order-1", settings=settings)
+    assert (st.message_id, st.state, st.relay_id) == (mid, "sent", "QID")
+    assert client.get(keys.relay_id("QID")) == mid.encode()
+    assert 0 < client.ttl(keys.status(mid)) <= 60
+    with pytest.raises(ValueError, match="32 hex digits"):
+        reader.status("not-an-id", settings=settings)
+    with pytest.raises(ValueError, match="not both"):
+        reader.status()
+
+
+def test_signature_is_checked_over_timestamp_and_body() -> None:
+    signer = Signer()
+    verifier = Verifier(signer.public, tolerance=60)
+    body = b'[{"event":"delivered"}]'
+    verifier.verify(signer.headers(body), body)
+    for headers, data, why in [
+        (Signer().headers(body), body, "bad signature"),
+        (signer.headers(body), body + b" ", "bad signature"),
+        (signer.headers(body, int(time.time()) - 120), body, "stale timestamp"),
+        ({}, body, "missing"),
+    ]:
+        with pytest.raises(Refused, match=why):
+            verifier.verify(headers, data)
+    with pytest.raises(ConfigError, match="MAILER_SENDGRID_WEBHOOK_KEY"):
+        Verifier("not base64!")
+
+
+def test_wire_meta_keys_are_optional_and_checked() -> None:
+    rendered = Message(
+        to="a@example.com", subject="s", text="t", from_addr="f@example.com"
+    ).render()
+    plain = to_payload(rendered)
+    assert "ignore_suppressions" not in plain["meta"] and group_of(plain) is None
+    marked = to_payload(rendered, ignore_suppressions=True, asm_group=7)
+    assert ignores_suppressions(marked) and group_of(marked) == 7
+    assert from_payload(marked).id == rendered.id
+    bad = {**marked, "meta": {**marked["meta"], "asm_group": "7"}}
+    with pytest.raises(InvalidPayload, match="asm_group"):
+        from_payload(bad)
+
+
+def test_suppression_check_one_round_trip_for_many_messages(redis_url: str) -> None:
+    lists = Suppressions(redis.Redis.from_url(redis_url))
+    lists.add("Gone@Example.com", "bounce")
+    lists.add("left@example.com", "group_unsubscribe", group=3)
+
+    async def check() -> list[dict[str, str]]:
+        client = aioredis.Redis.from_url(redis_url)
+        checker = SuppressionCheck(client)
+        try:
+            return list(
+                await asyncio.gather(
+                    checker.suppressed(["gone@example.com", "ok@example.com"], None),
+                    checker.suppressed(["left@example.com"], 3),
+                    checker.suppressed(["left@example.com"], None),
+                )
+            )
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(check()) == [
+        {"gone@example.com": "bounce"},
+        {"left@example.com": "group_unsubscribe:3"},
+        {},
+    ]
+
+
+def test_events_apply_once_and_resolve_a_hold(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    mid = uuid.uuid4().hex
+    held = {"state": "data", "owner": "o", "at": time.time(), "reply": "", "until": 0}
+    client.set(keys.ledger(mid), json.dumps(held))
+    ingestor = Ingestor(client, 60)
+    batch = [event("processed", "a@example.com", mailer_id=mid), event("open", "a@example.com")]
+    first = ingestor.apply(batch)
+    assert (first.applied, first.resolved, first.unmatched) == (2, 1, 1)
+    again = ingestor.apply(batch)
+    assert (again.applied, again.duplicates) == (0, 2)
+    assert json.loads(client.get(keys.ledger(mid)) or b"{}")["owner"] == "relay-event"
+    assert reader.read(client, mid).state == "sent"
+    assert lifecycle.event_counts(client)["processed"] == 1

@@ -1,0 +1,162 @@
+"""Recipients we never mail again (docs/lifecycle.md, "Suppressions").
+
+Two kinds of list, each a Redis hash address -> JSON {reason, at, source, message_id}: the
+global list (hard bounces, blocks, spam reports, unsubscribes) and one per SendGrid unsubscribe
+group (`asm_group_id`: a group unsubscribe suppresses that group's mail only). The Event Webhook
+adds to them (`events/`), operators manage them (`mailer suppressions`), and the worker checks
+every message's recipients against them before the ledger claim (`SuppressionCheck`), in one
+round trip shared by the messages of one loop iteration. Addresses are compared in lower case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from workers.state import keys
+
+#: Reasons the webhook records (an operator may give any).
+REASONS = ("bounce", "blocked", "spamreport", "unsubscribe", "group_unsubscribe", "manual")
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str
+    reason: str
+    at: float
+    source: str = "manual"  # event | manual | import
+    message_id: str = ""
+    group: int | None = None  # None: the global list
+
+    @classmethod
+    def parse(cls, address: str, raw: bytes | str, group: int | None = None) -> Suppression:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            address=address,
+            reason=str(data.get("reason", "")),
+            at=float(data.get("at", 0)),
+            source=str(data.get("source", "")),
+            message_id=str(data.get("message_id", "")),
+            group=group,
+        )
+
+    def entry(self) -> str:
+        return json.dumps(
+            {"reason": self.reason, "at": self.at, "source": self.source, "message_id": ""}
+        )
+
+
+def normal(address: str) -> str:
+    return address.strip().lower()
+
+
+def _key(group: int | None) -> str:
+    return keys.SUPPRESS_GLOBAL if group is None else keys.suppress_group(group)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class Suppressions:
+    """The lists, synchronously (the CLI, tests)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def add(
+        self, address: str, reason: str = "manual", group: int | None = None, source: str = "manual"
+    ) -> None:
+        entry = Suppression(normal(address), reason, time.time(), source, group=group)
+        self.redis.hset(_key(group), entry.address, entry.entry())
+
+    def add_many(self, entries: Iterable[Suppression]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for entry in entries:
+            pipe.hset(_key(entry.group), normal(entry.address), entry.entry())
+            n += 1
+            if n % 1000 == 0:
+                pipe.execute()
+        pipe.execute()
+        return n
+
+    def remove(self, address: str, group: int | None = None) -> bool:
+        return bool(self.redis.hdel(_key(group), normal(address)))
+
+    def get(self, address: str, group: int | None = None) -> Suppression | None:
+        raw = self.redis.hget(_key(group), normal(address))
+        return None if raw is None else Suppression.parse(normal(address), raw, group)
+
+    def groups(self) -> list[int]:
+        prefix = keys.SUPPRESS_GROUP_PREFIX
+        found = self.redis.scan_iter(match=prefix + "*", count=1000)
+        return sorted(int(_text(k)[len(prefix) :]) for k in found)
+
+    def list(self, group: int | None = None) -> Iterator[Suppression]:
+        for address, raw in self.redis.hscan_iter(_key(group), count=1000):
+            yield Suppression.parse(_text(address), raw, group)
+
+    def count(self) -> int:
+        """Suppressed addresses, global and per group together."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hlen(keys.SUPPRESS_GLOBAL)
+        for group in self.groups():
+            pipe.hlen(keys.suppress_group(group))
+        return sum(int(n) for n in pipe.execute())
+
+
+class SuppressionCheck:
+    """The worker's check: which of a message's recipients are suppressed, and why.
+
+    Concurrent checks of one loop iteration leave as one pipeline (an HMGET of the global list,
+    and of the group's list when the message names a group, per message): the delivery path
+    waits one round trip, shared. A Redis error is the caller's to handle."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._queue: list[tuple[Sequence[str], int | None, asyncio.Future[dict[str, str]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def suppressed(self, recipients: Sequence[str], group: int | None) -> dict[str, str]:
+        """recipient -> reason (`group_unsubscribe:<id>` for a group's list) for each
+        suppressed one; {} when none is."""
+        future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._queue.append((recipients, group, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            pipe = self.redis.pipeline(transaction=False)
+            for recipients, group, _ in batch:
+                lowered = [normal(r) for r in recipients]
+                pipe.hmget(keys.SUPPRESS_GLOBAL, lowered)
+                if group is not None:
+                    pipe.hmget(keys.suppress_group(group), lowered)
+            try:
+                replies = iter(await pipe.execute())
+            except Exception as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for recipients, group, future in batch:
+                found: dict[str, str] = {}
+                lists = [next(replies)] + ([next(replies)] if group is not None else [])
+                for index, values in enumerate(lists):
+                    for recipient, raw in zip(recipients, values, strict=True):
+                        if raw is not None and recipient not in found:
+                            reason = str(json.loads(raw).get("reason", ""))
+                            found[recipient] = reason if index == 0 else f"{reason}:{group}"
+                if not future.done():
+                    future.set_result(found)

@@ -188,11 +188,6 @@ def to_message(email: EmailMessage) -> Message:
             text = content
         else:
             others.append((content, mimetype))
-    for index, (_, mimetype) in enumerate(others):
-        raise InvalidMessage(
-            f"alternatives[{index}]",
-            f"{mimetype}: only one text/html (or text/plain) alternative is supported",
-        )
     if text is not None and html is not None and not text:
         text = None  # an HTML-only message Django-style: body "" plus an HTML alternative
     # Django writes str(value) for every header value.
@@ -220,6 +215,7 @@ def to_message(email: EmailMessage) -> Message:
         subject=_text(email.subject),
         text=text,
         html=html,
+        alternatives=others or None,
         from_addr=from_addr,
         cc=_addresses(email.cc) or None,
         bcc=_addresses(email.bcc) or None,

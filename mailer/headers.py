@@ -26,6 +26,7 @@ from email.utils import format_datetime, getaddresses
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
+import idna
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 try:  # not email_validator's public API: without it every address takes the full check
@@ -277,11 +278,11 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
         return f"{value!r} has no address"
     if _WHITESPACE.search(addr) or "," in addr or ";" in addr:
         return f"{value!r} is ambiguous: one address per string"
-    if not addr.isascii():
+    if not addr.rpartition("@")[0].isascii():
         return (
-            f"{addr!r} has non-ASCII characters in the address; the relay does not offer "
-            "SMTPUTF8, so only ASCII addresses can be sent (an IDN domain can be given in its "
-            "xn-- form; the display name may be non-ASCII)"
+            f"{addr!r} has non-ASCII characters before the '@'; the relay does not offer "
+            "SMTPUTF8, so the local part must be ASCII (the display name and the domain may be "
+            "non-ASCII: an IDN domain is sent in its xn-- form)"
         )
     # Cross-check with the standard library's parser: any disagreement means the string can
     # be read in two ways, and a mail reader might pick the other one.
@@ -294,10 +295,37 @@ def _parse_mailbox_cached(value: str) -> tuple[str, str] | str:
     try:
         result = validate_email(addr, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
-        return f"{addr!r} is not a valid address: {exc}"
+        encoded = _pre_encoded_idn(addr)
+        if encoded is None:
+            return f"{addr!r} is not a valid address: {exc}"
+        return name, encoded
     if result.ascii_email is None:  # not reached with allow_smtputf8=False
         return f"{addr!r} would need SMTPUTF8, which the relay does not offer"
     return name, result.ascii_email
+
+
+def _pre_encoded_idn(addr: str) -> str | None:
+    """`addr` (domain lower-cased) when its domain is already in IDNA 2008 A-label form and the
+    address is otherwise valid. email_validator refuses the joiners (ZWJ, ZWNJ) in a decoded
+    label as unsafe to display, but IDNA 2008 allows them in context (RFC 5892 CONTEXTJ, e.g.
+    Sinhala "xn--10cl1a0b660p"), so a domain given encoded is checked by the idna package and
+    sent as given, as Django's SMTP backend sends it."""
+    local, _, domain = addr.rpartition("@")
+    labels = domain.lower().split(".")
+    if not addr.isascii() or not any(label.startswith("xn--") for label in labels):
+        return None
+    try:
+        idna.decode(domain)  # IDNA 2008, the context rules for the joiners included
+    except (idna.IDNAError, UnicodeError):
+        return None
+    # Everything else about the address through email_validator, with the A-labels stood in
+    # for by plain labels of the same length.
+    stand_in = ".".join("x" * len(label) if label.startswith("xn--") else label for label in labels)
+    try:
+        validate_email(f"{local}@{stand_in}", check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError:
+        return None
+    return f"{local}@{'.'.join(labels)}"
 
 
 def parse_mailbox(field: str, value: object) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from mailer.headers import (
     extra_header,
     parse_mailbox,
 )
-from mailer.mime import Part, guess_mimetype
+from mailer.mime import Alternative, Part, guess_mimetype
 from mailer.render import ID_NAMESPACE, Fields, message_id_for, render_fields
 from mailer.smtpapi import SMTPAPIHeader
 
@@ -54,6 +54,8 @@ MAX_CONTENT_ID = 250
 MAX_IDEMPOTENCY_KEY = 1000
 
 _MIMETYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+_PARAM_NAME = re.compile(r"[a-z0-9!#$&^_.+-]+")  # an RFC 2045 token, lower-cased
+_PARAM_VALUE = re.compile(r"[ !#-\[\]-~]+")  # printable ASCII but '"' and '\\'
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")  # printable ASCII without space, '<' or '>'
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _ENVELOPE_ADDRESS = re.compile(r"[!-~]+@[!-~]+")
@@ -89,6 +91,10 @@ class Message:
     attachments: Sequence[AttachmentLike] | None = None
     smtpapi: SMTPAPIHeader | Mapping[str, Any] | None = None
     idempotency_key: str | None = None
+    alternatives: Sequence[tuple[str | bytes, str]] | None = None
+    """More parts of the multipart/alternative after `text` and `html`, as (content, mimetype)
+    pairs; a mimetype may carry parameters: ``(ics, "text/calendar; method=REQUEST")`` is a
+    meeting invitation. Last in the field order so positional callers keep working."""
 
     def render(
         self,
@@ -255,6 +261,7 @@ def _fields(m: Message, default_from: str | None, created_at: float) -> Fields:
         raise InvalidMessage("text", "no body: pass text=, html= or both")
     header_lines = _extra_headers(m.headers)
     parts = _attachments(m.attachments)
+    alternatives = _alternatives(m.alternatives)
     api = _smtpapi(m.smtpapi)
     key = _idempotency_key(m.idempotency_key)
     return Fields(
@@ -268,6 +275,7 @@ def _fields(m: Message, default_from: str | None, created_at: float) -> Fields:
         html=m.html,
         header_lines=header_lines,
         parts=parts,
+        alternatives=alternatives,
         smtpapi=api.to_dict(now=created_at) if api is not None else {},
         idempotency_key=key,
     )
@@ -393,6 +401,72 @@ def _attachments(items: object) -> list[Part]:
             content_id = f"<{cid}>"
         parts.append(Part(filename, data, maintype, subtype, content_id, params))
     return parts
+
+
+def _content_type(field: str, value: object) -> tuple[str, str, dict[str, str]]:
+    """ "type/subtype; name=value; ..." as (maintype, subtype, params), lower-cased names."""
+    if not isinstance(value, str):
+        raise InvalidMessage(field, f"the mimetype must be a string, got {type(value).__name__}")
+    mimetype, *pieces = (piece.strip() for piece in value.split(";"))
+    if not _MIMETYPE.fullmatch(mimetype):
+        raise InvalidMessage(field, f"{value!r} is not a MIME type like 'text/calendar'")
+    maintype, subtype = mimetype.lower().split("/")
+    params: dict[str, str] = {}
+    for piece in pieces:
+        name, eq, raw = piece.partition("=")
+        name, raw = name.strip().lower(), raw.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = raw[1:-1]
+        if not eq or not _PARAM_NAME.fullmatch(name) or not _PARAM_VALUE.fullmatch(raw):
+            raise InvalidMessage(
+                field, f"{piece!r} in {value!r} is not a parameter like 'method=REQUEST'"
+            )
+        check_decoded(field, raw, f"the {name} parameter ")
+        if name == "charset":
+            if raw.lower() in ("utf-8", "utf8"):
+                continue  # the part says charset="utf-8" anyway
+            raise InvalidMessage(field, f"text is sent as utf-8, not {raw}; leave charset out")
+        params[name] = raw
+    return maintype, subtype, params
+
+
+def _alternatives(items: object) -> list[Alternative]:
+    if items is None:
+        return []
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
+        raise InvalidMessage("alternatives", "expected a list of (content, mimetype) pairs")
+    out: list[Alternative] = []
+    for i, item in enumerate(items):
+        field = f"alternatives[{i}]"
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidMessage(
+                field, "expected a (content, mimetype) pair like (ics, 'text/calendar')"
+            )
+        content, mimetype = item
+        maintype, subtype, params = _content_type(field, mimetype)
+        if maintype in ("message", "multipart"):
+            raise InvalidMessage(field, f"{maintype}/* cannot be an alternative body")
+        data: str | bytes
+        if isinstance(content, bytes | bytearray | memoryview):
+            data = bytes(content)
+            if maintype == "text":
+                try:
+                    data = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidMessage(field, "text content is not valid UTF-8") from None
+        elif isinstance(content, str):
+            data = content
+            if maintype != "text":
+                try:
+                    data = content.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidMessage(field, "content is not valid Unicode") from None
+        else:
+            raise InvalidMessage(
+                field, f"content must be str or bytes, got {type(content).__name__}"
+            )
+        out.append(Alternative(field, maintype, subtype, params, data))
+    return out
 
 
 def _smtpapi(value: SMTPAPIHeader | Mapping[str, Any] | None) -> SMTPAPIHeader | None:

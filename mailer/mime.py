@@ -2,9 +2,10 @@
 
 A message with text and/or HTML and no attachment is written directly (`fast_mime`), byte for
 byte what the email package writes for it with `POLICY` (tests/unit/test_render_fast.py compares the
-two), for far less; messages with attachments go through the email package
-(`email_mime`). Either way the result starts with the MIME headers (MIME-Version,
-Content-Type, ...) and ends with the body: mailer/render.py puts the other headers in front.
+two), for far less; messages with attachments or other alternatives (a calendar invitation) go
+through the email package (`email_mime`). Either way the result starts with the MIME headers
+(MIME-Version, Content-Type, ...) and ends with the body: mailer/render.py puts the other
+headers in front.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import mimetypes
 import random
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email import quoprimime
 from email.message import EmailMessage
@@ -22,7 +24,7 @@ from typing import Any
 from mailer.errors import InvalidMessage
 from mailer.headers import MAX_LINE, POLICY, WIDTH
 
-__all__ = ["Part", "body_cte", "email_mime", "fast_mime", "guess_mimetype"]
+__all__ = ["Alternative", "Part", "body_cte", "email_mime", "fast_mime", "guess_mimetype"]
 
 _7BIT_BYTES = b"\t\n\r" + bytes(range(0x20, 0x7F))
 _NEWLINE = re.compile(r"\r\n|\r|\n")  # what the email package's generator turns into CRLF
@@ -122,10 +124,27 @@ class Part:
     params: dict[str, str] | None
 
 
-def email_mime(text: str | None, html: str | None, parts: list[Part]) -> bytes:
+@dataclass
+class Alternative:
+    """One more part of the multipart/alternative, after the text and the HTML (a calendar
+    invitation: text/calendar with its method parameter), validated (mailer/message.py)."""
+
+    field: str
+    maintype: str
+    subtype: str
+    params: dict[str, str]
+    content: str | bytes  # str: text/*, encoded as the body is; bytes: base64
+
+
+def email_mime(
+    text: str | None,
+    html: str | None,
+    parts: list[Part],
+    alternatives: Sequence[Alternative] = (),
+) -> bytes:
     """The MIME structure (parts, Content-*, encodings), through the email package."""
     msg = EmailMessage(policy=POLICY)
-    _body(msg, text, html, parts)
+    _body(msg, text, html, parts, alternatives)
     for part in msg.walk():
         if part is not msg:
             del part["MIME-Version"]
@@ -135,19 +154,41 @@ def email_mime(text: str | None, html: str | None, parts: list[Part]) -> bytes:
     return flat
 
 
-def _body(msg: EmailMessage, text: str | None, html: str | None, parts: list[Part]) -> None:
-    html_part: EmailMessage | None = None
+def _body(
+    msg: EmailMessage,
+    text: str | None,
+    html: str | None,
+    parts: list[Part],
+    alternatives: Sequence[Alternative],
+) -> None:
     if text is not None:
         msg.set_content(text, subtype="plain", charset="utf-8", cte=body_cte("text", text))
         if html is not None:
             msg.add_alternative(html, subtype="html", charset="utf-8", cte=body_cte("html", html))
-            payload = msg.get_payload()
-            assert isinstance(payload, list) and isinstance(payload[1], EmailMessage)
-            html_part = payload[1]
     else:
         assert html is not None
         msg.set_content(html, subtype="html", charset="utf-8", cte=body_cte("html", html))
-        html_part = msg
+    for alt in alternatives:
+        if isinstance(alt.content, str):
+            cte = body_cte(alt.field, alt.content)
+            msg.add_alternative(
+                alt.content, subtype=alt.subtype, charset="utf-8", cte=cte, params=alt.params
+            )
+        else:
+            msg.add_alternative(
+                alt.content, alt.maintype, alt.subtype, cte="base64", params=alt.params
+            )
+    html_part: EmailMessage | None = None
+    if html is not None:
+        payload = msg.get_payload()
+        if isinstance(payload, list):  # multipart/alternative: the first text/html part
+            html_part = next(
+                p
+                for p in payload
+                if isinstance(p, EmailMessage) and p.get_content_type() == "text/html"
+            )
+        else:
+            html_part = msg
     # Inline parts first: once the message is multipart/mixed, the HTML part moves.
     for part in sorted(parts, key=lambda p: p.content_id is None):
         kwargs: dict[str, Any] = {"filename": part.filename, "cte": "base64"}

@@ -22,7 +22,7 @@ from mailer.headers import (
     fold_header_value,
     subject_header,
 )
-from mailer.mime import Part, email_mime, fast_mime
+from mailer.mime import Alternative, Part, email_mime, fast_mime
 from mailer.smtpapi import HEADER_NAME, MAX_UNIQUE_ARGS_BYTES, header_json, unique_args_size
 
 __all__ = ["ID_NAMESPACE", "Fields", "Output", "message_id_for", "render_fields"]
@@ -55,6 +55,7 @@ class Fields:
     html: str | None
     header_lines: list[str]  # the extra headers, each "Name: value\r\n", folded
     parts: list[Part]
+    alternatives: list[Alternative]
     smtpapi: dict[str, Any]  # SMTPAPIHeader.to_dict(), validated
     idempotency_key: str | None
 
@@ -84,6 +85,7 @@ def render_fields(
         "text": len(fields.text or ""),
         "html": len(fields.html or ""),
         "attachments": sum(len(p.data) for p in fields.parts),
+        "alternatives": sum(len(a.content) for a in fields.alternatives),
     }
     _check_size(sizes, sum(sizes.values()) + sizes["attachments"] // 3, max_size)
 
@@ -108,19 +110,22 @@ def render_fields(
     smtpapi_line = f"{HEADER_NAME}: {fold_header_value(HEADER_NAME, api_json, field='smtpapi')}\r\n"
 
     # The MIME structure (parts, Content-*, encodings): written directly for text and/or
-    # HTML (the common case), through the email package when there are attachments.
-    mime = None if fields.parts or not fast_mime_ok else fast_mime(fields.text, fields.html)
+    # HTML (the common case), through the email package when there are attachments or other
+    # alternatives.
+    slow = fields.parts or fields.alternatives or not fast_mime_ok
+    mime = None if slow else fast_mime(fields.text, fields.html)
     if mime is not None:
         flat = mime.encode("ascii")
     else:
         try:
-            flat = email_mime(fields.text, fields.html, fields.parts)
+            flat = email_mime(fields.text, fields.html, fields.parts, fields.alternatives)
         except InvalidMessage:
             raise
         except Exception as exc:  # the email package's many errors: name the field instead
-            raise InvalidMessage(
-                "attachments" if fields.parts else "text", f"cannot be encoded: {exc}"
-            ) from None
+            field = (
+                "attachments" if fields.parts else "alternatives" if fields.alternatives else "text"
+            )
+            raise InvalidMessage(field, f"cannot be encoded: {exc}") from None
 
     sender = fields.sender
     domain = sender[1].rpartition("@")[2]
@@ -153,7 +158,8 @@ def _intended(fields: Fields) -> list[str]:
     names = ["From", "Subject", "Date", "Message-ID", HEADER_NAME, "MIME-Version", "Content-Type"]
     names += [name for name, present in _OPTIONAL if getattr(fields, present)]
     names += [line.partition(":")[0] for line in fields.header_lines]
-    if not fields.parts and (fields.text is None or fields.html is None):
+    single = fields.text is None or fields.html is None
+    if not fields.parts and not fields.alternatives and single:
         names.append("Content-Transfer-Encoding")  # a single text part
     return names
 

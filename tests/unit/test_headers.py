@@ -157,8 +157,42 @@ def test_parse_mailbox_refuses(value: str) -> None:
     assert field_of(exc) == "cc"
 
 
-@pytest.mark.parametrize("value", ["j\u00f6rg@example.com", "a@b\u00fccher.example"])
-def test_parse_mailbox_refuses_non_ascii_addresses_for_lack_of_smtputf8(value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # IDN domains go out in their xn-- form (as Django's sanitize_address sends them).
+        ("a@b\u00fccher.example", ("", "a@xn--bcher-kva.example")),
+        ("from@\u00f6\u00e4\u00fc.com", ("", "from@xn--4ca9at.com")),
+        ("To Example <to@\u6f22\u5b57.example.com>", ("To Example", "to@xn--p8s937b.example.com")),
+        # IDNA 2008, not 2003: sharp s stays (2003 would map it to "ss", another domain).
+        ("a@fa\u00df.example.com", ("", "a@xn--fa-hia.example.com")),
+        # Already encoded, with the joiners IDNA 2008 allows in context (ZWJ, ZWNJ): as given.
+        ("a@xn--10cl1a0b660p.example.com", ("", "a@xn--10cl1a0b660p.example.com")),
+        ("a@XN--mgba3gch31f060k.Example.com", ("", "a@xn--mgba3gch31f060k.example.com")),
+    ],
+)
+def test_parse_mailbox_sends_idn_domains_in_their_ascii_form(
+    value: str, expected: tuple[str, str]
+) -> None:
+    assert parse_mailbox("to", value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a@xn--zz.example.com",  # not a valid A-label
+        "a@xn--10cl1a0b660p.localhost",  # the rest of the address is still checked
+        "a b@xn--10cl1a0b660p.example.com",
+    ],
+)
+def test_parse_mailbox_refuses_bad_encoded_domains(value: str) -> None:
+    with pytest.raises(InvalidMessage) as exc:
+        parse_mailbox("to", value)
+    assert field_of(exc) == "to"
+
+
+@pytest.mark.parametrize("value", ["j\u00f6rg@example.com", "J\u00f6rg <j\u00f6rg@b\u00fccher.de>"])
+def test_parse_mailbox_refuses_non_ascii_local_parts_for_lack_of_smtputf8(value: str) -> None:
     with pytest.raises(InvalidMessage) as exc:
         parse_mailbox("to", value)
     assert field_of(exc) == "to"

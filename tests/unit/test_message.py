@@ -410,10 +410,22 @@ def test_bad_addresses(name: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize("name", ["to", "cc", "bcc", "reply_to", "from_addr"])
-def test_non_ascii_addresses_need_smtputf8(name: str) -> None:
+def test_non_ascii_local_parts_need_smtputf8(name: str) -> None:
     exc = refused(make(**{name: "J\u00fcrgen <j\u00fcrgen@example.com>"}))
     assert exc.field == name
     assert "SMTPUTF8" in exc.problem
+
+
+def test_idn_domains_are_sent_as_xn_in_envelope_and_headers() -> None:
+    rendered = make(
+        from_addr="B\u00fccher <info@b\u00fccher.example>",
+        to="J\u00f6rg <j@\u00f6\u00e4\u00fc.com>",
+        cc="cc@xn--10cl1a0b660p.example.com",
+    ).render()
+    assert rendered.mail_from == "info@xn--bcher-kva.example"
+    assert rendered.rcpt_to == ("j@xn--4ca9at.com", "cc@xn--10cl1a0b660p.example.com")
+    assert b"\r\nTo: =?utf-8?b?SsO2cmc=?= <j@xn--4ca9at.com>\r\n" in rendered.data
+    assert b"\r\nCc: cc@xn--10cl1a0b660p.example.com\r\n" in rendered.data
 
 
 def test_address_list_items_are_checked() -> None:
@@ -812,3 +824,79 @@ def test_render_property(
             expected = expected[1:-1]
         assert attachment.get_filename() == expected
     assert Rendered.from_payload(json.loads(json.dumps(r.to_payload()))) == r
+
+
+ICS = "BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nSUMMARY:R\u00fcckblick\r\nEND:VCALENDAR\r\n"
+
+
+@pytest.mark.parametrize(
+    "bodies",
+    [{"text": "Hi\n", "html": "<p>Hi</p>"}, {"text": "Hi\n"}, {"html": "<p>Hi</p>"}],
+)
+def test_alternatives_follow_text_and_html(bodies: dict[str, str]) -> None:
+    """A meeting invitation: text/calendar with its method parameter, last alternative."""
+    rendered = make(
+        **{"text": None, **bodies},
+        alternatives=[(ICS, "text/calendar; method=REQUEST"), (b"\x00ics", "application/ics")],
+    ).render()
+    parsed = email.message_from_bytes(rendered.data, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/alternative"
+    parts = list(parsed.iter_parts())
+    expected = [t for t, k in (("text/plain", "text"), ("text/html", "html")) if k in bodies]
+    assert [p.get_content_type() for p in parts] == [*expected, "text/calendar", "application/ics"]
+    calendar, binary = parts[-2:]
+    assert calendar.get_param("method") == "REQUEST" and calendar.get_param("charset") == "utf-8"
+    assert calendar.get_content().replace("\r\n", "\n") == ICS.replace("\r\n", "\n")
+    assert "Content-Disposition" not in calendar
+    assert binary.get_content() == b"\x00ics"
+
+
+def test_alternatives_keep_inline_parts_with_the_html() -> None:
+    rendered = make(
+        html='<img src="cid:logo">',
+        alternatives=[(ICS, "text/calendar; method=REQUEST")],
+        attachments=[Attachment("logo.png", b"png", "image/png", content_id="logo")],
+    ).render()
+    parsed = email.message_from_bytes(rendered.data, policy=email.policy.default)
+    types = [p.get_content_type() for p in parsed.walk()]
+    assert types == [
+        "multipart/alternative",
+        "text/plain",
+        "multipart/related",
+        "text/html",
+        "image/png",
+        "text/calendar",
+    ]
+
+
+def test_alternative_charset_utf8_is_accepted() -> None:
+    rendered = make(alternatives=[(ICS, 'text/calendar; charset="UTF-8"; method=PUBLISH')])
+    parsed = email.message_from_bytes(rendered.render().data, policy=email.policy.default)
+    calendar = list(parsed.iter_parts())[-1]
+    assert calendar.get_param("method") == "PUBLISH" and calendar.get_param("charset") == "utf-8"
+
+
+@pytest.mark.parametrize(
+    ("alternatives", "problem"),
+    [
+        ("x", "list of (content, mimetype) pairs"),
+        ([("x",)], "pair"),
+        ([(1, "text/calendar")], "str or bytes"),
+        ([("x", "calendar")], "not a MIME type"),
+        ([("x", "text/calendar; method")], "not a parameter"),
+        ([("x", 'text/calendar; method="a\\"b"')], "not a parameter"),
+        ([("x", "text/calendar; charset=latin-1")], "utf-8"),
+        ([("x", "text/calendar; method=utf-8''%0d%0aBcc%3a%20x")], "RFC 2231"),
+        ([("x", "multipart/mixed")], "cannot be an alternative"),
+        ([(b"\xff", "text/calendar")], "not valid UTF-8"),
+    ],
+)
+def test_bad_alternatives(alternatives: Any, problem: str) -> None:
+    exc = refused(make(alternatives=alternatives))
+    assert exc.field.startswith("alternatives") and problem in exc.problem
+
+
+def test_positional_fields_are_unchanged() -> None:
+    """alternatives= is the last field: positional callers of the older API keep working."""
+    message = Message("to@example.com", "Hi", "text", None, FROM)
+    assert message.from_addr == FROM and message.alternatives is None

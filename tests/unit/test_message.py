@@ -116,7 +116,8 @@ def test_render_basic() -> None:
     assert r.to == ("to@example.com",)
     assert r.subject == "Hello"
     assert b"hidden" not in r.data.lower()
-    assert b"bcc" not in r.data.lower()
+    head = r.data.lower().split(b"\r\n\r\n", 1)[0]
+    assert not head.startswith(b"bcc:") and b"\r\nbcc:" not in head  # no Bcc header line
     msg = parse(r)
     assert msg["Message-ID"] == f"<{r.id}@example.com>"
     assert msg["Date"] is not None

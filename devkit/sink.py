@@ -18,6 +18,10 @@ workers in other processes) can talk to it while the test thread reads the recor
 Run by hand::
 
     python -m devkit.sink --port 2525 --tls starttls --tls-dir /tmp/sink --auth apikey:KEY
+
+One module, longer than most here, on purpose: it is a whole relay stand-in (the SMTP
+handler, TLS material, the fault plan, the records and their queries, the CLI) whose parts only
+make sense together, and nothing in production imports it.
 """
 
 from __future__ import annotations

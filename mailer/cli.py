@@ -3,6 +3,9 @@ sink, bench.
 
 Operator commands import the worker side lazily, inside the subcommand, so `import mailer`
 stays light for app code.
+
+Longer than most modules because it is one short handler per subcommand; the work itself is
+in the modules each handler calls.
 """
 
 from __future__ import annotations

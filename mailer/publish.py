@@ -2,6 +2,9 @@
 
 The payload is small JSON (id, envelope, the rendered message, display metadata) and never a
 credential. Task reprs, which Flower and logs show, carry id, recipients and subject only.
+
+It holds both ways of publishing (the hand-packed round trip and Celery's `send_task` for
+what it does not cover) because they must write the same messages and change together.
 """
 
 from __future__ import annotations

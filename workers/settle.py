@@ -216,7 +216,8 @@ def finish(
     if result.status == "failed" and rt.dead.get(str(payload["id"])) is None:
         # Redelivered after a permanent failure whose dead letter was never written.
         dead_letter(payload, "permanent", None, attempts + 1, result)
-    log_event(result.status, message_id=payload.get("id"), attempts=attempts)
+    if result.status != "sent":  # `sent` was logged at the relay's 250 (workers/engine/runtime.py)
+        log_event(result.status, message_id=payload.get("id"), attempts=attempts)
     return {"id": payload.get("id"), "status": result.status}
 
 

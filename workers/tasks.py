@@ -169,7 +169,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if waiting is not None:
             waited = True
             raise waiting
-        result = runtime().deliver(payload, released)
+        result = runtime().deliver(payload, released, attempts)
         finished = finish(payload, result, attempts)
     except Failure as failure:
         outcome: Failure = failure

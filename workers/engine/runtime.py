@@ -245,7 +245,12 @@ class Runtime:
         return 2 * s.lease_wait + 4 * s.smtp_timeout + s.data_timeout
 
     async def _bounded(
-        self, payload: Mapping[str, Any], released: str = "", *, stream: bool = False
+        self,
+        payload: Mapping[str, Any],
+        released: str = "",
+        *,
+        stream: bool = False,
+        attempts: int = 0,
     ) -> Result:
         """`adeliver` under the attempt budget. A cancelled transaction classifies itself by
         phase (after the terminator it is UNCERTAIN), so only the waits before it end here."""
@@ -254,7 +259,7 @@ class Runtime:
             async with asyncio.timeout(self._attempt_budget()):  # a timer, not a task per message
                 if stream:
                     return await self._streamed(payload)
-                return await self.adeliver(payload, released)
+                return await self.adeliver(payload, released, attempts)
         except TimeoutError:
             raise Failure(Kind.RECONNECT, None, "attempt timed out", Phase.CONNECT) from None
         finally:
@@ -262,10 +267,12 @@ class Runtime:
             if not stream and self.on_room is not None:
                 self.on_room()
 
-    def deliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
+    def deliver(self, payload: Mapping[str, Any], released: str = "", attempts: int = 0) -> Result:
+        """`attempts`: the message's SMTP attempts so far (for its `sent` event)."""
         try:
             return self.loop.run(
-                self._bounded(payload, released), timeout=self._attempt_budget() + 30
+                self._bounded(payload, released, attempts=attempts),
+                timeout=self._attempt_budget() + 30,
             )
         except TimeoutError:
             # The loop itself is stuck: the attempt may still be running. The ledger decides
@@ -328,10 +335,12 @@ class Runtime:
             gate = self._gate = asyncio.Semaphore(size)
         return gate
 
-    async def adeliver(self, payload: Mapping[str, Any], released: str = "") -> Result:
+    async def adeliver(
+        self, payload: Mapping[str, Any], released: str = "", attempts: int = 0
+    ) -> Result:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
         async with self.gate:
-            return await self._admitted(payload, released)
+            return await self._admitted(payload, released, attempts)
 
     async def _streamed(self, payload: Mapping[str, Any]) -> Result:
         """`adeliver` for `start_many`: an attempt still waiting for room when shutdown begins
@@ -357,7 +366,9 @@ class Runtime:
         finally:
             gate.release()
 
-    async def _admitted(self, payload: Mapping[str, Any], released: str) -> Result:
+    async def _admitted(
+        self, payload: Mapping[str, Any], released: str, attempts: int = 0
+    ) -> Result:
         """`_attempt` once the fleet's rate admits it. A transaction the relay throttled goes
         back to wait for the rate (which the throttling just lowered), not to its retries."""
         lane = lane_of(payload)
@@ -365,7 +376,7 @@ class Runtime:
         for tries in range(1, THROTTLED_TRIES + 1):
             await self.shaper.admit(lane, tokens, time.monotonic() + self.settings.lease_wait)
             try:
-                return await self._attempt(payload, released)
+                return await self._attempt(payload, released, attempts)
             except Failure as failure:
                 if failure.kind is not Kind.THROTTLED or tries == THROTTLED_TRIES:
                     raise
@@ -375,7 +386,9 @@ class Runtime:
                     released = f"{released} {failure.attempt}".strip()
         raise AssertionError("unreachable")
 
-    async def _attempt(self, payload: Mapping[str, Any], released: str) -> Result:
+    async def _attempt(
+        self, payload: Mapping[str, Any], released: str, attempts: int = 0
+    ) -> Result:
         """One attempt, guarded by the ledger so a message the relay has is never sent again.
 
         Claim, mark `data` just before the terminator, `sent` on the 250. A Redis error before
@@ -448,6 +461,8 @@ class Runtime:
         metrics.delivered(delivered.refused)
         self.status.note(message_id, "sent", reply=f"250 {delivered.reply}")  # never waits
         await _quietly(self.ledger.settle(message_id, owner, "sent", delivered.reply))
+        # Its own time: a message of a batch is `sent` now, not when its whole batch settles.
+        log_event("sent", message_id=message_id, attempts=attempts)
         return Result("sent", delivered.reply, delivered.refused)
 
     async def _unsuppressed(self, payload: Mapping[str, Any]) -> Mapping[str, Any]:

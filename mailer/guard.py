@@ -60,6 +60,8 @@ FIELD_OF: Mapping[str, str] = {
     "message-id": "idempotency_key",
 }
 _FIELD_NAME = re.compile(rb"([!-9;-~]+):")
+# The name of every line that starts a field (a continuation starts with a blank).
+_FIELD_NAMES = re.compile(r"^([!-9;-~]+):", re.MULTILINE)
 _BOUNDARY = re.compile(rb'boundary="?([^";\r\n]+)"?', re.IGNORECASE)
 _MULTIPART = re.compile(rb"content-type:[ \t]*multipart/", re.IGNORECASE)
 
@@ -76,21 +78,25 @@ def _field(name: str) -> str:
 def _header_names(block: bytes, where: str) -> list[str]:
     """The field names of a header block (lower-cased, in order); refuses a line that is neither
     a field nor a continuation, naming the field it follows."""
-    names: list[str] = []
+    names: list[str] = _FIELD_NAMES.findall(block.decode("ascii").lower())
+    continuations = block.count(b"\r\n ") + block.count(b"\r\n\t")
+    if len(names) + continuations == block.count(b"\r\n") + 1:
+        return names  # every line is a field or a continuation
+    names = []
     for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not names:
-                raise InvalidMessage(where, "the header block starts with a continuation line")
+        if line[:1] in (b" ", b"\t") and names:
             continue
-        match = _FIELD_NAME.match(line)
-        if match is None:
-            after = _field(names[-1]) if names else where
-            raise InvalidMessage(after, f"renders to a header line that is not a field: {line!r}")
-        names.append(match.group(1).decode("ascii").lower())
-    return names
+        if line[:1] not in (b" ", b"\t") and _FIELD_NAME.match(line):
+            names.append(line.partition(b":")[0].decode("ascii").lower())
+            continue
+        after = _field(names[-1]) if names else where
+        raise InvalidMessage(after, f"renders to a header line that is not a field: {line!r}")
+    raise InvalidMessage(where, "a header block the checks disagree on")  # pragma: no cover
 
 
 def _once_each(names: list[str], where: str) -> None:
+    if len(set(names)) == len(names) and "bcc" not in names:
+        return
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name in seen and name in SINGLETONS:
@@ -123,7 +129,7 @@ def _structure(data: bytes) -> list[str]:
 
 def _parts(head: bytes, body: bytes, depth: int) -> None:
     """Checks the parts of a multipart entity (recursively)."""
-    if not _MULTIPART.search(head):
+    if b"multipart/" not in head.lower() or not _MULTIPART.search(head):
         return
     if depth > 8:
         raise InvalidMessage("attachments", "MIME parts nested too deep")

@@ -160,3 +160,109 @@ def test_flower_listens_on_loopback_unless_told(flower: dict[str, Any]) -> None:
     (port,) = flower["ports"]
     assert _interpolate(port, {}) == "127.0.0.1:5555:5555"
     assert _interpolate(port, {"FLOWER_BIND": "10.0.0.5"}) == "10.0.0.5:5555:5555"
+
+
+# ---------------------------------------------------------------------------------------------
+# mailer send --csv: a broker that refuses mid-file
+
+
+def _queued_ids(client: Any) -> list[str]:
+    import base64
+    import json
+
+    ids = []
+    for raw in reversed(client.lrange("mailer", 0, -1)):  # LPUSH: oldest last
+        args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        ids += [payload["id"] for payload in args[0]]
+    return ids
+
+
+def test_a_broker_failure_mid_file_reports_what_was_queued(
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import redis
+
+    import mailer
+
+    rows = 40
+    path = tmp_path / "rows.csv"
+    body = "x " * 20_000
+    path.write_text(
+        "to,subject,text,from_addr\n"
+        + "".join(f"u{i}@example.com,Hello {i},{body},a@example.com\n" for i in range(rows))
+    )
+    monkeypatch.setenv("MAILER_BROKER_URL", redis_url)
+    mailer.reset_default_mailer()
+    client = redis.Redis.from_url(redis_url)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + 1_000_000)  # room for some rows (~70 KB each), not all
+    try:
+        assert main(["send", "--csv", str(path), "--chunk-size", "1", "-q"]) == 1
+    finally:
+        client.config_set("maxmemory", 0)
+        mailer.reset_default_mailer()
+    err = capsys.readouterr().err.strip()
+    queued = _queued_ids(client)
+    assert 0 < len(queued) < rows, (err, client.keys())
+    assert f"{len(queued)} of {rows} rows were queued" in err and "\n" not in err
+    # The rerun gives every row the same message id as before: the ledger sends each once.
+    assert main(["send", "--csv", str(path), "--chunk-size", "1", "-q"]) == 0
+    mailer.reset_default_mailer()
+    again = _queued_ids(client)[len(queued) :]
+    assert len(again) == rows and again[: len(queued)] == queued
+
+
+# ---------------------------------------------------------------------------------------------
+# A relay that answers AUTH with neither 235 nor an error
+
+
+async def _relay_answering_auth_250(reader: Any, writer: Any) -> None:
+    """Postfix's smtp-sink does this: AUTH gets "250 2.0.0 Ok"."""
+    writer.write(b"220 sink ESMTP\r\n")
+    while line := await reader.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            writer.write(b"250-sink\r\n250 AUTH PLAIN LOGIN\r\n")
+        elif verb == b"AUTH":
+            writer.write(b"250 2.0.0 Ok\r\n")
+        elif verb == b"QUIT":
+            writer.write(b"221 bye\r\n")
+            await writer.drain()
+            break
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+    writer.close()
+
+
+def test_an_auth_answered_with_250_names_itself() -> None:
+    import asyncio
+
+    from workers.engine.session import Session
+
+    async def run() -> str:
+        server = await asyncio.start_server(_relay_answering_auth_250, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = Settings.from_env(
+            {
+                "MAILER_SMTP_HOST": "127.0.0.1",
+                "MAILER_SMTP_PORT": str(port),
+                "MAILER_SMTP_TLS": "none",
+                "MAILER_SMTP_ALLOW_INSECURE": "1",
+                "MAILER_SMTP_PASSWORD": "secret-key",
+            }
+        )
+        try:
+            await Session(settings).open()
+        except Exception as exc:  # the engine's Failure: what the operator reads
+            return str(exc)
+        finally:
+            server.close()
+        return "opened"
+
+    text = asyncio.run(run())
+    assert "relay answered AUTH with 250, not 235" in text
+    assert "secret-key" not in text

@@ -1,9 +1,10 @@
 """What the project sends to Redis, as Redis saw it: `python -m devkit.redis_trace`.
 
 Starts a private redis-server, a TLS SMTP sink and a worker; sends single messages, a batch,
-one refused and one deferred (a retry with a countdown); runs `mailer status` and `mailer
-failures list/show/retry`; and records everything with MONITOR (commands run inside Lua scripts
-included). Prints each command with the key patterns it touched: the ACL rule in README
+one refused, one deferred (a retry with a countdown) and two scheduled (one released, one
+cancelled); runs `mailer status`, `mailer failures list/show/retry` and `mailer cancel`; and
+records everything with MONITOR (commands run inside Lua scripts included). Prints each
+command with the key patterns it touched: the ACL rule in README
 "Production Redis" is derived from this list, and tests/e2e/test_redis_acl.py proves it.
 """
 
@@ -92,9 +93,13 @@ def run() -> dict[str, dict[str, Any]]:
             ]
         )
         refused = mailer.send(to="refused@example.com", subject="refused", text="body\n")
+        mailer.send(to="soon@example.com", subject="soon", text="body\n", send_at=time.time() + 1)
+        dropped = mailer.send(
+            to="never@example.com", subject="never", text="body\n", send_at=time.time() + 3600
+        )
         mailer.send(to="later@example.com", subject="deferred", text="body\n")
         deadline = time.monotonic() + 60
-        while len(sink.received) < 25 and time.monotonic() < deadline:
+        while len(sink.received) < 26 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(3)
         for args in (
@@ -102,6 +107,7 @@ def run() -> dict[str, dict[str, Any]]:
             ("failures", "list"),
             ("failures", "show", refused),
             ("failures", "retry", refused),
+            ("cancel", dropped),
         ):
             subprocess.run(
                 [sys.executable, "-m", "mailer", *args],

@@ -441,6 +441,7 @@ def _probes(role: str, db: int) -> list[tuple[str, ...]]:
     return [
         *reads,
         ("WAIT", "0", "0"),
+        ("WATCH", key),
         ("SET", key, "1"),
         ("DEL", key),
         ("EXPIRE", key, "1"),

@@ -15,6 +15,7 @@ from datetime import datetime
 
 import redis
 
+from mailer import redisconn
 from mailer.config import Settings
 from mailer.errors import InvalidMessage, PublishError
 from mailer.publish import redact_url
@@ -53,8 +54,8 @@ def cancel(settings: Settings, message_id: str) -> bool:
     """See `Mailer.cancel`. The ledger first (state Redis): once it says `cancelled`, no worker
     sends the message, wherever it is; then the schedule entry goes (broker Redis)."""
     key = LEDGER_PREFIX + message_id
-    state = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    state = redisconn.client(settings.redis_url, settings, socket_timeout=10, max_connections=2)
+    broker = redisconn.client(settings.broker_url, settings, socket_timeout=10, max_connections=2)
     try:
         with state.pipeline() as pipe:
             while True:

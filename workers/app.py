@@ -126,7 +126,9 @@ def _on_worker_init(sender: Any = None, **_: object) -> None:
     logs.subscribe(_process.throughput.on_event)
     from workers.state.schedule import Releaser
 
-    _process.releaser = Releaser(settings.broker_url).start()
+    _process.releaser = Releaser(
+        redisconn.client(settings.broker_url, settings, socket_timeout=10, max_connections=2)
+    ).start()
 
 
 def _serves_in_process(pool_cls: Any) -> bool:

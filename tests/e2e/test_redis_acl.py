@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -94,7 +95,16 @@ def test_the_documented_rule_runs_the_end_to_end_path(
         [mailer.Message(to=f"b{i}@example.com", subject="batch", text="b\n") for i in range(10)]
     )
     refused = mailer.send(to="refused@example.com", subject="refused", text="b\n")
-    assert sink.wait_for(30, timeout=120), f"only {len(sink.received)} of 30 arrived"
+    # The durable schedule: one released when due (by the workers, as this user), one cancelled.
+    ids.append(
+        mailer.send(to="later@example.com", subject="later", text="b\n", send_at=time.time() + 2)
+    )
+    dropped = mailer.send(
+        to="never@example.com", subject="never", text="b\n", send_at=time.time() + 3600
+    )
+    cancelled = cli(env, "cancel", dropped)
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert sink.wait_for(31, timeout=120), f"only {len(sink.received)} of 31 arrived"
     counts = ids_at(sink)
     assert set(counts) == set(ids) and max(counts.values()) == 1
     assert wait_until(lambda: admin.zcard("mailer:dead:index") == 1, timeout=60), worker.log[-3000:]

@@ -45,7 +45,8 @@ class Cluster:
     def master(self) -> tuple[str, int] | None:
         for s in self.sentinels:
             try:
-                host, port = redis.Redis(port=s.port).sentinel_get_master_addr_by_name(MASTER)
+                client = redis.Redis(port=s.port, decode_responses=True)
+                host, port = client.sentinel_get_master_addr_by_name(MASTER)
                 return str(host), int(port)
             except (redis.RedisError, TypeError):
                 continue

@@ -37,8 +37,9 @@ def pending(client: redis.Redis) -> int:
 class Releaser:
     """A daemon thread of one worker process: releases due items every EVERY seconds."""
 
-    def __init__(self, broker_url: str) -> None:
-        self.client = redis.Redis.from_url(broker_url, socket_timeout=10)
+    def __init__(self, client: redis.Redis) -> None:
+        """`client`: the broker's (mailer/redisconn.py builds it: TLS, ACL user, Sentinel)."""
+        self.client = client
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mailer-schedule", daemon=True)
 

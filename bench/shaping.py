@@ -387,7 +387,7 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
             f" of accepted), {phase('sessions'):,} sessions opened"
         )
         say(f"  accepted/s throttled: {series(during)}")
-        after = sink.per_second("accepted", start=lifted, end=lifted + lifted_s)
+        after = sink.per_second("accepted", start=lifted, end=done or time.time())
         say(f"  accepted/s lifted:    {series(after)}")
         outcome = f"yes, {done - started:.1f} s after the first enqueue" if done else "no"
         say(
@@ -424,6 +424,11 @@ def scenario_wrongkey(args: argparse.Namespace, material: TLSMaterial, say: Say)
             f" (max {max(per_process.values(), default=0)}); after the first interval,"
             f" most in any {probe:g} s window: {later}"
         )
+        offsets = ", ".join(
+            f"{names.get(a.peer_pid or 0, a.peer_pid)} +{a.at - started:.1f}s"
+            for a in failures[:12]
+        )
+        say(f"  failed AUTHs at: {offsets}")
         say(
             f"  mechanisms {dict(Counter(a.mechanism for a in failures))},"
             f" replies {dict(Counter(a.code for a in failures))},"
@@ -463,10 +468,11 @@ def scenario_quota(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
         quota = [a.at for a in attempts if a.code == 451]
         accepted = sum(1 for t in sink.timestamps("accepted") if started <= t < ends)
         first = next((t for t in sink.timestamps("accepted") if t >= ends), None)
+        offsets = ", ".join(f"+{t - started:.1f}s" for t in quota[:12])
         say(
-            f"  during the quota: {len(quota)} AUTHs answered 451 (most in any {probe:g} s:"
-            f" {max_in(quota, probe)}), {len(attempts) - len(quota)} other AUTH replies,"
-            f" {accepted} messages accepted (on sessions authenticated before)"
+            f"  during the quota: {len(quota)} AUTHs answered 451 (at {offsets}; most in any"
+            f" {probe:g} s: {max_in(quota, probe)}), {len(attempts) - len(quota)} other AUTH"
+            f" replies, {accepted} messages accepted (on sessions authenticated before)"
         )
         say(
             f"  quota ended: first message {fmt(first and first - ends, '.1f', ' s')} later;"
@@ -485,11 +491,13 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
         f"lanes: {args.rate_workers} workers, a bulk backlog of {bulk_n:,} (send_many), then"
         f" {tx_n:,} transactional (mailer.send, one by one){note}"
     )
-    runs = [("off", None)] if args.compare else []
+    runs: list[tuple[str, str | None]] = [("off", None)] if args.compare else []
     if known("MAILER_LANES"):
         runs.append((args.lanes, args.lanes))
     for label, lanes in runs:
-        env = {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
+        env: dict[str, str] = (
+            {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
+        )
         with Fleet(material, env=env) as fleet:
             fleet.start_workers(args.rate_workers)
             bulk_ids = set(produce(bulk_n, "bulk"))

@@ -265,6 +265,15 @@ def steady_rate(times: Sequence[float]) -> float | None:
     return (len(times) * 8 // 10) / (hi - lo) if hi > lo else None
 
 
+def stall_note(sink: SinkServer, start: float, end: float) -> str:
+    """How long the sink's own loop was held up meanwhile (its timestamps bunch after that)."""
+    stalls = [lag for _, lag in sink.stalls(start, end)]
+    over = sum(1 for lag in stalls if lag > 0.1)
+    return (
+        f"sink loop held up > 100 ms {over} times, longest {max(stalls, default=0) * 1000:.0f} ms"
+    )
+
+
 def series(counts: Sequence[int], limit: int = 40) -> str:
     shown = " ".join(str(c) for c in counts[:limit])
     return shown + (f" ... ({len(counts)} s)" if len(counts) > limit else "")
@@ -318,8 +327,9 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             )
             say(
                 f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
-                f" accepted/s: {series(sink.per_second('accepted', start=started))}"
+                f" {stall_note(sink, started, time.time())}"
             )
+            say(f"  {'':<10} accepted/s: {series(sink.per_second('accepted', start=started))}")
 
 
 def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -348,6 +358,7 @@ def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -
             f" {sink.max_in_window('accepted', 1.0):,}; steady {fmt(steady)}/s"
             f" = {fmt(share, '.1f', '%')}; dead letters {fleet.dead_letters()}"
         )
+        say(f"  {stall_note(sink, started, time.time())}")
 
 
 def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -386,7 +397,7 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
             f" {refused:,} MAILs refused ({fmt(100 * refused / max(1, accepted), '.1f', '%')}"
             f" of accepted), {phase('sessions'):,} sessions opened"
         )
-        say(f"  accepted/s throttled: {series(during)}")
+        say(f"  accepted/s throttled: {series(during)}; {stall_note(sink, started, lifted)}")
         after = sink.per_second("accepted", start=lifted, end=done or time.time())
         say(f"  accepted/s lifted:    {series(after)}")
         outcome = f"yes, {done - started:.1f} s after the first enqueue" if done else "no"
@@ -489,11 +500,11 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
     note = feature_note("MAILER_LANES")
     say(
         f"lanes: {args.rate_workers} workers, a bulk backlog of {bulk_n:,} (send_many), then"
-        f" {tx_n:,} transactional (mailer.send, one by one){note}"
+        f" {tx_n:,} transactional (mailer.send, one by one); MAILER_LANES={args.lanes}{note}"
     )
     runs: list[tuple[str, str | None]] = [("off", None)] if args.compare else []
     if known("MAILER_LANES"):
-        runs.append((args.lanes, args.lanes))
+        runs.append(("lanes", args.lanes))
     for label, lanes in runs:
         env: dict[str, str] = (
             {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
@@ -516,6 +527,7 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             deadline = time.monotonic() + args.drain_timeout + bulk_n / 100
             while time.monotonic() < deadline and not enqueued.keys() <= local_ids(sink).keys():
                 time.sleep(0.1)
+            time.sleep(5)  # the "5 s after" window
             arrived = local_ids(sink)
             latencies = [arrived[i] - at for i, at in enqueued.items() if i in arrived]
             tx_done = max((arrived[i] for i in enqueued if i in arrived), default=time.time())
@@ -524,6 +536,8 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             before = rate_between(bulk_times, burst - 5, burst)
             during = rate_between(bulk_times, burst, tx_done)
             share = 100 * during / before if before else None
+            total = during + len(latencies) / (tx_done - burst) if tx_done > burst else None
+            after = rate_between(bulk_times, tx_done, tx_done + 5)
             p50 = percentile(latencies, 50) if latencies else None
             p99 = percentile(latencies, 99) if latencies else None
             say(
@@ -534,10 +548,11 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             )
             say(
                 f"  {'':<10} bulk msg/s: before {before:,.0f}, during the transactional burst"
-                f" {during:,.0f} ({fmt(share, '.0f', '%')} of before),"
-                f" 5 s after {rate_between(bulk_times, tx_done, tx_done + 5):,.0f};"
+                f" {during:,.0f} ({fmt(share, '.0f', '%')} of before; with the transactional"
+                f" ones {fmt(total)}), 5 s after {after:,.0f};"
                 f" duplicates {fleet.duplicates()}, dead letters {fleet.dead_letters()}"
             )
+            say(f"  {'':<10} {stall_note(sink, burst - 5, tx_done + 5)}")
 
 
 def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -560,7 +575,10 @@ def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say
                 f" {sink.max_in_window('sessions', 1.0)}, peak open {sink.peak_connections};"
                 f" workers all ready {ready - started:.1f} s after start; delivered {outcome}"
             )
-            say(f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))}")
+            say(
+                f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))};"
+                f" {stall_note(sink, started, time.time())}"
+            )
 
 
 def rate_between(times: Sequence[float], a: float, b: float) -> float:

@@ -217,12 +217,15 @@ def commandstats(client: redis.Redis) -> Counter[str]:
 
 class Monitor:
     """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
-    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's."""
+    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's.
+    MONITOR also lists the commands a script runs (client `lua`): counted apart, they are work
+    inside Redis, not round trips."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.sendall(b"MONITOR\r\n")
-        self.rate_commands = 0
+        self.rate_commands: Counter[str] = Counter()  # sent by clients, by command name
+        self.rate_in_scripts = 0  # run by scripts
         self.evalsha: Counter[str] = Counter()
         self.rate_scripts: set[str] = set()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -241,7 +244,11 @@ class Monitor:
         parts = line.split(b'"')
         command = parts[1].lower() if len(parts) > 1 else b""
         rate = RATE_PREFIX.encode() in line
-        self.rate_commands += rate
+        if rate and parts[0].endswith(b" lua] "):
+            self.rate_in_scripts += 1
+            return
+        if rate:
+            self.rate_commands[command.decode(errors="replace")] += 1
         if command == b"evalsha" and len(parts) > 3:
             sha = parts[3].decode()
             self.evalsha[sha] += 1
@@ -323,8 +330,9 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             say(
                 f"  {'':<10} Redis per message: {sum(calls.values()) / n:.2f} commands,"
                 f" EVALSHA {calls['evalsha'] / n:.3f} (all scripts),"
-                f" naming {RATE_PREFIX}* {monitor.rate_commands / n:.3f},"
-                f" rate-limit EVALSHA {rate_scripts / n:.3f}"
+                f" naming {RATE_PREFIX}* {monitor.rate_commands.total() / n:.3f}"
+                f" ({by_command(monitor.rate_commands, n)}), of which the limiter's script"
+                f" {rate_scripts / n:.3f} (running {monitor.rate_in_scripts / n:.2f} commands)"
             )
             say(
                 f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
@@ -583,6 +591,10 @@ def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say
 
 def rate_between(times: Sequence[float], a: float, b: float) -> float:
     return sum(1 for t in times if a <= t < b) / (b - a) if b > a else 0.0
+
+
+def by_command(counts: Counter[str], n: int) -> str:
+    return ", ".join(f"{name} {count / n:.3f}" for name, count in counts.most_common(4)) or "-"
 
 
 def gaps(times: Sequence[float]) -> str:

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -216,12 +217,15 @@ def commandstats(client: redis.Redis) -> Counter[str]:
 
 class Monitor:
     """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
-    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's."""
+    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's.
+    MONITOR also lists the commands a script runs (client `lua`): counted apart, they are work
+    inside Redis, not round trips."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.sendall(b"MONITOR\r\n")
-        self.rate_commands = 0
+        self.rate_commands: Counter[str] = Counter()  # sent by clients, by command name
+        self.rate_in_scripts = 0  # run by scripts
         self.evalsha: Counter[str] = Counter()
         self.rate_scripts: set[str] = set()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -240,7 +244,11 @@ class Monitor:
         parts = line.split(b'"')
         command = parts[1].lower() if len(parts) > 1 else b""
         rate = RATE_PREFIX.encode() in line
-        self.rate_commands += rate
+        if rate and parts[0].endswith(b" lua] "):
+            self.rate_in_scripts += 1
+            return
+        if rate:
+            self.rate_commands[command.decode(errors="replace")] += 1
         if command == b"evalsha" and len(parts) > 3:
             sha = parts[3].decode()
             self.evalsha[sha] += 1
@@ -263,6 +271,15 @@ def steady_rate(times: Sequence[float]) -> float | None:
         return None
     lo, hi = times[len(times) // 10], times[len(times) * 9 // 10]
     return (len(times) * 8 // 10) / (hi - lo) if hi > lo else None
+
+
+def stall_note(sink: SinkServer, start: float, end: float) -> str:
+    """How long the sink's own loop was held up meanwhile (its timestamps bunch after that)."""
+    stalls = [lag for _, lag in sink.stalls(start, end)]
+    over = sum(1 for lag in stalls if lag > 0.1)
+    return (
+        f"sink loop held up > 100 ms {over} times, longest {max(stalls, default=0) * 1000:.0f} ms"
+    )
 
 
 def series(counts: Sequence[int], limit: int = 40) -> str:
@@ -313,13 +330,15 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             say(
                 f"  {'':<10} Redis per message: {sum(calls.values()) / n:.2f} commands,"
                 f" EVALSHA {calls['evalsha'] / n:.3f} (all scripts),"
-                f" naming {RATE_PREFIX}* {monitor.rate_commands / n:.3f},"
-                f" rate-limit EVALSHA {rate_scripts / n:.3f}"
+                f" naming {RATE_PREFIX}* {monitor.rate_commands.total() / n:.3f}"
+                f" ({by_command(monitor.rate_commands, n)}), of which the limiter's script"
+                f" {rate_scripts / n:.3f} (running {monitor.rate_in_scripts / n:.2f} commands)"
             )
             say(
                 f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
-                f" accepted/s: {series(sink.per_second('accepted', start=started))}"
+                f" {stall_note(sink, started, time.time())}"
             )
+            say(f"  {'':<10} accepted/s: {series(sink.per_second('accepted', start=started))}")
 
 
 def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -348,6 +367,7 @@ def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -
             f" {sink.max_in_window('accepted', 1.0):,}; steady {fmt(steady)}/s"
             f" = {fmt(share, '.1f', '%')}; dead letters {fleet.dead_letters()}"
         )
+        say(f"  {stall_note(sink, started, time.time())}")
 
 
 def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -386,8 +406,8 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
             f" {refused:,} MAILs refused ({fmt(100 * refused / max(1, accepted), '.1f', '%')}"
             f" of accepted), {phase('sessions'):,} sessions opened"
         )
-        say(f"  accepted/s throttled: {series(during)}")
-        after = sink.per_second("accepted", start=lifted, end=lifted + lifted_s)
+        say(f"  accepted/s throttled: {series(during)}; {stall_note(sink, started, lifted)}")
+        after = sink.per_second("accepted", start=lifted, end=done or time.time())
         say(f"  accepted/s lifted:    {series(after)}")
         outcome = f"yes, {done - started:.1f} s after the first enqueue" if done else "no"
         say(
@@ -414,16 +434,20 @@ def scenario_wrongkey(args: argparse.Namespace, material: TLSMaterial, say: Say)
         names = fleet.pid_names()
         per_process = Counter(names.get(a.peer_pid or 0, f"pid {a.peer_pid}") for a in failures)
         first_2s = sum(1 for a in failures if a.at < started + 2)
-        later = max_in([a.at for a in failures if a.at >= started + probe], probe)
         sessions = {s.id: s for s in fleet.sink.sessions}
         failed_sessions = {a.session_id for a in failures}
         no_quit = sum(1 for i in failed_sessions if not sessions[i].quit)
         say(
             f"  failed AUTHs: {len(failures)} in {args.wrongkey_seconds:.0f} s, {first_2s} in the"
             f" first 2 s; per worker process {dict(sorted(per_process.items()))}"
-            f" (max {max(per_process.values(), default=0)}); after the first interval,"
-            f" most in any {probe:g} s window: {later}"
+            f" (max {max(per_process.values(), default=0)}); gaps between them (s):"
+            f" {gaps([a.at for a in failures])}"
         )
+        offsets = ", ".join(
+            f"{names.get(a.peer_pid or 0, a.peer_pid)} +{a.at - started:.1f}s"
+            for a in failures[:12]
+        )
+        say(f"  failed AUTHs at: {offsets}")
         say(
             f"  mechanisms {dict(Counter(a.mechanism for a in failures))},"
             f" replies {dict(Counter(a.code for a in failures))},"
@@ -463,10 +487,11 @@ def scenario_quota(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
         quota = [a.at for a in attempts if a.code == 451]
         accepted = sum(1 for t in sink.timestamps("accepted") if started <= t < ends)
         first = next((t for t in sink.timestamps("accepted") if t >= ends), None)
+        offsets = ", ".join(f"+{t - started:.1f}s" for t in quota[:12])
         say(
-            f"  during the quota: {len(quota)} AUTHs answered 451 (most in any {probe:g} s:"
-            f" {max_in(quota, probe)}), {len(attempts) - len(quota)} other AUTH replies,"
-            f" {accepted} messages accepted (on sessions authenticated before)"
+            f"  during the quota: {len(quota)} AUTHs answered 451 (at {offsets}; gaps (s):"
+            f" {gaps(quota)}), {len(attempts) - len(quota)} other AUTH replies, {accepted}"
+            f" messages accepted (on sessions authenticated before)"
         )
         say(
             f"  quota ended: first message {fmt(first and first - ends, '.1f', ' s')} later;"
@@ -483,13 +508,15 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
     note = feature_note("MAILER_LANES")
     say(
         f"lanes: {args.rate_workers} workers, a bulk backlog of {bulk_n:,} (send_many), then"
-        f" {tx_n:,} transactional (mailer.send, one by one){note}"
+        f" {tx_n:,} transactional (mailer.send, one by one); MAILER_LANES={args.lanes}{note}"
     )
-    runs = [("off", None)] if args.compare else []
+    runs: list[tuple[str, str | None]] = [("off", None)] if args.compare else []
     if known("MAILER_LANES"):
-        runs.append((args.lanes, args.lanes))
+        runs.append(("lanes", args.lanes))
     for label, lanes in runs:
-        env = {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
+        env: dict[str, str] = (
+            {"MAILER_LANES": lanes, "MAILER_DEFAULT_LANE": "bulk"} if lanes else {}
+        )
         with Fleet(material, env=env) as fleet:
             fleet.start_workers(args.rate_workers)
             bulk_ids = set(produce(bulk_n, "bulk"))
@@ -508,6 +535,7 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             deadline = time.monotonic() + args.drain_timeout + bulk_n / 100
             while time.monotonic() < deadline and not enqueued.keys() <= local_ids(sink).keys():
                 time.sleep(0.1)
+            time.sleep(5)  # the "5 s after" window
             arrived = local_ids(sink)
             latencies = [arrived[i] - at for i, at in enqueued.items() if i in arrived]
             tx_done = max((arrived[i] for i in enqueued if i in arrived), default=time.time())
@@ -516,6 +544,8 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             before = rate_between(bulk_times, burst - 5, burst)
             during = rate_between(bulk_times, burst, tx_done)
             share = 100 * during / before if before else None
+            total = during + len(latencies) / (tx_done - burst) if tx_done > burst else None
+            after = rate_between(bulk_times, tx_done, tx_done + 5)
             p50 = percentile(latencies, 50) if latencies else None
             p99 = percentile(latencies, 99) if latencies else None
             say(
@@ -526,10 +556,11 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             )
             say(
                 f"  {'':<10} bulk msg/s: before {before:,.0f}, during the transactional burst"
-                f" {during:,.0f} ({fmt(share, '.0f', '%')} of before),"
-                f" 5 s after {rate_between(bulk_times, tx_done, tx_done + 5):,.0f};"
+                f" {during:,.0f} ({fmt(share, '.0f', '%')} of before; with the transactional"
+                f" ones {fmt(total)}), 5 s after {after:,.0f};"
                 f" duplicates {fleet.duplicates()}, dead letters {fleet.dead_letters()}"
             )
+            say(f"  {'':<10} {stall_note(sink, burst - 5, tx_done + 5)}")
 
 
 def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -552,21 +583,25 @@ def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say
                 f" {sink.max_in_window('sessions', 1.0)}, peak open {sink.peak_connections};"
                 f" workers all ready {ready - started:.1f} s after start; delivered {outcome}"
             )
-            say(f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))}")
+            say(
+                f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))};"
+                f" {stall_note(sink, started, time.time())}"
+            )
 
 
 def rate_between(times: Sequence[float], a: float, b: float) -> float:
     return sum(1 for t in times if a <= t < b) / (b - a) if b > a else 0.0
 
 
-def max_in(times: Sequence[float], window: float) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
+def by_command(counts: Counter[str], n: int) -> str:
+    return ", ".join(f"{name} {count / n:.3f}" for name, count in counts.most_common(4)) or "-"
+
+
+def gaps(times: Sequence[float]) -> str:
+    """Seconds between consecutive events: at most one per probe interval reads as gaps of at
+    least the interval (after the first attempts, which processes may make at once)."""
+    ordered = sorted(times)
+    return " ".join(f"{b - a:.1f}" for a, b in pairwise(ordered)) or "-"
 
 
 UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}

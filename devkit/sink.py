@@ -111,6 +111,8 @@ _GREETING_HOST = "sink.localhost"
 # asyncio's default backlog of 100 makes hundreds of simultaneous connects stall on SYN retries.
 _BACKLOG = 4096
 _DROP_GRACE = 60.0  # how long a dropping handler waits to be cancelled by connection_lost
+_LAG_TICK = 0.05  # how often the loop checks it was not held up (see SinkServer.stalls)
+_LAG_RECORDED = 0.02  # lateness worth recording
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*<?([^\r\n>]*?)>?[ \t]*\r?$")
 _FOLD = re.compile(rb"\r?\n[ \t]+")
 
@@ -699,6 +701,7 @@ class SinkServer:
         self._quota_until = 0.0  # time.monotonic() deadline; inf while on until ended
         self._rate_second = 0  # the wall-clock second the MAIL count below belongs to
         self._rate_count = 0
+        self._stalls: list[tuple[float, float]] = []  # (wall-clock time, seconds late)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -795,6 +798,7 @@ class SinkServer:
             return
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
+        self._watch_loop(loop, loop.time())
         try:
             loop.run_forever()
         finally:
@@ -834,6 +838,15 @@ class SinkServer:
         if server.sink_record is not None:
             self._update(server.sink_record, authenticated_as=user)
         return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+    def _watch_loop(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """Notes each time the loop ran a timer late: while it was held up (CPU starved, a long
+        callback), connections waited in the kernel and their timestamps bunched up after."""
+        now = loop.time()
+        if now - due > _LAG_RECORDED:
+            with self._cond:
+                self._stalls.append((time.time(), now - due))
+        loop.call_at(now + _LAG_TICK, self._watch_loop, loop, now + _LAG_TICK)
 
     # ---- relay behaviours (any thread)
 
@@ -1041,6 +1054,13 @@ class SinkServer:
             best = max(best, bisect_left(times, t + window, lo=i) - i)
         return best
 
+    def stalls(self, start: float = 0.0, end: float = math.inf) -> list[tuple[float, float]]:
+        """(wall-clock time, seconds) of each time the sink's loop was held up more than 20 ms
+        between ``start`` and ``end``: events recorded right after one were late by that much,
+        so a per-second figure near a long stall reads the sink, not the client."""
+        with self._cond:
+            return [(t, lag) for t, lag in self._stalls if start <= t <= end]
+
     def message_ids(self) -> Counter[str]:
         """Accepted Message-IDs with their counts; anything above 1 is a duplicate delivery."""
         with self._cond:
@@ -1064,6 +1084,7 @@ class SinkServer:
             self._sessions.clear()
             self._auths.clear()
             self._mails.clear()
+            self._stalls.clear()
             self._total = 0
             self._peak = self._open
 

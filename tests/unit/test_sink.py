@@ -26,6 +26,7 @@ from devkit.sink import (
     TLSMaterial,
     parse_message_id,
 )
+from tests.support.helpers import wait_until
 
 USER, PASSWORD = "apikey", "s3cret"
 ROOT = Path(__file__).resolve().parents[2]
@@ -583,3 +584,16 @@ def test_cli_throttle_and_quota_flags(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "--throttle-reply must be" in bad.stderr
+
+
+def test_stalls_record_a_held_up_loop(make_sink: Callable[..., SinkServer]) -> None:
+    sink = make_sink(tls="none")
+    started = time.time()
+    assert sink._loop is not None
+    sink._loop.call_soon_threadsafe(time.sleep, 0.3)  # a callback that holds the loop up
+    assert wait_until(lambda: any(lag > 0.2 for _, lag in sink.stalls(started)), timeout=10)
+    at, lag = max(sink.stalls(started), key=lambda stall: stall[1])
+    assert at >= started and lag < 10  # the shared machine may add small stalls of its own
+    assert all(t <= at for t, _ in sink.stalls(end=at))
+    sink.reset()
+    assert sink.stalls() == []

@@ -391,6 +391,8 @@ def run_scenario(
     finally:
         with ThreadPoolExecutor(len(workers)) as pool:
             list(pool.map(lambda w: w.stop(timeout=30), workers))
+        for w in workers:  # beside Postfix's maillog (kept with --keep)
+            (root / f"{w.name}.log").write_text(w.log)
         relay.stop()
         client.close()
         server.close()

@@ -373,7 +373,10 @@ def run_scenario(
             delivered = len(relay.delivered_ids())
             with contextlib.suppress(redis.RedisError):
                 ceilings.append((time.time(), peek_ceiling(client).rate))
-            if delivered >= scenario.messages:
+            settled = delivered
+            with contextlib.suppress(redis.RedisError):
+                settled += int(client.zcard(keys.DEAD_LETTER_INDEX))  # dead letters never come
+            if settled >= scenario.messages:
                 break
             if time.monotonic() >= next_report:
                 next_report += args.report_every

@@ -25,7 +25,7 @@ test: system $(BIN)/.installed
 
 # The developer's loop: in-process tests only (tests/unit), about a minute at most.
 test-fast: system $(BIN)/.installed
-	$(BIN)/pytest tests/unit -q
+	$(BIN)/pytest tests/unit -q -n 2
 
 # Style, formatting, the import layering (pyproject.toml [tool.importlinter]) and types.
 lint: $(BIN)/.installed

@@ -335,12 +335,12 @@ def _suppressions(args: argparse.Namespace) -> int:
     """The suppression lists: list | add | remove | import (docs/lifecycle.md)."""
     import csv
 
-    import redis
-
+    from mailer import redisconn
     from workers.state.suppressions import Suppression, Suppressions
 
     settings = Settings.from_env()
-    store = Suppressions(redis.Redis.from_url(settings.redis_url))
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    store = Suppressions(redisconn.client(settings.redis_url, settings, max_connections=2))
     group = args.group
     if args.action == "list":
         groups = [group] if group is not None else [None, *store.groups()]

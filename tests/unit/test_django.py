@@ -146,3 +146,29 @@ def test_an_invalid_from_header_names_the_header() -> None:
     with pytest.raises(ValueError, match="Invalid address") as info:
         EmailBackend().send_messages([email])
     assert isinstance(info.value, mailer.InvalidMessage) and info.value.field == "headers.from"
+
+
+def test_lane_and_send_at_ride_on_the_django_message(redis_url: str) -> None:
+    """`message.lane` picks the lane's queue; `message.send_at` puts the batch in the schedule."""
+    import time
+
+    import redis
+    from django.core.mail import EmailMessage
+
+    from mailer.client import Mailer
+    from mailer.config import Settings
+    from mailer.django import EmailBackend
+    from mailer.wire import SCHEDULE_DUE
+
+    settings = Settings.from_env(
+        {"MAILER_BROKER_URL": redis_url, "MAILER_LANES": "transactional,bulk"}
+    )
+    backend = EmailBackend(mailer=Mailer(settings))
+    urgent = EmailMessage("reset", "x", "shop@example.com", ["a@example.com"])
+    urgent.lane = "transactional"  # type: ignore[attr-defined]
+    later = EmailMessage("digest", "x", "shop@example.com", ["b@example.com"])
+    later.send_at = time.time() + 3600  # type: ignore[attr-defined]
+    assert backend.send_messages([urgent, later]) == 2
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("mailer.transactional") == 1
+    assert client.llen("mailer.bulk") == 0 and client.zcard(SCHEDULE_DUE) == 1

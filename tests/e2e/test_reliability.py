@@ -32,6 +32,7 @@ from devkit.redis_server import RedisServer
 from devkit.sink import FaultPlan, SinkServer, TLSMaterial
 from devkit.worker import WorkerProcess
 from mailer.client import default_mailer
+from mailer.wire import SCHEDULE_DUE
 from tests.support.helpers import fate, ids_at, wait_until
 from tests.support.relay import relay_env
 from workers.observe.logs import parse_events
@@ -62,8 +63,13 @@ def publish(n: int, tag: str, *, to: Callable[[int], Any] | None = None) -> list
 
 
 def drained(client: redis.Redis) -> bool:
-    """Nothing waiting, nothing delivered-but-unacknowledged (ETA retries count as unacked)."""
-    return client.llen("mailer") == 0 and client.hlen("unacked") == 0
+    """Nothing waiting (in the queue, or in the durable schedule for a retry's countdown),
+    nothing delivered-but-unacknowledged."""
+    return (
+        client.llen("mailer") == 0
+        and client.hlen("unacked") == 0
+        and client.zcard(SCHEDULE_DUE) == 0
+    )
 
 
 def ledger_states(client: redis.Redis) -> dict[str, str]:

@@ -5,7 +5,7 @@ a bug of ours, or a change in the email package, cannot put a header line on the
 code did not ask for. Two entry points:
 
 - `check_rendered(data, intended)`, run by `Message.render()` on every message: the structural
-  checks below, plus the top-level header names must be exactly `intended` (in any order).
+  checks below, plus the top-level header names must be exactly `intended`, in order.
 - `check_wire(data)`, for the worker, which has only the bytes: the structural checks.
 
 Structural checks: ASCII only, no NUL, every CR part of a CRLF and every LF too, no line over
@@ -18,7 +18,7 @@ only Content-* and MIME-Version headers. Each refusal is an `InvalidMessage` nam
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from mailer.errors import InvalidMessage
 from mailer.headers import MAX_LINE
@@ -162,13 +162,14 @@ def check_wire(data: bytes) -> None:
     _structure(data)
 
 
-def check_rendered(data: bytes, intended: Iterable[str]) -> None:
-    """`check_wire`, and the top-level header names are exactly `intended`, once each."""
+def check_rendered(data: bytes, intended: list[str]) -> None:
+    """`check_wire`, and the top-level header names are exactly `intended` (lower-cased, in
+    the order the renderer writes them)."""
     names = _structure(data)
-    expected = sorted(name.lower() for name in intended)
-    if sorted(names) != expected:
+    if names != intended:
+        expected = set(intended)
         for at, name in enumerate(names):
             if name not in expected:
                 culprit = _field(names[at - 1]) if at else "message"
                 raise InvalidMessage(culprit, f"renders to an unexpected {name!r} header line")
-        raise InvalidMessage("message", f"renders headers {names}, expected {expected}")
+        raise InvalidMessage("message", f"renders headers {names}, expected {intended}")

@@ -5,6 +5,9 @@ X-SMTPAPI JSON. Addresses are ASCII (the relay offers no SMTPUTF8); display name
 Unicode and are written as RFC 2047 encoded-words. Values are folded at their own whitespace
 only, so that unfolding gives them back exactly; they are never encoded behind the caller's
 back (see `fold_header_value`).
+
+A little over 500 lines: the checks on what readers decode (encoded-words, RFC 2231) sit next
+to the writers they protect, so a change to one shows the other.
 """
 
 from __future__ import annotations

@@ -154,17 +154,26 @@ def render_fields(
 
 
 def _intended(fields: Fields) -> list[str]:
-    """The top-level header names the message must have, MIME ones included."""
-    names = ["From", "Subject", "Date", "Message-ID", HEADER_NAME, "MIME-Version", "Content-Type"]
-    names += [name for name, present in _OPTIONAL if getattr(fields, present)]
-    names += [line.partition(":")[0] for line in fields.header_lines]
-    single = fields.text is None or fields.html is None
-    if not fields.parts and not fields.alternatives and single:
-        names.append("Content-Transfer-Encoding")  # a single text part
+    """The top-level header names the message must have, lower-cased, in the order written."""
+    names = ["from"]
+    if fields.to:
+        names.append("to")
+    if fields.cc:
+        names.append("cc")
+    if fields.reply_to:
+        names.append("reply-to")
+    names += ("subject", "date", "message-id")
+    names += [line.partition(":")[0].lower() for line in fields.header_lines]
+    if fields.parts or fields.alternatives or (fields.text is not None and fields.html is not None):
+        names += _MULTIPART_HEAD
+    else:
+        names += _SINGLE_PART_HEAD
     return names
 
 
-_OPTIONAL = (("To", "to"), ("Cc", "cc"), ("Reply-To", "reply_to"))
+# After the extra headers: X-SMTPAPI, then the MIME headers as mailer/mime.py writes them.
+_MULTIPART_HEAD = ("x-smtpapi", "mime-version", "content-type")
+_SINGLE_PART_HEAD = ("x-smtpapi", "content-type", "content-transfer-encoding", "mime-version")
 
 
 def _envelope(fields: Fields, max_recipients: int) -> list[str]:

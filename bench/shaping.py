@@ -2,7 +2,7 @@
 """Traffic shaping (issue 18) measured at the relay: fleet-wide rate limits, adaptive
 throttling, a wrong key, a spent quota, priority lanes and a cold start.
 
-    python bench/shaping.py                      # every scenario (~12 minutes on 2 cores)
+    python bench/shaping.py                      # every scenario (~20 minutes on 2 shared cores)
     python bench/shaping.py --only rate,lanes    # some of them
     python bench/shaping.py --no-compare         # skip the feature-off runs
 

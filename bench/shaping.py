@@ -2,7 +2,7 @@
 """Traffic shaping (issue 18) measured at the relay: fleet-wide rate limits, adaptive
 throttling, a wrong key, a spent quota, priority lanes and a cold start.
 
-    python bench/shaping.py                      # every scenario (~12 minutes on 2 cores)
+    python bench/shaping.py                      # every scenario (~20 minutes on 2 shared cores)
     python bench/shaping.py --only rate,lanes    # some of them
     python bench/shaping.py --no-compare         # skip the feature-off runs
 
@@ -227,6 +227,7 @@ class Monitor:
         self.rate_commands: Counter[str] = Counter()  # sent by clients, by command name
         self.rate_in_scripts = 0  # run by scripts
         self.evalsha: Counter[str] = Counter()
+        self.evalsha_by_key: Counter[str] = Counter()  # by the area of the script's first key
         self.rate_scripts: set[str] = set()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -252,6 +253,8 @@ class Monitor:
         if command == b"evalsha" and len(parts) > 3:
             sha = parts[3].decode()
             self.evalsha[sha] += 1
+            first_key = parts[7].decode(errors="replace") if len(parts) > 7 else "-"
+            self.evalsha_by_key[":".join(first_key.split(":")[:2])] += 1
             if rate:
                 self.rate_scripts.add(sha)
 
@@ -335,6 +338,10 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
                 f" {rate_scripts / n:.3f} (running {monitor.rate_in_scripts / n:.2f} commands)"
             )
             say(
+                f"  {'':<10} EVALSHA per message by the script's first key:"
+                f" {by_command(monitor.evalsha_by_key, n)}"
+            )
+            say(
                 f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
                 f" {stall_note(sink, started, time.time())}"
             )
@@ -408,7 +415,9 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
         )
         say(f"  accepted/s throttled: {series(during)}; {stall_note(sink, started, lifted)}")
         after = sink.per_second("accepted", start=lifted, end=done or time.time())
+        back = next((i for i, c in enumerate(after) if c >= cap), None)
         say(f"  accepted/s lifted:    {series(after)}")
+        say(f"  back at {cap}/s or more {'never' if back is None else f'{back} s'} after the lift")
         outcome = f"yes, {done - started:.1f} s after the first enqueue" if done else "no"
         say(
             f"  all {n:,} delivered: {outcome} ({fleet.delivered():,}); dead letters"
@@ -594,7 +603,7 @@ def rate_between(times: Sequence[float], a: float, b: float) -> float:
 
 
 def by_command(counts: Counter[str], n: int) -> str:
-    return ", ".join(f"{name} {count / n:.3f}" for name, count in counts.most_common(4)) or "-"
+    return ", ".join(f"{name} {count / n:.3f}" for name, count in counts.most_common(5)) or "-"
 
 
 def gaps(times: Sequence[float]) -> str:

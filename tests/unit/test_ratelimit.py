@@ -115,29 +115,6 @@ def test_the_ceiling_falls_to_what_the_relay_accepted(redis_url: str) -> None:
     assert rate is not None and 279 <= rate <= 281  # 300 granted, 20 refused: to 280
 
 
-def test_a_throttling_reply_stops_pipelining_before_its_report_lands(redis_url: str) -> None:
-    """Sessions pipelining into a relay that refuses MAIL get RCPT and DATA refused too, errors
-    the relay counts against the session (Postfix drops it at smtpd_hard_error_limit): the
-    process is cautious from the reply, not from the report's answer GATHER seconds later."""
-
-    async def body(client: aioredis.Redis) -> tuple[bool, bool, bool]:
-        shaper = Shaper(Settings(), RateLimiter(client))
-        before = shaper.cautious
-        shaper.throttled("450 4.7.1 Error: too much mail from 127.0.0.1")
-        at_once = shaper.cautious and shaper.ceiling is None
-        deadline = time.monotonic() + 30
-        while shaper.ceiling is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # the report lands: the fleet's ceiling takes over
-        reported = shaper.ceiling is not None and shaper.cautious
-        shaper.close()
-        return before, at_once, reported
-
-    before, at_once, reported = run(redis_url, body)
-    assert not before
-    assert at_once, "still pipelining between the throttling reply and its report"
-    assert reported
-
-
 def test_a_wait_past_its_deadline_is_a_free_throttled_wait(redis_url: str) -> None:
     settings = Settings(rate_limits=(RateWindow(1.0, 60.0, 1, "1/60s:1"),))
 

@@ -96,8 +96,6 @@ class Shaper:
         self._unmetered = 0
         self._throttles = 0
         self._throttle_reason = ""
-        #: A throttling reply seen here whose report has not yet brought the fleet's ceiling.
-        self._unreported = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -110,11 +108,8 @@ class Shaper:
 
     @property
     def cautious(self) -> bool:
-        """The relay throttled us recently: sessions stop pipelining until the rate recovers.
-        From the reply itself, not from the report's answer GATHER seconds later: a session
-        pipelining meanwhile has RCPT and DATA refused behind every refused MAIL, errors that
-        the relay counts towards dropping it (Postfix: smtpd_hard_error_limit)."""
-        return self.ceiling is not None or self._unreported
+        """The relay throttled us recently: sessions stop pipelining until the rate recovers."""
+        return self.ceiling is not None
 
     def _metered(self, bucket: _Bucket) -> bool:
         if bucket.limiter is None:
@@ -266,7 +261,6 @@ class Shaper:
             return
         self._throttles += 1
         self._throttle_reason = reason
-        self._unreported = True
         if self._throttles == 1:
             self._spawn(self._report_throttles())
 
@@ -287,8 +281,6 @@ class Shaper:
         except (redis.RedisError, OSError) as exc:
             log.warning("could not report throttling to Redis: %s", type(exc).__name__)
             return
-        finally:
-            self._unreported = self._throttles > 0  # replies seen since: their report comes
         self._set_ceiling(ceiling, self._throttle_reason)
 
     def _count(self, tokens: int) -> None:

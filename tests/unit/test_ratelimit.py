@@ -82,6 +82,9 @@ def test_throttling_lowers_the_shared_ceiling_which_then_recovers(redis_url: str
         limiter = RateLimiter(client)
         assert await limiter.count(0) is None  # nothing in force yet
         args = {"floor": 1.0, "cooldown": 1.0, "recovery": 0.5, "cap": 0.0, "reason": "421 x"}
+        # Without a measure of what the fleet sends, a throttling reply only counts.
+        assert await limiter.throttle(5, **args) is None
+        await limiter.count(50)  # what the workers report sending
         first = await limiter.throttle(5, **args)
         again = await limiter.throttle(50, **args)  # within the cooldown: counted, no decrease
         await asyncio.sleep(0.3)

@@ -6,6 +6,8 @@ and torn down on worker shutdown.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -159,6 +161,44 @@ class _Leases:
 
 #: Attempts in flight per session of the process (see `Runtime.gate`).
 ATTEMPTS_PER_SESSION = 2
+
+
+class Gate:
+    """A counting semaphore whose waiters are served by rank (a lane's priority: 0 first), then
+    in arrival order: a transactional attempt takes the next free slot, not the one after every
+    attempt of a bulk batch already waiting. A freed slot is handed to the waiter directly."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    def locked(self) -> bool:
+        return self._free <= 0
+
+    async def acquire(self, rank: int = 0) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, next(self._arrivals), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a slot just as we were cancelled: pass it on
+            raise
+        return True
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+
 #: A message the relay throttles waits for the fleet's rate again, in this process, this many
 #: times before it goes back to the queue (still without spending an attempt).
 THROTTLED_TRIES = 10
@@ -179,6 +219,7 @@ class Runtime:
         #: part of what workers/strategy.py `room` counts; `on_room` runs as each one ends.
         self.backlog = 0
         self.on_room: Callable[[], None] | None = None
+        self._ranks = {lane.name: rank for rank, lane in enumerate(settings.lanes)}
         self.loop.run(self._start())
 
     async def _start(self) -> None:
@@ -323,24 +364,31 @@ class Runtime:
         on_done(index, outcome)
 
     @property
-    def gate(self) -> asyncio.Semaphore:
+    def gate(self) -> Gate:
         """At most `ATTEMPTS_PER_SESSION` attempts per session at once in this process: a batch
         of hundreds claims its messages only as sessions free up, so claims don't lapse while
         waiting. Two, not one: the next attempt's claim is made while the session is still
         busy, and a session freed goes straight to a claimed attempt (the pool's queue) instead
-        of idling through a settle and a claim, two ledger round trips per message."""
-        gate: asyncio.Semaphore | None = getattr(self, "_gate", None)
+        of idling through a settle and a claim, two ledger round trips per message. Attempts of
+        a higher lane go first (see `Gate`)."""
+        gate: Gate | None = getattr(self, "_gate", None)
         if gate is None:
-            size = ATTEMPTS_PER_SESSION * self.settings.worker_connections
-            gate = self._gate = asyncio.Semaphore(size)
+            gate = self._gate = Gate(ATTEMPTS_PER_SESSION * self.settings.worker_connections)
         return gate
+
+    def _rank(self, payload: Mapping[str, Any]) -> int:
+        return self._ranks.get(lane_of(payload), len(self._ranks))
 
     async def adeliver(
         self, payload: Mapping[str, Any], released: str = "", attempts: int = 0
     ) -> Result:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
-        async with self.gate:
+        gate = self.gate
+        await gate.acquire(self._rank(payload))
+        try:
             return await self._admitted(payload, released, attempts)
+        finally:
+            gate.release()
 
     async def _streamed(self, payload: Mapping[str, Any]) -> Result:
         """`adeliver` for `start_many`: an attempt still waiting for room when shutdown begins
@@ -349,10 +397,11 @@ class Runtime:
         gate, draining = self.gate, self.leases.draining
         if draining.is_set():
             return Result("not_started")
+        rank = self._rank(payload)
         if gate.locked():
 
             async def room() -> bool:
-                return await gate.acquire()
+                return await gate.acquire(rank)
 
             async def give_back(_: bool) -> None:
                 gate.release()
@@ -360,7 +409,7 @@ class Runtime:
             if await _unless(draining, room(), give_back) is None:
                 return Result("not_started")
         else:
-            await gate.acquire()
+            await gate.acquire(rank)
         try:
             return await self._admitted(payload, "")
         finally:

@@ -34,21 +34,23 @@ log = logging.getLogger("mailer.shaper")
 #: How far ahead one batch may reserve the fleet's schedule: bounds how long a token waits
 #: unused in one process while another could have used it.
 HORIZON = 0.25
-#: A token not used within this long after its time is dropped (its slot went by unused).
-STALE = 0.5
+#: A token not used within this long after its time is dropped (its slot went by unused), or
+#: within one spacing of the bucket's tightest window if that is longer: a token used at most
+#: that late keeps every window within burst + 2 (late tokens spent together would be a burst).
+STALE = 0.01
 #: The most tokens one Redis call asks for.
 MAX_BATCH = 256
 #: Bursts allowed by the adaptive ceiling, in seconds of its rate.
 CEILING_BURST = 0.1
 #: Unmetered use is reported this often (the adaptive ceiling's measure of the fleet's rate).
-REPORT_EVERY = 1.0
+REPORT_EVERY = 0.2
 #: Throttling replies are gathered this long before one report (a burst is one report).
 GATHER = 0.2
 #: Adaptive ceiling: at most one decrease per COOLDOWN seconds; it then grows by RECOVERY of
-#: itself per second; it never falls below FLOOR messages per second.
+#: the rate it fell from per second; it never falls below FLOOR messages per second.
 COOLDOWN = 1.0
-RECOVERY = 0.02
-FLOOR = 1.0
+RECOVERY = 0.08
+FLOOR = 0.1
 
 
 @dataclass(eq=False, slots=True)
@@ -167,7 +169,8 @@ class Shaper:
                 self._release_all(bucket)
                 return
             now = time.monotonic()
-            while bucket.stock and bucket.stock[0] < now - STALE:
+            stale = self._stale(bucket)
+            while bucket.stock and bucket.stock[0] < now - stale:
                 bucket.stock.popleft()
             self._borrow(bucket, waiter.tokens)
             if len(bucket.stock) >= waiter.tokens:
@@ -219,6 +222,12 @@ class Shaper:
         while time.monotonic() < until and not bucket.stock:
             await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._borrow(bucket, 1)
+
+    def _stale(self, bucket: _Bucket) -> float:
+        spacings = [w.spacing for w in bucket.windows]
+        if bucket.adaptive and self.ceiling:
+            spacings.append(1.0 / max(self.ceiling * bucket.share, 1e-6))
+        return max(STALE, min(spacings, default=STALE))
 
     def _borrow(self, bucket: _Bucket, wanted: int) -> None:
         """A lane takes the tokens lower lanes of this process hold (not handed out yet) when

@@ -20,9 +20,10 @@
 --   count n          n tokens used without asking (no window configured): for the measure.
 --   throttle n floor cooldown recovery reason cap
 --         n throttling replies seen. At most once per `cooldown`: the ceiling falls to what the
---         relay accepted in the last full second (granted - throttled), between half and 0.9
---         of the current rate, never below `floor`; it then grows by `recovery` of itself per
---         second until `cap` (0: twice the rate it fell from) and is dropped.
+--         relay accepted in the last second (granted - throttled), between 0.6 and 0.95 of
+--         the current rate, never below `floor`; it then grows by `recovery` of the rate it
+--         fell from per second until `cap` (0: twice that rate), when it is dropped. Without
+--         a measure of the fleet's rate (nothing granted or counted lately) it only counts.
 --   peek             {ceiling or '', reason, at}
 local key = KEYS[1]
 local op = ARGV[1]
@@ -30,6 +31,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local sec = tonumber(t[1])
 
+-- Adds n to this second's count of `prefix`; returns the last full second's count and this
+-- second's count scaled to a whole second (a rate either way).
 local function roll(prefix, n)
   local s = tonumber(redis.call('HGET', key, prefix .. 's') or 0)
   local c = tonumber(redis.call('HGET', key, prefix .. 'c') or 0)
@@ -42,7 +45,7 @@ local function roll(prefix, n)
     p, c = 0, n
   end
   redis.call('HSET', key, prefix .. 's', sec, prefix .. 'c', c, prefix .. 'p', p)
-  return p
+  return p, c / math.max(0.25, now - sec)
 end
 
 local function ceiling()
@@ -104,22 +107,27 @@ elseif op == 'count' then
 elseif op == 'throttle' then
   local n, floor, cooldown = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local recovery, reason, cap = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-  local throttled = roll('t', n)
-  local granted = roll('g', 0)
+  local tp, tc = roll('t', n)
+  local gp, gc = roll('g', 0)
+  local throttled, granted = math.max(tp, tc), math.max(gp, gc)
   local last = tonumber(redis.call('HGET', key, 'd') or 0)
   local rate = ceiling()
-  if now - last >= cooldown then
+  -- No decrease without a measure of what we send: a ceiling guessed from nothing could
+  -- only be wrong (the counts of the next report say what the fleet sends).
+  if now - last >= cooldown and (rate or granted > 0) then
     local current = rate or granted
-    if current <= 0 then current = math.max(floor, n) end
-    local accepted = granted - throttled
-    local target = accepted
-    if granted <= 0 then target = current / 2 end
-    target = math.max(current * 0.5, math.min(current * 0.9, target))
+    local target = math.max(current * 0.6, math.min(current * 0.95, granted - throttled))
     target = math.max(floor, target)
+    -- Recovered (and dropped) at the configured rate, or, with none, at twice the rate the
+    -- first decrease of this episode fell from: a later decrease keeps that point, or a
+    -- ceiling at the floor would lift after a few seconds and let the fleet burst again.
     local top = cap
-    if top <= 0 then top = 2 * current end
+    if top <= 0 then
+      top = tonumber(redis.call('HGET', key, 'cmax') or 0)
+      if not rate or top <= 0 then top = 2 * current end
+    end
     top = math.max(top, target * 1.05)
-    redis.call('HSET', key, 'c0', target, 't0', now, 'step', target * recovery, 'cmax', top,
+    redis.call('HSET', key, 'c0', target, 't0', now, 'step', current * recovery, 'cmax', top,
       'd', now, 'reason', reason, 'at', now)
     rate = target
   end

@@ -68,7 +68,7 @@ def main() -> None:
             f"{args.messages:,} due at once, {args.releasers} releasers: first on its queue "
             f"{min(lags):+.2f} s after the due time, median {statistics.median(lags):+.2f} s, "
             f"last {max(lags):+.2f} s; scheduling them took {enqueue_s:.1f} s "
-            f"({args.messages / enqueue_s:,.0f}/s); Redis used {used / 1e6:.0f} MB while they waited"
+            f"({args.messages / enqueue_s:,.0f}/s); Redis used {used / 1e6:.0f} MB meanwhile"
         )
         publisher.close()
     finally:

@@ -64,6 +64,12 @@ TAKE_MAX = 32
 #: pauses and the queue stays with the other workers; the prefetch limit alone counts tasks,
 #: and a batch task is a hundred messages.
 room: Callable[[], int | None] | None = None
+#: Set by the worker when it serves several lanes: room for more messages of the highest lane
+#: alone. When `room` is spent on lower lanes, fetching goes on from the highest queue only,
+#: so a transactional message never waits for a bulk backlog held in this process.
+top_room: Callable[[], int] | None = None
+#: After a fetch from the highest queue alone found it empty: when to look again.
+TOP_POLL = 0.05
 
 
 #: After a fetch that brought fewer than LINGER_BELOW messages, the next waits LINGER
@@ -89,12 +95,11 @@ def loads(text: str | bytes) -> Any:
 class QoS(kredis.QoS):
     def can_consume(self) -> bool:
         channel: Channel = self.channel
+        if not super().can_consume() or time.monotonic() < channel.linger_until:
+            return False
         wanted = room() if room is not None else None
-        return (
-            bool(super().can_consume())
-            and (wanted is None or wanted > 0)
-            and time.monotonic() >= channel.linger_until
-        )
+        channel.top_only = wanted is not None and wanted <= 0
+        return not channel.top_only or (top_room is not None and top_room() > 0)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """Records the message in `unacked` and takes it off our in-flight list atomically."""
@@ -165,6 +170,8 @@ class Channel(ReusedClient, kredis.Channel):
         self._moving: list[str] | None = None  # the queues of the BLMOVE/_MOVE_FIRST in flight
         self._blocking = False  # the command in flight is a BLMOVE (else _MOVE_FIRST)
         self._all_empty = False  # the last _MOVE_FIRST found every queue empty
+        self.top_only = False  # the room is spent: the next fetch may take the highest lane only
+        self._top_fetch = False  # the fetch in flight takes from the highest lane only
         self._unread = False  # a BLMOVE was sent and its reply never read (connection lost)
         self._beat_at = 0.0
         self._beat_queue = ""
@@ -183,6 +190,9 @@ class Channel(ReusedClient, kredis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._movable_queues()
+        self._top_fetch = queues is not None and self.top_only and len(queues) > 1
+        if queues is not None and self._top_fetch:
+            queues = queues[:1]  # room for the highest lane alone: never block on it
         self._moving = queues
         if queues is None:
             super()._brpop_start(timeout)
@@ -199,7 +209,7 @@ class Channel(ReusedClient, kredis.Channel):
         self._unread = True
         # One queue: block on it. Several: take from the first that holds a message, and only
         # once all were found empty block on the highest (LOWER_LANE_WAIT at most).
-        self._blocking = len(queues) == 1 or self._all_empty
+        self._blocking = not self._top_fetch and (len(queues) == 1 or self._all_empty)
         if self._blocking:
             if len(queues) > 1:
                 wait = min(wait or LOWER_LANE_WAIT, LOWER_LANE_WAIT)
@@ -225,6 +235,11 @@ class Channel(ReusedClient, kredis.Channel):
             queue = queues[0]
             if self._blocking:
                 self._all_empty = False
+            elif self._top_fetch:
+                if item is None:  # nothing of the highest lane: look again shortly
+                    self._linger(TOP_POLL)
+                else:
+                    queue, item = bytes_to_str(item[0]), item[1]
             else:
                 self._all_empty = item is None
                 if item is not None:
@@ -257,12 +272,12 @@ class Channel(ReusedClient, kredis.Channel):
         if not batch and 1 + self._take_more(queues) < LINGER_BELOW:
             self._linger()
 
-    def _linger(self) -> None:
+    def _linger(self, seconds: float = LINGER) -> None:
         hub = getattr(self.connection, "hub", None)
         if hub is None:  # not in an event loop (a plain drain_events): nothing to wake us
             return
-        self.linger_until = time.monotonic() + LINGER
-        hub.call_later(LINGER, _nothing)  # the poll wakes when the wait is over
+        self.linger_until = time.monotonic() + seconds
+        hub.call_later(seconds, _nothing)  # the poll wakes when the wait is over
 
     def _take_more(self, queues: list[str]) -> int:
         """After a move: whatever else the queues hold (highest first), up to the prefetch

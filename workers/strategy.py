@@ -75,6 +75,7 @@ class Job:
     task_id: str
     payload: dict[str, Any]
     started: float
+    top: bool = False  # of the highest lane (see `top_room`)
 
 
 def plain_first_attempt(message: Any) -> dict[str, Any] | None:
@@ -118,6 +119,7 @@ class Stream:
         self.eventer: Any = None
         self.hub: Any = None  # the consumer's kombu event loop
         self._pending = 0
+        self.pending_top = 0  # of `_pending`, jobs of the highest lane
         self._idle = threading.Condition()
         self._threads = [
             threading.Thread(target=self._dispatch, name="mailer-dispatch", daemon=True),
@@ -129,6 +131,7 @@ class Stream:
     def put(self, job: Job) -> None:
         with self._idle:
             self._pending += 1
+            self.pending_top += job.top
         self.inbox.put(job)
 
     @property
@@ -189,6 +192,7 @@ class Stream:
             finally:
                 with self._idle:
                     self._pending -= len(batch)
+                    self.pending_top -= sum(job.top for job, _, _ in batch)
                     if not self._pending:
                         self._idle.notify_all()
             if self.hub is not None:
@@ -296,6 +300,12 @@ def _room(stream: Stream, limit: int) -> int:
     return limit - stream.pending - batches
 
 
+def _top_room(stream: Stream, limit: int) -> int:
+    """workers/broker.py `top_room`: the highest lane's own room, so that a process whose room
+    is full of lower-lane work still fetches the next message of the highest lane."""
+    return limit - stream.pending_top
+
+
 def _nothing() -> None:
     pass
 
@@ -343,6 +353,9 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     if events and consumer.hub is not None:
         _group_events(consumer)
     broker.room = partial(_room, streamed, 2 * settings.worker_connections)
+    top = wire.queue_for(settings.lanes[0].name) if len(settings.lanes) > 1 else None
+    if top is not None:
+        broker.top_room = partial(_top_room, streamed, 2 * settings.worker_connections)
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         payload = None if callbacks else plain_first_attempt(message)
@@ -363,7 +376,8 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
                 eta=None,
                 expires=None,
             )
-        streamed.put(Job(message, task_id, payload, time.monotonic()))
+        on_top = top is not None and message.delivery_info.get("routing_key") == top
+        streamed.put(Job(message, task_id, payload, time.monotonic(), on_top))
         return None
 
     return handle

@@ -146,7 +146,11 @@ class SessionPool:
         body: bytes,
         before_body: Callable[[], Awaitable[None]] | None = None,
         lane: str = "",
+        on_session: Callable[[], Awaitable[None]] | None = None,
     ) -> Delivered:
+        """`on_session`: awaited once a session is ours, before its commands leave (the
+        runtime re-checks the fleet's rate there); not for a session handed over with our
+        commands already written behind another message's body."""
         rank = self._ranks.get(lane, 0)
         session = await self._checkout((mail_from, rcpt_to, len(body)), rank)
         passed = False
@@ -159,6 +163,8 @@ class SessionPool:
             return chained
 
         try:
+            if on_session is not None and not session.owes_turn:
+                await on_session()
             return await session.transaction(
                 mail_from, rcpt_to, body, before_body, hand_over, pipeline=pipeline
             )

@@ -423,9 +423,17 @@ class Runtime:
         lane = lane_of(payload)
         tokens = self.shaper.tokens_for(len(payload["rcpt_to"]))
         for tries in range(1, THROTTLED_TRIES + 1):
-            await self.shaper.admit(lane, tokens, time.monotonic() + self.settings.lease_wait)
+            deadline = time.monotonic() + self.settings.lease_wait
+            slot = await self.shaper.admit(lane, tokens, deadline)
+
+            async def on_session(slot: float | None = slot) -> None:
+                if self.shaper.late(lane, slot):
+                    await self.shaper.admit(
+                        lane, tokens, time.monotonic() + self.settings.lease_wait
+                    )
+
             try:
-                return await self._attempt(payload, released, attempts)
+                return await self._attempt(payload, released, attempts, on_session)
             except Failure as failure:
                 if failure.kind is not Kind.THROTTLED or tries == THROTTLED_TRIES:
                     raise
@@ -436,7 +444,11 @@ class Runtime:
         raise AssertionError("unreachable")
 
     async def _attempt(
-        self, payload: Mapping[str, Any], released: str, attempts: int = 0
+        self,
+        payload: Mapping[str, Any],
+        released: str,
+        attempts: int = 0,
+        on_session: Callable[[], Awaitable[None]] | None = None,
     ) -> Result:
         """One attempt, guarded by the ledger so a message the relay has is never sent again.
 
@@ -492,6 +504,7 @@ class Runtime:
                 body,
                 before_body,
                 lane=lane_of(payload),
+                on_session=on_session,
             )
         except Failure as failure:
             metrics.smtp_failure(failure)

@@ -55,7 +55,7 @@ FLOOR = 0.1
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
-    future: asyncio.Future[None]
+    future: asyncio.Future[float | None]  # the time its last token allows (None: unmetered)
     tokens: int
 
 
@@ -123,13 +123,25 @@ class Shaper:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, lane: str, tokens: int, deadline: float) -> None:
-        """Returns when the fleet's rate lets this attempt start; THROTTLED past `deadline`."""
-        bucket = self._lanes.get(lane) or self._lanes[self.settings.default_lane]
+    async def admit(self, lane: str, tokens: int, deadline: float) -> float | None:
+        """Returns when the fleet's rate lets this attempt start (the time its token allows,
+        None when nothing is metered); THROTTLED past `deadline`."""
+        bucket = self._bucket(lane)
         if not self._metered(bucket):
             self._count(tokens)
-            return
-        await self._wait(bucket, tokens, deadline, "waiting for the fleet's message rate")
+            return None
+        return await self._wait(bucket, tokens, deadline, "waiting for the fleet's message rate")
+
+    def late(self, lane: str, slot: float | None) -> bool:
+        """The token an attempt was admitted with went by while it waited for a session (a
+        session opening, a busy pool): sending now would add to a later moment's rate, so the
+        attempt takes a fresh token first."""
+        if slot is None:
+            return False
+        return time.monotonic() - slot > self._stale(self._bucket(lane))
+
+    def _bucket(self, lane: str) -> _Bucket:
+        return self._lanes.get(lane) or self._lanes[self.settings.default_lane]
 
     async def connect(self, deadline: float) -> None:
         """Returns when a new session may open (MAILER_CONNECT_RATE), with jitter."""
@@ -140,13 +152,13 @@ class Shaper:
         spacing = bucket.windows[0].spacing
         await asyncio.sleep(random.uniform(0.0, spacing))  # no fleet-wide edge at slot starts
 
-    async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> None:
+    async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> float | None:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens)
         bucket.waiters.append(waiter)
         self._serve(bucket)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await asyncio.shield(waiter.future)
+                return await asyncio.shield(waiter.future)
         except TimeoutError:
             raise Failure(Kind.THROTTLED, None, what, Phase.CONNECT) from None
         finally:
@@ -181,7 +193,7 @@ class Shaper:
                     await asyncio.sleep(ready - now)
                 bucket.waiters.popleft()
                 if not waiter.future.done():
-                    waiter.future.set_result(None)
+                    waiter.future.set_result(ready)
                 continue
             await self._refill(bucket)
 

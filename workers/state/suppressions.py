@@ -113,6 +113,10 @@ class Suppressions:
         return sum(int(n) for n in pipe.execute())
 
 
+#: How long the worker trusts what it read about which suppression lists exist (seconds).
+FRESH = 1.0
+
+
 class SuppressionCheck:
     """The worker's check: which of a message's recipients are suppressed, and why.
 
@@ -124,15 +128,32 @@ class SuppressionCheck:
         self.redis = client
         self._queue: list[tuple[Sequence[str], int | None, asyncio.Future[dict[str, str]]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._exists: dict[str, tuple[float, bool]] = {}  # list key -> (when seen, exists)
 
     async def suppressed(self, recipients: Sequence[str], group: int | None) -> dict[str, str]:
         """recipient -> reason (`group_unsubscribe:<id>` for a group's list) for each
-        suppressed one; {} when none is."""
+        suppressed one; {} when none is. While no list exists (no suppression recorded yet, the
+        common case before the webhook is set up) nothing is asked per message: whether the
+        lists exist is read at most once per FRESH seconds, so an address suppressed into a
+        new list may still be sent to within that long."""
+        if not await self._listed(keys.SUPPRESS_GLOBAL) and (
+            group is None or not await self._listed(keys.suppress_group(group))
+        ):
+            return {}
         future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._queue.append((recipients, group, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         return await future
+
+    async def _listed(self, key: str) -> bool:
+        now = time.monotonic()
+        seen = self._exists.get(key)
+        if seen is not None and now - seen[0] < FRESH:
+            return seen[1]
+        exists = bool(await self.redis.exists(key))
+        self._exists[key] = (now, exists)
+        return exists
 
     async def _flush(self) -> None:
         while self._queue:

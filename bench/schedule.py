@@ -37,7 +37,7 @@ def main() -> None:
         assert publisher.fast is not None
         message = Message(to="a@example.com", subject="s", text="x", from_addr="f@example.com")
         rendered = message.render()
-        due = time.time() + 10 + args.messages / 20_000  # after enqueueing is over
+        parked = time.time() + 3600  # scheduled far ahead; all made due at once below
         started = time.monotonic()
         chunk = 1000
         for first in range(0, args.messages, chunk):
@@ -46,12 +46,17 @@ def main() -> None:
                 payload = dict(to_payload(rendered))
                 payload["id"] = f"{i:032x}"
                 tasks.append(("mailer.send", (payload,), "{}", QUEUE))
-                when.append((payload["id"], due))
+                when.append((payload["id"], parked))
             publisher.fast.publish(tasks, due=when)
         enqueue_s = time.monotonic() - started
         client = redis.Redis.from_url(server.url)
         assert client.zcard(SCHEDULE_DUE) == args.messages
         used = client.info("memory")["used_memory"]
+        due = time.time() + 2.0  # every one due in the same second
+        pipe = client.pipeline(transaction=False)
+        for i in range(args.messages):
+            pipe.zadd(SCHEDULE_DUE, {f"{i:032x}": due}, xx=True)
+        pipe.execute()
         releasers = [
             Releaser(redis.Redis.from_url(server.url)).start() for _ in range(args.releasers)
         ]

@@ -9,6 +9,7 @@ know the client really pipelined (MAIL, RCPT... and DATA in one read), or really
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -527,3 +528,32 @@ def test_wire_body_dot_stuffs_every_line_and_ends_with_the_terminator(
     rendered: bytes, wire: bytes
 ) -> None:
     assert wire_body(rendered) == wire
+
+
+def test_a_session_the_relay_keeps_refusing_is_rotated_before_the_relay_drops_it(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str
+) -> None:
+    """Relays count refused commands per connection and never forget them (Postfix drops a
+    session at its 20th error): after MAX_REFUSALS the session asks to be replaced."""
+    from workers.engine.session import MAX_REFUSALS
+
+    sink = make_sink(
+        tls="starttls",
+        auth=("apikey", api_key),
+        throttle_rate=0,
+        throttle_reply="450 4.7.1 Error: too much mail from 127.0.0.1",
+    )
+    run = Run(sink, tls_material, api_key)
+
+    async def body() -> list[Any]:
+        await run.session.open()
+        results = []
+        for n in range(MAX_REFUSALS):
+            assert not run.session.due_for_rotation(time.monotonic())
+            results.append(await run.send(n, ["a@example.com"]))
+        return results
+
+    results = run_on("asyncio", body())
+    assert all(_is_failure(r, Kind.THROTTLED, Phase.MAIL, 450) for r in results)
+    assert run.session.connected  # the relay kept it: no reconnect per refusal
+    assert run.session.due_for_rotation(time.monotonic())

@@ -29,6 +29,8 @@ from workers.engine.classify import Failure, Kind, Phase, by_code, classify
 from workers.engine.protocol import PipeliningProtocol, adopt, check_arg
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+#: Refused commands after which a session is QUIT and replaced (see `Session.refusals`).
+MAX_REFUSALS = 8
 
 
 @lru_cache(maxsize=8)
@@ -87,6 +89,10 @@ class Session:
         self.settings = settings
         self.lease = lease
         self.mail_count = 0
+        #: Commands the relay refused on this connection. Relays count errors per connection and
+        #: never forget them (Postfix: a delay after 10, a disconnect after 20, whatever was
+        #: delivered in between), so a session is rotated before that (`due_for_rotation`).
+        self.refusals = 0
         self.opened_at = 0.0
         self.last_used = 0.0
         self.broken = False
@@ -146,6 +152,7 @@ class Session:
         return (
             self.mail_count >= s.max_messages_per_connection
             or now - self.opened_at >= s.session_max_age
+            or self.refusals >= MAX_REFUSALS
         )
 
     def idle_for(self, now: float) -> float:
@@ -270,6 +277,8 @@ class Session:
                 raise by_code(reply.code, reply.message, phase)
             return Delivered(reply.message, refused)
         except Failure as failure:
+            if failure.code is not None and failure.code >= 400:
+                self.refusals += 1
             if failure.code == 421:
                 smtp.close()  # what aiosmtplib does on a 421: the relay is hanging up
             if failure.kind not in (Kind.RETRY, Kind.PERMANENT, Kind.THROTTLED) or body_owed:

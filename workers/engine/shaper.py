@@ -134,11 +134,13 @@ class Shaper:
 
     def late(self, lane: str, slot: float | None) -> bool:
         """The token an attempt was admitted with went by while it waited for a session (a
-        session opening, a busy pool): sending now would add to a later moment's rate, so the
-        attempt takes a fresh token first."""
+        session opening, a busy pool), or it was admitted unmetered and the relay has
+        throttled us since: sending now would add to a moment the rate did not grant it, so
+        the attempt takes a fresh token first."""
+        bucket = self._bucket(lane)
         if slot is None:
-            return False
-        return time.monotonic() - slot > self._stale(self._bucket(lane))
+            return self._metered(bucket)
+        return time.monotonic() - slot > self._stale(bucket)
 
     def _bucket(self, lane: str) -> _Bucket:
         return self._lanes.get(lane) or self._lanes[self.settings.default_lane]

@@ -151,7 +151,7 @@ class SuppressionCheck:
         seen = self._exists.get(key)
         if seen is not None and now - seen[0] < FRESH:
             return seen[1]
-        exists = bool(await self.redis.exists(key))
+        exists = bool(await self.redis.hlen(key))  # HLEN: in the documented ACL rule
         self._exists[key] = (now, exists)
         return exists
 

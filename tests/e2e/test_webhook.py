@@ -22,7 +22,7 @@ from tests.support.relay import Relay
 from tests.support.webhook import Signer, WebhookServer, event, post, post_events
 from workers.state import keys, lifecycle
 from workers.state.deadletters import DeadLetter, DeadLetters
-from workers.state.suppressions import Suppressions
+from workers.state.suppressions import FRESH, Suppressions
 
 TTL = 3600
 
@@ -324,6 +324,9 @@ def test_sent_then_delivered_and_bounced_then_suppressed_end_to_end(
     assert wait_until(lambda: mailer.status(ok).state == "delivered", timeout=30)
     assert wait_until(lambda: mailer.status(bad).state == "bounced", timeout=30)
     assert Suppressions(client).get("bob@example.com") is not None
+    # The first suppression created the list: a worker notices a new list within FRESH seconds
+    # (workers/state/suppressions.py); from then on every message is checked against it.
+    time.sleep(FRESH + 0.5)
 
     before = len(sink.received)
     again = mailer.send(to="bob@example.com", subject="again", text="hi\n")

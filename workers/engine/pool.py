@@ -341,7 +341,8 @@ class SessionPool:
         async with self._login_gate:
             refused = self._login_refused
             if refused is not None and time.monotonic() < refused[0]:
-                raise refused[1]
+                f = refused[1]  # a fresh one: the runtime annotates the failure it is given
+                raise Failure(f.kind, f.code, f.text, f.phase)
             try:
                 await session.open()
             except Failure as failure:

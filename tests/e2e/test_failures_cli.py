@@ -5,9 +5,6 @@ failures list | show | retry | purge` command, run as an operator runs it, works
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -18,19 +15,9 @@ import mailer
 from devkit.sink import FaultPlan
 from devkit.worker import WorkerProcess
 from mailer.client import default_mailer
-from tests.support.helpers import ids_at, wait_until
+from tests.support.helpers import ids_at, mailer_cli, wait_until
 from tests.support.relay import Relay
 from workers.state.deadletters import DeadLetters
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailer", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def enqueue(to: str, subject: str, *, age: float = 0.0) -> str:
@@ -78,15 +65,15 @@ def test_dead_letters_and_the_failures_command(
     assert letters[ambiguous].kind == "uncertain"
     assert ids_at(sink) == Counter({ambiguous: 1})  # the server has it; it was not resent
 
-    listed = cli(env, "failures", "list")
+    listed = mailer_cli(env, "failures", "list")
     assert listed.returncode == 0, listed.stderr
     assert "4 dead letters" in listed.stdout
     assert all(i in listed.stdout for i in letters)
-    as_json = json.loads(cli(env, "failures", "list", "--json").stdout)
+    as_json = json.loads(mailer_cli(env, "failures", "list", "--json").stdout)
     assert {d["id"]: d["kind"] for d in as_json} == {i: d.kind for i, d in letters.items()}
-    only = json.loads(cli(env, "failures", "list", "--json", "--kind", "uncertain").stdout)
+    only = json.loads(mailer_cli(env, "failures", "list", "--json", "--kind", "uncertain").stdout)
     assert [d["id"] for d in only] == [ambiguous]
-    shown = cli(env, "failures", "show", refused)
+    shown = mailer_cli(env, "failures", "show", refused)
     assert shown.returncode == 0
     detail = json.loads(shown.stdout)
     assert detail["code"] == 550 and detail["kind"] == "permanent" and detail["attempts"] == 1
@@ -95,17 +82,17 @@ def test_dead_letters_and_the_failures_command(
 
     # Replays: a fresh age budget and attempt count; the held one is deliberately sent again.
     sink.faults = None
-    replay = cli(env, "failures", "retry", retried_out, too_old, ambiguous)
+    replay = mailer_cli(env, "failures", "retry", retried_out, too_old, ambiguous)
     assert replay.returncode == 0, replay.stderr
     assert replay.stdout.count("re-queued") == 3
     assert wait_until(
         lambda: ids_at(sink) == Counter({retried_out: 1, too_old: 1, ambiguous: 2}), timeout=60
     ), ids_at(sink)
     assert {d.id for d in store.list()} == {refused}
-    missing = cli(env, "failures", "retry", "0" * 32)
+    missing = mailer_cli(env, "failures", "retry", "0" * 32)
     assert missing.returncode == 1 and "no such dead letter" in missing.stderr
 
-    purged = cli(env, "failures", "purge")
+    purged = mailer_cli(env, "failures", "purge")
     assert purged.returncode == 0 and "purged 1" in purged.stdout
     assert store.count() == 0
-    assert "0 dead letters" in cli(env, "failures", "list").stdout
+    assert "0 dead letters" in mailer_cli(env, "failures", "list").stdout

@@ -5,10 +5,7 @@ and `mailer failures`); a user missing one of the commands fails with an error n
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from devkit.redis_server import RedisServer, ServerTLS, User
 from devkit.sink import FaultPlan, SinkServer, TLSMaterial
 from devkit.worker import WorkerProcess
 from mailer.errors import PublishError
-from tests.support.helpers import ids_at, wait_until
+from tests.support.helpers import ids_at, mailer_cli, wait_until
 from tests.support.relay import relay_env
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -61,16 +58,6 @@ def admin(acl_redis: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailer", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_the_documented_rule_runs_the_end_to_end_path(
     acl_redis: RedisServer,
     admin: redis.Redis,
@@ -102,19 +89,19 @@ def test_the_documented_rule_runs_the_end_to_end_path(
     dropped = mailer.send(
         to="never@example.com", subject="never", text="b\n", send_at=time.time() + 3600
     )
-    cancelled = cli(env, "cancel", dropped)
+    cancelled = mailer_cli(env, "cancel", dropped)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     assert sink.wait_for(31, timeout=120), f"only {len(sink.received)} of 31 arrived"
     counts = ids_at(sink)
     assert set(counts) == set(ids) and max(counts.values()) == 1
     assert wait_until(lambda: admin.zcard("mailer:dead:index") == 1, timeout=60), worker.log[-3000:]
 
-    status = cli(env, "status", "--json")
+    status = mailer_cli(env, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["dead_letters"] == 1
-    listed = cli(env, "failures", "list")
+    listed = mailer_cli(env, "failures", "list")
     assert listed.returncode == 0 and refused in listed.stdout, listed.stderr
-    shown = cli(env, "failures", "show", refused)
+    shown = mailer_cli(env, "failures", "show", refused)
     assert shown.returncode == 0, shown.stderr
     assert "NOPERM" not in worker.log and "no permissions" not in worker.log
     assert PASSWORD not in worker.log + status.stdout + listed.stdout
@@ -146,7 +133,7 @@ def test_a_user_without_one_command_fails_with_an_error_naming_it(
         assert said.search(str(info.value)), info.value
         assert admin.llen("mailer") == 0
         return
-    done = cli(env, *(["worker"] if who == "worker" else ["status"]))
+    done = mailer_cli(env, *(["worker"] if who == "worker" else ["status"]))
     assert done.returncode in (1, 2), done.stdout[-2000:] + done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and said.search(lines[0]), done.stderr[-2000:]

@@ -6,10 +6,7 @@ wire are a TLS ClientHello, never a command with the password in it."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +20,7 @@ from devkit.redis_server import RedisServer, ServerTLS
 from devkit.sink import SinkServer, TLSMaterial
 from devkit.worker import WorkerProcess
 from mailer.errors import PublishError
-from tests.support.helpers import ids_at
+from tests.support.helpers import ids_at, mailer_cli
 from tests.support.relay import relay_env
 from workers.state import keys
 
@@ -55,16 +52,6 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailer", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_producer_worker_and_status_over_verified_tls(
     tls_url: str,
     tls_material: TLSMaterial,
@@ -89,7 +76,7 @@ def test_producer_worker_and_status_over_verified_tls(
     state = redis.Redis.from_url(tls_url, ssl_ca_certs=str(tls_material.ca_file))
     assert state.zcard(keys.FETCH_CONSUMERS) >= 1
     assert PASSWORD not in worker.log
-    status = cli(env, "status", "--json")
+    status = mailer_cli(env, "status", "--json")
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
     assert data["broker"] == tls_url.replace(PASSWORD, "***")
@@ -134,7 +121,7 @@ def test_a_certificate_that_fails_verification_stops_start_up_with_one_line(
     env = relay_env(url, sink, tls_material, api_key, MAILER_REDIS_CA_FILE=ca)
     masked = url.replace(PASSWORD, "***")
     for command in (("worker",), ("status",), ("failures", "list")):
-        done = cli(env, *command)
+        done = mailer_cli(env, *command)
         # 2 for a configuration error (worker), 1 for Redis refusing an operator command
         assert done.returncode in (1, 2), (command, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()

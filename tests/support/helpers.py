@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -57,3 +60,14 @@ def fate(
         state.close()
         broker.close()
     return "\n".join(lines)
+
+
+def mailer_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m mailer ARGS` with the test's environment on top of ours, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailer", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

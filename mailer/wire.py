@@ -10,6 +10,7 @@ or foreign producer) is dead-lettered as `invalid` and never sent. docs/wire.md 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
@@ -20,6 +21,7 @@ from mailer.message import PAYLOAD_VERSION, Rendered
 __all__ = [
     "BATCH_TASK",
     "DEFAULT_LANE",
+    "DEFAULT_RELAY",
     "LEDGER_PREFIX",
     "PAYLOAD_VERSION",
     "QUEUE",
@@ -35,6 +37,7 @@ __all__ = [
     "ignores_suppressions",
     "message_id_of",
     "queue_for",
+    "relay_of",
     "send_args",
     "to_payload",
 ]
@@ -42,6 +45,9 @@ __all__ = [
 #: The default lane's queue (the only queue before lanes existed; kept for rolling upgrades).
 QUEUE = "mailer"
 DEFAULT_LANE = "default"
+DEFAULT_RELAY = "default"
+#: A relay's name: what `mailer.send(relay=...)` takes and what labels its metrics and keys.
+RELAY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SEND_TASK = "mailer.send"
 BATCH_TASK = "mailer.send_batch"
 #: Payloads per `mailer.send_batch` task: one broker round trip carries this many messages.
@@ -69,6 +75,8 @@ class Meta(TypedDict):
     ignore_suppressions: NotRequired[bool]
     #: The message's SendGrid unsubscribe group (`asm_group_id`): its list is checked too.
     asm_group: NotRequired[int]
+    #: The named relay it goes through (mailer/relays.py); absent: the `default` relay.
+    relay: NotRequired[str]
 
 
 class Payload(TypedDict):
@@ -120,6 +128,11 @@ def group_of(payload: Mapping[str, Any]) -> int | None:
     return group if isinstance(group, int) and not isinstance(group, bool) else None
 
 
+def relay_of(payload: Mapping[str, Any]) -> str:
+    relay = payload.get("meta", {}).get("relay", DEFAULT_RELAY)
+    return relay if isinstance(relay, str) else DEFAULT_RELAY
+
+
 def lane_of(payload: Mapping[str, Any]) -> str:
     lane = payload.get("meta", {}).get("lane", DEFAULT_LANE)
     return lane if isinstance(lane, str) else DEFAULT_LANE
@@ -140,7 +153,10 @@ def from_payload(value: object) -> Rendered:
         group = meta.get("asm_group", 0)
         if isinstance(group, bool) or not isinstance(group, int) or group < 0:
             raise InvalidPayload("payload['meta']['asm_group']: expected a group id (integer)")
-        optional = ("lane", "send_at", "ignore_suppressions", "asm_group")
+        relay = meta.get("relay", DEFAULT_RELAY)
+        if not isinstance(relay, str) or not RELAY_NAME.match(relay):
+            raise InvalidPayload("payload['meta']['relay']: expected a relay name")
+        optional = ("lane", "send_at", "ignore_suppressions", "asm_group", "relay")
         if any(k in meta for k in optional):
             value = {**value, "meta": {k: v for k, v in meta.items() if k not in optional}}
     try:

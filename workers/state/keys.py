@@ -47,6 +47,14 @@ SUPPRESS_GLOBAL = "mailer:suppress:global"
 #: + asm_group_id: the recipients who left that unsubscribe group.
 SUPPRESS_GROUP_PREFIX = "mailer:suppress:group:"
 
+#: The named relays (mailer/relays.py): name -> JSON spec (never a secret), and a counter
+#: bumped on every change (workers and producers re-read the hash when it moves).
+RELAYS = "mailer:relays"
+RELAYS_VERSION = "mailer:relays:version"
+#: + relay name + ":" + what: a named relay's own circuit, rate, trouble run (the `default`
+#: relay keeps the historical unscoped keys: CIRCUIT, RATE, ...).
+RELAY_PREFIX = "mailer:relay:"
+
 # -- broker Redis -----------------------------------------------------------------------------
 
 #: The durable schedule: id -> due time (ZSET), id -> "<queue>\n<message>" (HASH).
@@ -63,6 +71,14 @@ KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
 #: kombu's separator between a queue's name and its priority level ("mailer\x06\x163").
 KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+def for_relay(relay: str, key: str) -> str:
+    """`key` (CIRCUIT, CIRCUIT_PROBE, RATE, RATE_CONNECT, ...) as relay `relay`'s own: the
+    `default` relay keeps the unscoped key, so a rolling upgrade shares one state."""
+    if relay == wire.DEFAULT_RELAY:
+        return key
+    return f"{RELAY_PREFIX}{relay}:{key.removeprefix('mailer:')}"
 
 
 def ledger(message_id: str) -> str:

@@ -722,6 +722,7 @@ class RelayTable:
     - `RelayTable(settings, async_redis)`: `async_redis` is a client of the state Redis;
     - `await table.refresh()`: call it every ~2 s; one GET while the version has not moved
       (then HGETALL), and a stat of each built relay's secret file (a rotated key is re-read);
+      a Redis error propagates and the table keeps what it had;
     - `await table.get(name) -> Relay | None`: `default` is the environment's relay
       (`table.default`); a name not known yet forces one refresh (a relay added a moment ago);
       None: not configured, or configured but unusable on this worker;

@@ -51,12 +51,14 @@ def send(
     lane: str | None = None,
     send_at: datetime | float | None = None,
     ignore_suppressions: bool = False,
+    relay: str | None = None,
 ) -> str:
     """Validates, renders and enqueues one message; returns its id (the Message-ID's local part).
     `lane`: its priority lane (MAILER_LANES; default MAILER_DEFAULT_LANE). `send_at`: an aware
     datetime or UNIX seconds to send it at (any horizon; `cancel(id)` calls it back).
     `ignore_suppressions`: send even to recipients on a suppression list (mail that must go,
-    such as legal notices)."""
+    such as legal notices). `relay`: the named relay it goes through (docs/relays.md; one not
+    configured is refused here); None: the workers' `default` relay."""
     return default_mailer().send_message(
         Message(
             to=to,
@@ -75,6 +77,7 @@ def send(
         lane=lane,
         send_at=send_at,
         ignore_suppressions=ignore_suppressions,
+        relay=relay,
     )
 
 
@@ -88,10 +91,11 @@ def send_many(
     *,
     lane: str | None = None,
     send_at: datetime | float | None = None,
+    relay: str | None = None,
 ) -> list[str]:
     """Enqueues many messages in few broker round trips; ids come back in order. A mapping may
-    name its own `lane` and `send_at`; the arguments are the others'."""
-    return default_mailer().send_many(messages, lane=lane, send_at=send_at)
+    name its own `lane`, `send_at` and `relay`; the arguments are the others'."""
+    return default_mailer().send_many(messages, lane=lane, send_at=send_at, relay=relay)
 
 
 async def asend(**fields: Any) -> str:
@@ -99,5 +103,7 @@ async def asend(**fields: Any) -> str:
     return await default_mailer().asend(**fields)
 
 
-async def asend_many(messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
-    return await default_mailer().asend_many(messages)
+async def asend_many(
+    messages: Iterable[Message | Mapping[str, Any]], *, relay: str | None = None
+) -> list[str]:
+    return await default_mailer().asend_many(messages, relay=relay)

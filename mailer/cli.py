@@ -1,5 +1,5 @@
-"""`mailer` command line: send, show, worker, status, failures, suppressions, webhook, demo,
-sink, bench.
+"""`mailer` command line: send, show, worker, status, failures, suppressions, relays, webhook,
+demo, sink, bench.
 
 Operator commands import the worker side lazily, inside the subcommand, so `import mailer`
 stays light for app code.
@@ -31,6 +31,11 @@ def _worker(args: argparse.Namespace, extra: list[str]) -> int:
     # A certificate or login no retry fixes stops the worker here, with one line.
     redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="worker")
     redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="worker")
+    if settings.fallback:
+        from mailer.relays import RelayStore, check_fallback
+
+        with _redis_errors("worker", settings):
+            check_fallback(settings, RelayStore(_state_client(settings)))
     concurrency = args.concurrency or settings.worker_connections
     # Reserve as many messages as the runtime runs attempts: with one per thread (Celery's
     # default), a session that ends a message idles through its settle, ack and the next fetch
@@ -85,6 +90,7 @@ def _send(args: argparse.Namespace) -> int:
         reply_to=args.reply_to or None,
         idempotency_key=args.idempotency_key,
         lane=args.lane,
+        relay=args.relay,
     )
     print(message_id)
     return 0
@@ -139,12 +145,16 @@ def _send_file(args: argparse.Namespace) -> int:
     client = default_mailer()
     started = time.monotonic()
     rendered: list[tuple[Rendered, str, float | None]] = []
+    options: dict[str, dict[str, Any]] = {}
     try:
         for number, row in read_rows(path, "csv" if args.csv else "jsonl"):
             try:
                 lane = client.lane(row.pop("lane", None) or args.lane)
                 due = due_time(_when(row.pop("send_at", None)))
+                relay = client.relay(row.pop("relay", None) or args.relay)
                 rendered.append((client.render(message_from_mapping(row)), lane, due))
+                if relay != "default":
+                    options[rendered[-1][0].id] = {"relay": relay}
             except InvalidMessage as exc:
                 raise BadFile(number, exc.field, exc.problem) from None
             if len(rendered) % 1000 == 0:
@@ -162,7 +172,7 @@ def _send_file(args: argparse.Namespace) -> int:
     for start in range(0, total, args.chunk_size):
         chunk = rendered[start : start + args.chunk_size]
         try:
-            ids = client.publish_rendered(chunk)
+            ids = client.publish_rendered(chunk, options=options)
         except PublishError as exc:
             if not args.quiet:
                 sys.stderr.write("\n")
@@ -392,6 +402,81 @@ def _suppressions(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _state_client(settings: Settings) -> Any:
+    from mailer import redisconn
+
+    redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
+    return redisconn.client(settings.redis_url, settings, max_connections=2)
+
+
+def _relays(args: argparse.Namespace) -> int:
+    """The relay registry: apply FILE [--replace] | list | show NAME | remove NAME
+    (docs/relays.md). Never prints a secret: the registry holds none."""
+    settings = Settings.from_env()
+    with _redis_errors("relays", settings):
+        return _relays_in(args, settings)
+
+
+def _relays_in(args: argparse.Namespace, settings: Settings) -> int:
+    from mailer.relays import DEFAULT_RELAY, RelayStore, load_file
+
+    if args.action == "apply":
+        if not args.target:
+            print("mailer relays apply: name the TOML file", file=sys.stderr)
+            return 2
+        # Everything is checked before anything is written (load_file raises on the first
+        # problem); the fleet's lanes are this environment's MAILER_LANES.
+        specs = load_file(args.target, [lane.name for lane in settings.lanes])
+        changes = RelayStore(_state_client(settings)).apply(specs, replace=args.replace)
+        for name in changes.added:
+            print(f"added    {name}")
+        for name, fields in changes.changed.items():
+            print(f"changed  {name} ({', '.join(fields)})")
+        for name in changes.removed:
+            print(f"removed  {name}")
+        print(
+            f"{len(changes.unchanged)} unchanged; registry version {changes.version}",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action != "list" and not args.target:
+        print(f"mailer relays {args.action}: name the relay", file=sys.stderr)
+        return 2
+    if args.target == DEFAULT_RELAY:
+        print("default: the workers' environment (MAILER_SMTP_*), not the registry")
+        return 0 if args.action == "show" else 2
+    store = RelayStore(_state_client(settings))
+    if args.action == "remove":
+        if store.remove(args.target):
+            print(f"removed  {args.target}")
+            return 0
+        print(f"{args.target}: not a configured relay", file=sys.stderr)
+        return 1
+    if args.action == "show":
+        spec = store.get(args.target)
+        if spec is None:
+            print(f"{args.target}: not a configured relay", file=sys.stderr)
+            return 1
+        print(json.dumps({"name": spec.name, **spec.to_dict()}, indent=2))
+        return 0
+    registry = store.specs()
+    if args.json:
+        print(json.dumps([{"name": s.name, **s.to_dict()} for s in registry.values()], indent=2))
+        return 0
+    rows = [("NAME", "HOST", "PORT", "PROFILE", "CAP", "RATE", "FALLBACK")]
+    for s in registry.values():
+        fallback = f"{s.fallback} ({','.join(s.fallback_lanes)})" if s.fallback else "-"
+        cap = str(s.max_connections or "-")
+        rows.append((s.name, s.host, str(s.port), s.profile, cap, s.rate_limit or "-", fallback))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    print(f"{len(registry)} relays, and default (the workers' environment)", file=sys.stderr)
+    return 0
+
+
 def _webhook(args: argparse.Namespace) -> int:
     from events.app import serve
 
@@ -470,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lane", help="priority lane (MAILER_LANES); a file's `lane` column wins for its row"
     )
+    p.add_argument(
+        "--relay",
+        help="named relay (`mailer relays list`); a file's `relay` column wins for its row",
+    )
 
     p = sub.add_parser("cancel", help="cancel scheduled or still-queued messages")
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -486,6 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual", help="with add/import: why")
     p.add_argument("--file", help="with import: a CSV of email[,reason] rows")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "relays",
+        help="named relays: apply FILE [--replace] | list | show NAME | remove NAME",
+        description="The relay registry in the state Redis (docs/relays.md). `apply` checks "
+        "the whole TOML file before writing anything and prints what changed; workers and "
+        "producers pick changes up within seconds, without a restart.",
+    )
+    p.add_argument("action", choices=["apply", "list", "show", "remove"])
+    p.add_argument("target", nargs="?", metavar="FILE|NAME")
+    p.add_argument(
+        "--replace", action="store_true", help="with apply: remove relays the file does not name"
+    )
+    p.add_argument("--json", action="store_true", help="with list")
 
     p = sub.add_parser("webhook", help="serve SendGrid's Event Webhook (POST /webhooks/sendgrid)")
     p.add_argument("--host", default="127.0.0.1")
@@ -536,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failures": _failures,
         "show": _show,
         "suppressions": _suppressions,
+        "relays": _relays,
         "webhook": _webhook,
         "demo": _demo,
     }

@@ -17,9 +17,10 @@ from mailer.config import Settings
 from mailer.errors import InvalidMessage
 from mailer.message import Message, Rendered
 from mailer.publish import Publisher
+from mailer.relays import RelayDirectory
 from mailer.schedule import SendAt, cancel, due_time
 from mailer.smtpapi import SMTPAPIHeader
-from mailer.wire import Payload, to_payload
+from mailer.wire import DEFAULT_RELAY, Payload, to_payload
 
 BATCH_SIZE = 100
 
@@ -30,6 +31,7 @@ class Mailer:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._publisher: Publisher | None = None
+        self._relays: RelayDirectory | None = None
         self._lock = threading.Lock()
 
     @property
@@ -51,6 +53,17 @@ class Mailer:
             raise InvalidMessage(field, f"{lane!r} is not a lane; MAILER_LANES has {names}")
         return lane
 
+    def relay(self, relay: object, field: str = "relay") -> str:
+        """The relay `relay` names (None: `default`); one not configured is refused at enqueue
+        (the registry in Redis, cached: mailer/relays.py). `default` costs no Redis call."""
+        if relay is None or relay == DEFAULT_RELAY:
+            return DEFAULT_RELAY
+        with self._lock:
+            if self._relays is None:
+                self._relays = RelayDirectory(self.settings)
+            relays = self._relays
+        return relays.check(relay, field)
+
     def send_message(
         self,
         message: Message,
@@ -58,8 +71,10 @@ class Mailer:
         lane: str | None = None,
         send_at: SendAt = None,
         ignore_suppressions: bool = False,
+        relay: str | None = None,
     ) -> str:
-        """`ignore_suppressions`: send even to suppressed recipients (mail that must go)."""
+        """`ignore_suppressions`: send even to suppressed recipients (mail that must go).
+        `relay`: the named relay it goes through (docs/relays.md); None: `default`."""
         lane = self.lane(lane)
         due = due_time(send_at)
         rendered = self.render(message)
@@ -69,6 +84,7 @@ class Mailer:
             due,
             ignore_suppressions=ignore_suppressions,
             asm_group=group_of(message),
+            relay=self.relay(relay),
         )
         self.publisher.send(payload, send_at=due)
         return rendered.id
@@ -76,8 +92,13 @@ class Mailer:
     def send(self, **fields: Any) -> str:
         lane, send_at = fields.pop("lane", None), fields.pop("send_at", None)
         ignore = bool(fields.pop("ignore_suppressions", False))
+        relay = fields.pop("relay", None)
         return self.send_message(
-            message_from_mapping(fields), lane=lane, send_at=send_at, ignore_suppressions=ignore
+            message_from_mapping(fields),
+            lane=lane,
+            send_at=send_at,
+            ignore_suppressions=ignore,
+            relay=relay,
         )
 
     def cancel(self, message_id: str) -> bool:
@@ -94,32 +115,34 @@ class Mailer:
         batch_size: int = BATCH_SIZE,
         lane: str | None = None,
         send_at: SendAt = None,
+        relay: str | None = None,
     ) -> list[str]:
         """Renders every message first (one bad message refuses the call, nothing published),
         then publishes them as `mailer.send_batch` tasks over one broker connection. A mapping
-        may name its own `lane`, `send_at` and `ignore_suppressions`; the arguments are the
-        others'."""
+        may name its own `lane`, `send_at`, `relay` and `ignore_suppressions`; the arguments
+        are the others'."""
         rendered: list[tuple[Rendered, str, float | None]] = []
         options: dict[str, dict[str, Any]] = {}
         for index, item in enumerate(messages):
             try:
                 if isinstance(item, Message):
                     message, chosen, ignore = item, self.lane(lane), False
-                    due = due_time(send_at)
+                    due, via = due_time(send_at), self.relay(relay)
                 else:
                     fields = dict(item) if isinstance(item, Mapping) else item
                     own = fields.pop("lane", lane) if isinstance(fields, dict) else lane
                     when = fields.pop("send_at", send_at) if isinstance(fields, dict) else send_at
+                    route = fields.pop("relay", relay) if isinstance(fields, dict) else relay
                     ignore = bool(fields.pop("ignore_suppressions", False))
                     message, chosen = message_from_mapping(fields), self.lane(own)
-                    due = due_time(when)
+                    due, via = due_time(when), self.relay(route)
                 one = self.render(message)
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
             rendered.append((one, chosen, due))
             group = group_of(message)
-            if ignore or group is not None:
-                options[one.id] = {"ignore_suppressions": ignore, "asm_group": group}
+            if ignore or group is not None or via != DEFAULT_RELAY:
+                options[one.id] = {"ignore_suppressions": ignore, "asm_group": group, "relay": via}
         return self.publish_rendered(rendered, batch_size=batch_size, options=options)
 
     def publish_rendered(
@@ -132,7 +155,8 @@ class Mailer:
         """Publishes already-rendered messages (each optionally with its lane and due time) as
         `mailer.send_batch` tasks over one broker connection, one lane and due time per batch
         (for callers that validate everything before publishing anything). `options`: message
-        id -> `to_payload` keywords (ignore_suppressions, asm_group) for those that have any."""
+        id -> `to_payload` keywords (ignore_suppressions, asm_group, relay) for those that have
+        any."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         groups: dict[tuple[str, float | None], list[Payload]] = {}
@@ -151,22 +175,42 @@ class Mailer:
         return ids
 
     async def asend(self, **fields: Any) -> str:
-        """Renders in the caller's loop (cheap) and publishes from a worker thread."""
+        """Renders in the caller's loop (cheap); checks a named relay (which may read Redis)
+        and publishes from a worker thread."""
         lane = self.lane(fields.pop("lane", None))
         due = due_time(fields.pop("send_at", None))
-        rendered = self.render(message_from_mapping(fields))
-        payload = to_payload(rendered, lane, due)
-        await asyncio.to_thread(partial(self.publisher.send, payload, send_at=due))
+        relay = fields.pop("relay", None)
+        ignore = bool(fields.pop("ignore_suppressions", False))
+        message = message_from_mapping(fields)
+        rendered = self.render(message)
+
+        def publish() -> None:
+            payload = to_payload(
+                rendered,
+                lane,
+                due,
+                ignore_suppressions=ignore,
+                asm_group=group_of(message),
+                relay=self.relay(relay),
+            )
+            self.publisher.send(payload, send_at=due)
+
+        await asyncio.to_thread(publish)
         return rendered.id
 
-    async def asend_many(self, messages: Iterable[Message | Mapping[str, Any]]) -> list[str]:
-        return await asyncio.to_thread(self.send_many, list(messages))
+    async def asend_many(
+        self, messages: Iterable[Message | Mapping[str, Any]], relay: str | None = None
+    ) -> list[str]:
+        return await asyncio.to_thread(partial(self.send_many, list(messages), relay=relay))
 
     def close(self) -> None:
         with self._lock:
             if self._publisher is not None:
                 self._publisher.close()
                 self._publisher = None
+            if self._relays is not None:
+                self._relays.close()
+                self._relays = None
 
 
 def group_of(message: Message) -> int | None:

@@ -19,6 +19,7 @@ from mailer import redisconn
 from mailer.errors import ConfigError
 from mailer.redisconn import redact_url as redact_url  # re-exported: the CLI and callers
 from mailer.redisconn import url_secrets as url_secrets
+from mailer.wire import DEFAULT_RELAY, RELAY_NAME
 
 log = logging.getLogger("mailer.config")
 
@@ -28,6 +29,9 @@ STARTTLS_PORTS = (25, 587, 2525)
 IMPLICIT_TLS_PORTS = (465,)
 SENDGRID_KEY = re.compile(r"^SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}$")
 UNCERTAIN_POLICIES = ("retry", "hold")
+#: Which header extensions a relay understands (mailer/relays.py; the failover translates).
+Profile = Literal["sendgrid", "ses", "postmark", "smtp"]
+PROFILES: tuple[Profile, ...] = ("sendgrid", "ses", "postmark", "smtp")
 
 
 #: Rate window units (MAILER_RATE_LIMIT): seconds per unit.
@@ -187,8 +191,13 @@ def _event_loop(env: Mapping[str, str]) -> str:
 
 def _password(env: Mapping[str, str]) -> Secret:
     name = "MAILER_SMTP_PASSWORD" if "MAILER_SMTP_PASSWORD" in env else "SENDGRID_API_KEY"
-    value = env.get(name, "").strip()
-    # Never echo the value: name the variable and the kind of character instead.
+    return api_key(name, env.get(name, ""))
+
+
+def api_key(name: str, value: str) -> Secret:
+    """`value` stripped, as a Secret; a ConfigError naming `name` when SMTP AUTH could not use
+    it (whitespace inside). Never echoes the value: names the kind of character instead."""
+    value = value.strip()
     for ch in value:
         if ch.isspace() or ord(ch) < 32 or ord(ch) == 127:
             kind = "a line feed" if ch in "\r\n" else "whitespace or a control character"
@@ -234,6 +243,44 @@ def _redis_tls(env: Mapping[str, str], broker: str, redis_url: str) -> dict[str,
         "redis_tls_verify": verify,
         "sentinel_master": master,
         "sentinel_tls": _flag(env, "MAILER_SENTINEL_TLS"),
+    }
+
+
+def default_profile(host: str) -> Profile:
+    """SendGrid's extensions for SendGrid's hosts, none for anything else."""
+    return "sendgrid" if host.lower().rstrip(".").endswith("sendgrid.net") else "smtp"
+
+
+def _failover(env: Mapping[str, str], host: str, lanes: list[str]) -> dict[str, Any]:
+    """The `default` relay's fallback, the lanes that fail over, its profile (by host)."""
+    fallback = env.get("MAILER_FALLBACK", "").strip().lower() or None
+    if fallback is not None and (fallback == DEFAULT_RELAY or not RELAY_NAME.match(fallback)):
+        raise ConfigError(
+            "MAILER_FALLBACK", f"{fallback!r} is not the name of another relay (docs/relays.md)"
+        )
+    chosen = tuple(
+        filter(None, (x.strip().lower() for x in env.get("MAILER_FALLBACK_LANES", "").split(",")))
+    )
+    for lane in chosen:
+        if lane not in lanes:
+            raise ConfigError("MAILER_FALLBACK_LANES", f"{lane!r} is not one of {lanes}")
+    if fallback and not chosen:
+        raise ConfigError(
+            "MAILER_FALLBACK_LANES", "MAILER_FALLBACK needs the lanes that fail over to it"
+        )
+    if chosen and not fallback:
+        raise ConfigError("MAILER_FALLBACK_LANES", "needs MAILER_FALLBACK (the relay to use)")
+    profile = env.get("MAILER_RELAY_PROFILE", "").strip().lower() or default_profile(host)
+    if profile not in PROFILES:
+        raise ConfigError("MAILER_RELAY_PROFILE", f"{profile!r} is not one of {list(PROFILES)}")
+    configuration_set = env.get("MAILER_SES_CONFIGURATION_SET", "").strip() or None
+    if configuration_set and profile != "ses":
+        raise ConfigError("MAILER_SES_CONFIGURATION_SET", "needs MAILER_RELAY_PROFILE=ses")
+    return {
+        "fallback": fallback,
+        "fallback_lanes": chosen,
+        "relay_profile": profile,
+        "ses_configuration_set": configuration_set,
     }
 
 
@@ -285,6 +332,14 @@ class Settings:
     quota_probe_interval: float = 60.0
     lanes: tuple[Lane, ...] = (Lane("default"),)
     default_lane: str = "default"
+    # The `default` relay's failover and profile (mailer/relays.py, docs/relays.md).
+    fallback: str | None = None
+    fallback_lanes: tuple[str, ...] = ()
+    failover_after: float = 30.0
+    relay_profile: Profile = "sendgrid"
+    ses_configuration_set: str | None = None
+    #: Where a named relay's key is read when it names no password_env / password_file.
+    relay_secrets_dir: str | None = None
 
     def __repr__(self) -> str:
         """Every field, the URLs with their passwords masked (Django debug pages, error
@@ -363,6 +418,7 @@ class Settings:
         if rate_unit not in ("messages", "recipients"):
             raise ConfigError("MAILER_RATE_UNIT", "must be 'messages' or 'recipients'")
         connect_rate = _float(env, "MAILER_CONNECT_RATE", 0.0, 0.0, 1_000_000.0) or None
+        failover = _failover(env, host, names)
         max_per_conn = _int(env, "MAILER_MAX_MESSAGES_PER_CONNECTION", 5000, 1, 1_000_000)
         max_conns = _int(env, "MAILER_MAX_CONNECTIONS", 10000, 1, 1_000_000)
         worker_conns = _int(env, "MAILER_WORKER_CONNECTIONS", 32, 1, 10_000)
@@ -413,6 +469,9 @@ class Settings:
             quota_probe_interval=_float(env, "MAILER_QUOTA_PROBE_INTERVAL", 60.0, 1.0, 86400.0),
             lanes=lanes,
             default_lane=default_lane,
+            failover_after=_float(env, "MAILER_FAILOVER_AFTER", 30.0, 0.1, 86400.0),
+            relay_secrets_dir=env.get("MAILER_RELAY_SECRETS_DIR", "").strip() or None,
+            **failover,
         )
         return settings
 

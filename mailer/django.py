@@ -10,8 +10,8 @@ several addresses), alternatives of any type (``text/calendar; method=REQUEST``)
 
 Extras read from each Django message, if set: ``message.smtpapi`` (an `SMTPAPIHeader` or a dict
 of X-SMTPAPI fields), ``message.idempotency_key``, ``message.lane`` (a priority lane,
-MAILER_LANES) and ``message.send_at`` (an aware datetime or UNIX seconds: held in the durable
-schedule until then, docs/scheduling.md).
+MAILER_LANES), ``message.relay`` (a named relay, docs/relays.md) and ``message.send_at`` (an
+aware datetime or UNIX seconds: held in the durable schedule until then, docs/scheduling.md).
 
 Settings that cannot work (Django's default ``webmaster@localhost`` / ``root@localhost``
 senders) are reported by the system check of `MailerConfig` (``INSTALLED_APPS``:
@@ -36,11 +36,12 @@ from django.utils.encoding import force_str
 from django.utils.functional import Promise
 
 from mailer.client import Mailer, default_mailer
-from mailer.errors import InvalidMessage, MailerError
+from mailer.errors import InvalidMessage, MailerError, PublishError
 from mailer.headers import parse_mailbox
 from mailer.message import Attachment, Message, Rendered
 from mailer.schedule import due_time
 from mailer.smtpapi import SMTPAPIHeader
+from mailer.wire import DEFAULT_RELAY
 
 __all__ = ["EmailBackend", "MailerConfig", "check_sender_settings", "to_message"]
 
@@ -268,6 +269,7 @@ class EmailBackend(BaseEmailBackend):
         messages = list(email_messages)  # Django accepts any iterable
         client: Mailer | None = None
         rendered: list[tuple[Rendered, str, float | None]] = []
+        options: dict[str, dict[str, Any]] = {}
         for index, email in enumerate(messages):
             try:
                 if not email.recipients() and not _has_smtpapi_to(getattr(email, "smtpapi", None)):
@@ -276,7 +278,10 @@ class EmailBackend(BaseEmailBackend):
                 client = client or self.mailer
                 lane = client.lane(getattr(email, "lane", None))
                 due = due_time(getattr(email, "send_at", None))
+                relay = client.relay(getattr(email, "relay", None))
                 rendered.append((client.render(message), lane, due))
+                if relay != DEFAULT_RELAY:
+                    options[rendered[-1][0].id] = {"relay": relay}
             except InvalidMessage as error:
                 exc = _django_wording(error)
                 if self.fail_silently:
@@ -285,10 +290,14 @@ class EmailBackend(BaseEmailBackend):
                 if len(messages) == 1:
                     raise exc from None
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
+            except PublishError:  # the relay registry could not be read: nothing was queued
+                if self.fail_silently:
+                    return 0
+                raise
         if not rendered or client is None:
             return 0
         try:
-            client.publish_rendered(rendered)
+            client.publish_rendered(rendered, options=options)
         except MailerError:
             if self.fail_silently:
                 return 0

@@ -95,7 +95,8 @@ def describe(payload: Mapping[str, Any]) -> str:
     shown = to[:5] + ([f"... +{len(to) - 5}"] if len(to) > 5 else [])
     subject = str(meta.get("subject", ""))[:80]
     lane = f", 'lane': {meta['lane']!r}" if "lane" in meta else ""
-    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {subject!r}{lane}}}"
+    relay = f", 'relay': {meta['relay']!r}" if "relay" in meta else ""
+    return f"{{'id': {payload.get('id')!r}, 'to': {shown!r}, 'subject': {subject!r}{lane}{relay}}}"
 
 
 def describe_batch(payloads: Sequence[Mapping[str, Any]]) -> str:

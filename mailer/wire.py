@@ -25,6 +25,9 @@ __all__ = [
     "LEDGER_PREFIX",
     "PAYLOAD_VERSION",
     "QUEUE",
+    "RELAYS",
+    "RELAYS_VERSION",
+    "RELAY_NAME",
     "SCHEDULE_DUE",
     "SCHEDULE_ITEMS",
     "SEND_TASK",
@@ -60,6 +63,10 @@ LEDGER_PREFIX = "mailer:ledger:"
 #: -> due time (ZSET), and id -> "<queue>\n<broker message>" (HASH). docs/scheduling.md.
 SCHEDULE_DUE = "mailer:schedule:due"
 SCHEDULE_ITEMS = "mailer:schedule:items"
+#: The named relays (state Redis; mailer/relays.py): name -> JSON spec (never a secret), and
+#: a counter bumped on every change, which producers and workers poll to re-read the hash.
+RELAYS = "mailer:relays"
+RELAYS_VERSION = "mailer:relays:version"
 
 
 class Meta(TypedDict):
@@ -106,6 +113,7 @@ def to_payload(
     *,
     ignore_suppressions: bool = False,
     asm_group: int | None = None,
+    relay: str = DEFAULT_RELAY,
 ) -> Payload:
     payload: Payload = rendered.to_payload()  # type: ignore[assignment]
     if lane != DEFAULT_LANE:
@@ -116,6 +124,8 @@ def to_payload(
         payload["meta"]["ignore_suppressions"] = True
     if asm_group is not None:
         payload["meta"]["asm_group"] = asm_group
+    if relay != DEFAULT_RELAY:
+        payload["meta"]["relay"] = relay
     return payload
 
 

@@ -172,3 +172,34 @@ def test_lane_and_send_at_ride_on_the_django_message(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     assert client.llen("mailer.transactional") == 1
     assert client.llen("mailer.bulk") == 0 and client.zcard(SCHEDULE_DUE) == 1
+
+
+def test_a_relay_rides_on_the_django_message(redis_url: str) -> None:
+    """`message.relay` names the relay (checked against the registry); an unknown one is an
+    InvalidMessage naming `relay`, and nothing of the call is queued."""
+    import base64
+    import json
+
+    import redis
+    from django.core.mail import EmailMessage
+
+    from mailer.client import Mailer
+    from mailer.config import Settings
+    from mailer.django import EmailBackend
+    from mailer.relays import RelaySpec, RelayStore
+
+    client = redis.Redis.from_url(redis_url)
+    RelayStore(client).apply([RelaySpec.from_mapping("tenant-42", {"host": "smtp.example.com"})])
+    backend = EmailBackend(mailer=Mailer(Settings.from_env({"MAILER_BROKER_URL": redis_url})))
+    tenant = EmailMessage("hi", "x", "shop@example.com", ["a@example.com"])
+    tenant.relay = "tenant-42"  # type: ignore[attr-defined]
+    plain = EmailMessage("hi", "x", "shop@example.com", ["b@example.com"])
+    unknown = EmailMessage("hi", "x", "shop@example.com", ["c@example.com"])
+    unknown.relay = "tenant-43"  # type: ignore[attr-defined]
+    with pytest.raises(mailer.InvalidMessage) as info:
+        backend.send_messages([tenant, unknown])
+    assert info.value.field == "messages[1].relay" and client.llen("mailer") == 0
+    assert backend.send_messages([tenant, plain]) == 2
+    envelope = json.loads(client.lrange("mailer", 0, -1)[0])
+    payloads = json.loads(base64.b64decode(envelope["body"]))[0][0]
+    assert [p["meta"].get("relay") for p in payloads] == ["tenant-42", None]

@@ -49,8 +49,8 @@ SUPPRESS_GROUP_PREFIX = "mailer:suppress:group:"
 
 #: The named relays (mailer/relays.py): name -> JSON spec (never a secret), and a counter
 #: bumped on every change (workers and producers re-read the hash when it moves).
-RELAYS = "mailer:relays"
-RELAYS_VERSION = "mailer:relays:version"
+RELAYS = wire.RELAYS
+RELAYS_VERSION = wire.RELAYS_VERSION
 #: + relay name + ":" + what: a named relay's own circuit, rate, trouble run (the `default`
 #: relay keeps the historical unscoped keys: CIRCUIT, RATE, ...).
 RELAY_PREFIX = "mailer:relay:"

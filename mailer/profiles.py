@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from mailer.guard import check_wire
 from mailer.headers import fold_header_value
@@ -67,8 +67,11 @@ PM_VALUE = re.compile(r"[\x20-\x7e]{1,80}")
 #: One tag per message; our categories are at most 255 characters (mailer/smtpapi.py).
 PM_TAG_TEXT = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
 
+_OURS = f"\r\n{HEADER_NAME}:"
 _FIELD = re.compile(r"^x-smtpapi:", re.IGNORECASE | re.MULTILINE)
 _NAMES = re.compile(r"^([!-9;-~]+):", re.MULTILINE)
+#: The headers a profile writes start with these (lower case): the message may have its own.
+_OWN_PREFIX = {"ses": "\nx-ses-", "postmark": "\nx-pm-"}
 #: The note goes into the status record's `reason`, which keeps 200 characters.
 MAX_NOTE = 200
 #: The unique argument the mailer adds to every message (mailer/render.py): kept first.
@@ -88,10 +91,10 @@ class Unportable(ValueError):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Adapted:
+class Adapted(NamedTuple):
     """The message as the relay gets it; `note` says what was translated and dropped ("" when
-    nothing changed), `dropped` lists the X-SMTPAPI parts that were lost."""
+    nothing changed), `dropped` lists the X-SMTPAPI parts that were lost. (A tuple: made for
+    every message, and a frozen dataclass costs several times as much to build.)"""
 
     data: str
     note: str = ""
@@ -155,10 +158,15 @@ def _header_end(data: str) -> int:
 def _locate(head: str) -> tuple[int, int] | None:
     """(start, end) of the X-SMTPAPI field in `head`, continuation lines included, without the
     CRLF that ends it."""
-    match = _FIELD.search(head)
-    if match is None:
-        return None
-    start = end = match.start()
+    start = head.find(_OURS)  # as mailer/render.py writes it: never the first line
+    if start >= 0:
+        start += 2
+    else:  # another producer's spelling, or first
+        match = _FIELD.search(head)
+        if match is None:
+            return None
+        start = match.start()
+    end = start
     while True:
         end = head.find("\r\n", end)
         if end < 0:
@@ -317,8 +325,11 @@ def adapt(
     where = _locate(head)
     if where is None and (profile != "ses" or configuration_set is None):
         return Adapted(data)  # nothing to translate and nothing to add
-    existing = frozenset(n.lower() for n in _NAMES.findall(head))
-    out = _Rewrite(existing - {HEADER_NAME.lower()}, [], [], [])
+    # The names of the headers the message has are needed only if one may clash with ours.
+    prefix = _OWN_PREFIX.get(profile)
+    clash = prefix is not None and prefix in f"\n{head.lower()}"
+    existing = frozenset(n.lower() for n in _NAMES.findall(head)) if clash else frozenset()
+    out = _Rewrite(existing, [], [], [])
     api: dict[str, Any] | None = {}
     if where is not None:
         api = _parse(head[where[0] : where[1]])

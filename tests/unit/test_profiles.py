@@ -326,3 +326,12 @@ def test_every_profile_gives_a_message_the_guard_accepts(
             assert kept + lost == total
         else:
             assert "unique_args" in adapted.dropped
+
+
+def test_a_foreign_x_smtpapi_first_and_an_own_header_first() -> None:
+    first = 'x-smtpapi: {"category": "a"}\r\nX-PM-Tag: mine\r\nFrom: a@example.com\r\n\r\nb\r\n'
+    adapted = adapt(first, "postmark")
+    assert adapted.data == "X-PM-Tag: mine\r\nFrom: a@example.com\r\n\r\nb\r\n"
+    assert adapted.dropped == ("category 'a'",)
+    own_first = "X-SES-CONFIGURATION-SET: mine\r\nFrom: a@example.com\r\n\r\nb\r\n"
+    assert adapt(own_first, "ses", "relay-set").data == own_first

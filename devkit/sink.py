@@ -7,10 +7,13 @@ injects the failures a relay produces (421, 451, 550, dropped connections, slow 
 
 It also behaves like a relay that shapes its clients: a per-second MAIL rate above which it
 answers "throttled" (``throttle_rate``), a plan quota during which AUTH answers SendGrid's
-``451 Authentication failed: Maximum credits exceeded`` (``start_quota``), and a credential
-that can be revoked at run time (replace ``auth``). Every session opened, AUTH attempt and
-MAIL reply is recorded with its wall-clock time, so tests and benchmarks read per-second
-series from it (``per_second``, ``max_in_window``, ``auth_failures``).
+``451 Authentication failed: Maximum credits exceeded`` (``start_quota``), a credential
+that can be revoked at run time (replace ``auth``, or rewrite ``auth_file``, which every AUTH
+reads: another process can revoke and restore the key), and an outage: it stops listening
+(``refuse_connections``: connections are refused, open ones dropped) and listens again on the
+same port (``accept_connections``; SIGUSR1 and SIGUSR2 from the CLI). Every session opened,
+AUTH attempt and MAIL reply is recorded with its wall-clock time, so tests and benchmarks read
+per-second series from it (``per_second``, ``max_in_window``, ``auth_failures``).
 
 The server runs on its own thread with its own event loop, so synchronous tests (and Celery
 workers in other processes) can talk to it while the test thread reads the records.
@@ -18,6 +21,8 @@ workers in other processes) can talk to it while the test thread reads the recor
 Run by hand::
 
     python -m devkit.sink --port 2525 --tls starttls --tls-dir /tmp/sink --auth apikey:KEY
+    python -m devkit.sink --auth-file /tmp/sink/key    # "USER:PASSWORD", read at every AUTH
+    kill -USR1 <pid>    # refuse connections (and drop the open ones); kill -USR2 <pid>: accept
 
 One module, longer than most here, on purpose: it is a whole relay stand-in (the SMTP
 handler, TLS material, the fault plan, the records and their queries, the CLI) whose parts only
@@ -45,7 +50,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,7 +455,7 @@ class _SinkSMTP(SMTP):
                 if self.tls_context is not None and not record.tls:
                     await self.push("530 5.7.0 Must issue a STARTTLS command first")
                     return
-                if self.sink.auth is not None and not self.session.authenticated:
+                if self.sink.requires_auth and not self.session.authenticated:
                     await self.push("530 5.7.0 Authentication required")
                     return
                 throttled = self.sink._over_rate()
@@ -538,7 +543,7 @@ class _Handler:
     ) -> list[str]:
         # With an EHLO hook aiosmtpd no longer records the hostname itself.
         session.host_name = hostname
-        if self.sink.auth is None:  # don't advertise an AUTH nobody could pass
+        if not self.sink.requires_auth:  # don't advertise an AUTH nobody could pass
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         if self.sink.pipelining:  # before the last line ("250 HELP")
             responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
@@ -647,12 +652,15 @@ class SinkServer:
         throttle_reply: str = THROTTLE_REPLY,
         auth_failure_reply: str = BAD_CREDENTIALS_REPLY,
         peer_pids: bool = False,
+        auth_file: Path | str | None = None,
     ) -> None:
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"tls must be 'starttls', 'tls' or 'none', not {tls!r}")
         needs_material = tls == "tls" or (tls == "starttls" and offer_starttls)
         if needs_material and tls_material is None:
             raise ValueError(f"tls={tls!r} needs tls_material (see make_tls_material)")
+        if auth is not None and auth_file is not None:
+            raise ValueError("give auth or auth_file, not both")
         self.host = host
         self.port = port
         self.tls: TLSMode = tls
@@ -675,6 +683,10 @@ class SinkServer:
         self.auth_failure_reply = auth_failure_reply
         """The reply to AUTH with credentials other than ``auth`` (replace ``auth`` at run time
         to revoke a key, and again to restore it)."""
+        self.auth_file = None if auth_file is None else Path(auth_file)
+        """A file holding ``USER:PASSWORD``, read at every AUTH instead of ``auth``: rewrite it
+        to revoke or restore the key from any process (missing or malformed: every AUTH is
+        refused, as a revoked key is)."""
         self.peer_pids = peer_pids
         """Look up which local process holds each connection's client end (reads /proc at
         every connect): failed AUTHs per worker process. Linux, loopback clients only."""
@@ -704,6 +716,8 @@ class SinkServer:
         self._stalls: list[tuple[float, float]] = []  # (wall-clock time, seconds late)
 
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: asyncio.Server | None = None  # None while refusing connections
+        self._serve: Callable[[], Awaitable[asyncio.Server]] | None = None
         self._thread: threading.Thread | None = None
         self._startup_error: BaseException | None = None
 
@@ -765,7 +779,7 @@ class SinkServer:
             "timeout": self.timeout,
             "loop": loop,
         }
-        if self.auth is not None:
+        if self.requires_auth:
             kwargs["authenticator"] = self._authenticate
         return kwargs
 
@@ -781,8 +795,9 @@ class SinkServer:
             if self.tls == "tls":
                 assert self.tls_material is not None
                 implicit = self.tls_material.server_context()
-            server = loop.run_until_complete(
-                loop.create_server(
+
+            def serve() -> Awaitable[asyncio.Server]:
+                return loop.create_server(
                     lambda: _SinkSMTP(self, handler, **kwargs),
                     host=self.host,
                     port=self.port,
@@ -790,7 +805,9 @@ class SinkServer:
                     backlog=_BACKLOG,
                     reuse_address=True,
                 )
-            )
+
+            self._serve = serve
+            server = self._listener = loop.run_until_complete(serve())
         except BaseException as error:
             self._startup_error = error
             loop.close()
@@ -802,7 +819,8 @@ class SinkServer:
         try:
             loop.run_forever()
         finally:
-            server.close()
+            if self._listener is not None:
+                self._listener.close()
             for protocol in list(self._protocols):
                 if isinstance(protocol.transport, asyncio.WriteTransport):
                     protocol.transport.abort()
@@ -811,7 +829,8 @@ class SinkServer:
             for task in tasks:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(server.wait_closed())
+            if self._listener is not None:
+                loop.run_until_complete(self._listener.wait_closed())
             loop.close()
 
     def _authenticate(
@@ -822,8 +841,11 @@ class SinkServer:
         mechanism: str,
         auth_data: Any,
     ) -> AuthResult:
-        assert self.auth is not None and isinstance(server, _SinkSMTP)
-        user, password = self.auth
+        assert isinstance(server, _SinkSMTP)
+        pair = self._credential()
+        if pair is None:
+            return AuthResult(success=False, handled=False, message=self.auth_failure_reply)
+        user, password = pair
         ok = (
             isinstance(auth_data, LoginPassword)
             and auth_data.login == user.encode()
@@ -838,6 +860,21 @@ class SinkServer:
         if server.sink_record is not None:
             self._update(server.sink_record, authenticated_as=user)
         return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+    @property
+    def requires_auth(self) -> bool:
+        return self.auth is not None or self.auth_file is not None
+
+    def _credential(self) -> tuple[str, str] | None:
+        """The pair AUTH must match now: ``auth``, or what ``auth_file`` says at this moment."""
+        if self.auth_file is None:
+            return self.auth
+        try:
+            text = self.auth_file.read_text().strip()
+        except (OSError, UnicodeError):
+            return None
+        user, sep, password = text.partition(":")
+        return (user, password) if sep and user else None
 
     def _watch_loop(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         """Notes each time the loop ran a timer late: while it was held up (CPU starved, a long
@@ -861,6 +898,51 @@ class SinkServer:
     def end_quota(self) -> None:
         with self._cond:
             self._quota_until = 0.0
+
+    def refuse_connections(self, *, drop_open: bool = True, timeout: float = 10.0) -> None:
+        """An outage: stop listening, so new connections are refused (ECONNREFUSED), and with
+        ``drop_open`` abort the connections already open (without a reply, as a relay that went
+        away). Records stay; ``accept_connections`` listens again on the same port."""
+
+        async def unlisten() -> None:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            if drop_open:
+                for protocol in list(self._protocols):
+                    if isinstance(protocol.transport, asyncio.WriteTransport):
+                        protocol.transport.abort()
+                await asyncio.sleep(0)  # let connection_lost record the closes
+
+        self._on_loop(unlisten(), timeout)
+
+    def accept_connections(self, timeout: float = 10.0) -> None:
+        """Listen again on the same port after ``refuse_connections`` (no-op if listening).
+        Retries while the port is briefly taken (a client's ephemeral port, say)."""
+
+        async def listen() -> None:
+            assert self._serve is not None
+            deadline = time.monotonic() + timeout / 2
+            while self._listener is None:
+                try:
+                    self._listener = await self._serve()
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+
+        self._on_loop(listen(), timeout)
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None
+
+    def _on_loop(self, step: Coroutine[Any, Any, None], timeout: float) -> None:
+        loop = self._loop
+        if self._thread is None or loop is None:
+            step.close()
+            raise RuntimeError("SinkServer is not running")
+        asyncio.run_coroutine_threadsafe(step, loop).result(timeout)
 
     @property
     def quota_active(self) -> bool:
@@ -1188,6 +1270,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         help="extra name/IP for the certificate (besides localhost, 127.0.0.1); repeatable",
     )
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="require AUTH with this pair")
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        metavar="PATH",
+        help="require AUTH with the USER:PASSWORD this file holds, read at every AUTH "
+        "(rewrite it to revoke or restore the key; missing: every AUTH is refused)",
+    )
     parser.add_argument("--record-data", action="store_true", help="keep message bodies in memory")
     parser.add_argument(
         "--mail-delay", type=float, default=0.0, help="seconds before each MAIL reply"
@@ -1233,8 +1322,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         parser.error("--throttle-rate must be 0 or more")
     if not re.match(r"^[45]\d\d ", args.throttle_reply):
         parser.error("--throttle-reply must be a 4xx or 5xx reply line, e.g. '451 4.7.1 throttled'")
-    if args.quota is not None and (args.quota < 0 or args.auth is None):
-        parser.error("--quota takes a number of seconds >= 0 and needs --auth")
+    if args.quota is not None and (args.quota < 0 or (args.auth is None and not args.auth_file)):
+        parser.error("--quota takes a number of seconds >= 0 and needs --auth or --auth-file")
+    if args.auth and args.auth_file:
+        parser.error("give --auth or --auth-file, not both")
 
     auth = None
     if args.auth:
@@ -1264,17 +1355,47 @@ def main(argv: Iterable[str] | None = None) -> int:
         pipelining=args.pipelining,
         throttle_rate=args.throttle_rate,
         throttle_reply=args.throttle_reply,
+        auth_file=args.auth_file,
     )
     if args.quota is not None:
         server.start_quota(None if math.isinf(args.quota) else args.quota)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    # Signal handlers only take note; this thread acts. SIGUSR1 and SIGUSR2 are an outage from
+    # another process: refuse connections, accept them again (each said on stdout).
+    wake = threading.Event()
+    actions: list[str] = []
+
+    def on_signal(action: str) -> Callable[..., None]:
+        def handler(*_: object) -> None:
+            actions.append(action)
+            wake.set()
+
+        return handler
+
+    for signum, action in (
+        (signal.SIGINT, "stop"),
+        (signal.SIGTERM, "stop"),
+        (signal.SIGUSR1, "refuse"),
+        (signal.SIGUSR2, "accept"),
+    ):
+        signal.signal(signum, on_signal(action))
     with server:
         ca = material.ca_file if material else "none"
         print(f"listening on {args.host}:{server.port} ca={ca}", flush=True)
-        while not stop.wait(0.5):
-            pass
+        running = True
+        while running:
+            if not wake.wait(0.5):
+                continue
+            wake.clear()
+            while actions and running:
+                action = actions.pop(0)
+                if action == "stop":
+                    running = False
+                elif action == "refuse":
+                    server.refuse_connections()
+                    print("refusing connections", flush=True)
+                else:
+                    server.accept_connections()
+                    print("accepting connections", flush=True)
     print(f"summary {server.summary()}", flush=True)
     return 0
 

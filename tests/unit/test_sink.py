@@ -280,11 +280,13 @@ def test_parse_message_id_unfolds_headers() -> None:
     assert parse_message_id(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n") is None
 
 
-def start_cli(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+def start_cli(
+    tmp_path: Path, *extra: str, auth: tuple[str, ...] = ("--auth", f"{USER}:{PASSWORD}")
+) -> tuple[subprocess.Popen[str], int]:
     """`python -m devkit.sink` (what `mailer sink` runs) with STARTTLS and AUTH; its port."""
     argv = ["--port", "0", "--tls", "starttls", "--tls-dir", str(tmp_path)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devkit.sink", *argv, "--auth", f"{USER}:{PASSWORD}", *extra],
+        [sys.executable, "-m", "devkit.sink", *argv, *auth, *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -597,3 +599,128 @@ def test_stalls_record_a_held_up_loop(make_sink: Callable[..., SinkServer]) -> N
     assert all(t <= at for t, _ in sink.stalls(end=at))
     sink.reset()
     assert sink.stalls() == []
+
+
+# ---- an outage and a key revoked from another process (issue 20's failover tests) -------------
+
+
+def test_refusing_connections_drops_the_open_ones_then_listens_on_the_same_port(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial
+) -> None:
+    sink = make_sink(tls="starttls", auth=(USER, PASSWORD))
+    port = sink.port
+
+    async def scenario() -> None:
+        client = tls_client(sink, tls_material)
+        await client.connect()
+        await client.login(USER, PASSWORD)
+        await client.send_message(message(1))
+        assert sink.listening
+
+        sink.refuse_connections()  # the relay goes away: new and open connections alike
+        assert not sink.listening
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await client.send_message(message(2))
+        with pytest.raises(aiosmtplib.SMTPConnectError) as refused:
+            await tls_client(sink, tls_material).connect()
+        assert "[Errno 111]" in str(refused.value)  # ECONNREFUSED
+
+        sink.accept_connections()  # back, on the same port
+        assert sink.listening and sink.port == port
+        async with tls_client(sink, tls_material) as again:
+            await again.login(USER, PASSWORD)
+            await again.send_message(message(3))
+
+    asyncio.run(scenario())
+    assert [r.message_id for r in sink.received] == ["msg-1@example.com", "msg-3@example.com"]
+    first, second = sink.sessions
+    assert first.closed_at is not None and not first.quit  # dropped by the outage
+    assert second.quit
+    sink.accept_connections()  # already listening: nothing happens
+    assert sink.listening
+
+
+def test_refusing_connections_can_keep_the_open_ones(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial
+) -> None:
+    sink = make_sink(tls="starttls", auth=(USER, PASSWORD))
+
+    async def scenario() -> None:
+        async with tls_client(sink, tls_material) as client:
+            await client.login(USER, PASSWORD)
+            sink.refuse_connections(drop_open=False)
+            await client.send_message(message(1))  # the session already open goes on
+            with pytest.raises(aiosmtplib.SMTPConnectError):
+                await tls_client(sink, tls_material).connect()
+
+    asyncio.run(scenario())
+    assert len(sink.received) == 1
+    with pytest.raises(RuntimeError, match="not running"):
+        SinkServer(tls="none").refuse_connections()
+
+
+def test_auth_file_is_read_at_every_auth(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{USER}:{PASSWORD}\n")
+    sink = make_sink(tls="starttls", auth_file=key_file)
+
+    async def login() -> None:
+        async with tls_client(sink, tls_material) as client:
+            await client.ehlo()
+            assert client.supports_extension("auth")
+            await client.login(USER, PASSWORD)
+            await client.send_message(message(len(sink.received) + 1))
+
+    asyncio.run(login())
+    key_file.write_text(f"{USER}:rotated")  # revoked: the client still has the old key
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as revoked:
+        asyncio.run(login())
+    assert revoked.value.code == 535
+    key_file.unlink()  # no file: every AUTH is refused
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+        asyncio.run(login())
+    key_file.write_text(f"{USER}:{PASSWORD}")  # restored
+    asyncio.run(login())
+    assert len(sink.received) == 2
+    assert [a.ok for a in sink.auth_attempts if a.ok] == [True, True]
+    with pytest.raises(ValueError, match="not both"):
+        SinkServer(tls="none", auth=(USER, PASSWORD), auth_file=key_file)
+
+
+def test_cli_outage_signals_and_auth_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{USER}:{PASSWORD}")
+
+    async def send(port: int) -> None:
+        await aiosmtplib.send(
+            message(1),
+            hostname="localhost",
+            port=port,
+            start_tls=True,
+            cert_bundle=str(tmp_path / "ca.pem"),
+            username=USER,
+            password=PASSWORD,
+        )
+
+    proc, port = start_cli(tmp_path, auth=("--auth-file", str(key_file)))
+    assert proc.stdout is not None
+    try:
+        asyncio.run(send(port))
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.stdout.readline().strip() == "refusing connections"
+        with pytest.raises(aiosmtplib.SMTPConnectError):
+            asyncio.run(send(port))
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.stdout.readline().strip() == "accepting connections"
+        asyncio.run(send(port))
+        key_file.write_text(f"{USER}:revoked")
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            asyncio.run(send(port))
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "messages=2 " in out and "auth_failed=" in out

@@ -22,6 +22,11 @@ DEAD_LETTERS = "mailer:dead:records"
 DEAD_LETTER_INDEX = "mailer:dead:index"
 CIRCUIT = "mailer:circuit"
 CIRCUIT_PROBE = "mailer:circuit:probe"
+#: A relay's trouble run (workers/state/trouble.py): when its first transient failure since its
+#: last success happened; the failover router (workers/engine/failover.py) reads its age.
+TROUBLE = "mailer:trouble"
+#: Taken by the one message per probe interval that still goes to a failed-over relay.
+TROUBLE_PROBE = "mailer:trouble:probe"
 #: + minute since the epoch: outcome counts of that minute.
 THROUGHPUT_PREFIX = "mailer:throughput:"
 #: The fleet's message rate: window schedules, the adaptive ceiling, per-second counts (hash).

@@ -153,6 +153,7 @@ def _send_file(args: argparse.Namespace) -> int:
                 due = due_time(_when(row.pop("send_at", None)))
                 relay = client.relay(row.pop("relay", None) or args.relay)
                 rendered.append((client.render(message_from_mapping(row)), lane, due))
+                client.check_portable(rendered[-1][0], relay)
                 if relay != "default":
                     options[rendered[-1][0].id] = {"relay": relay}
             except InvalidMessage as exc:

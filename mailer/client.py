@@ -16,6 +16,7 @@ from typing import Any
 from mailer.config import Settings
 from mailer.errors import InvalidMessage
 from mailer.message import Message, Rendered
+from mailer.profiles import unportable
 from mailer.publish import Publisher
 from mailer.relays import RelayDirectory
 from mailer.schedule import SendAt, cancel, due_time
@@ -64,6 +65,27 @@ class Mailer:
             relays = self._relays
         return relays.check(relay, field)
 
+    def check_portable(self, rendered: Rendered, relay: str, field: str = "relay") -> None:
+        """A message using what only SendGrid's X-SMTPAPI does (substitutions, sections,
+        templates, ...) is refused at enqueue when its relay cannot read X-SMTPAPI
+        (mailer/profiles.py): sent there it would go out with placeholders or without its
+        filters."""
+        profile: str
+        if relay == DEFAULT_RELAY:
+            profile = self.settings.relay_profile
+        else:
+            assert self._relays is not None  # `relay()` checked the name first
+            profile = self._relays.profile(relay)
+        if profile == "sendgrid":
+            return
+        blockers = unportable(rendered.data.decode("ascii"))
+        if blockers:
+            raise InvalidMessage(
+                field,
+                f"relay {relay!r} (profile {profile}) cannot send what only SendGrid's "
+                f"X-SMTPAPI does: {', '.join(blockers)} (docs/profiles.md)",
+            )
+
     def send_message(
         self,
         message: Message,
@@ -78,13 +100,15 @@ class Mailer:
         lane = self.lane(lane)
         due = due_time(send_at)
         rendered = self.render(message)
+        via = self.relay(relay)
+        self.check_portable(rendered, via)
         payload = to_payload(
             rendered,
             lane,
             due,
             ignore_suppressions=ignore_suppressions,
             asm_group=group_of(message),
-            relay=self.relay(relay),
+            relay=via,
         )
         self.publisher.send(payload, send_at=due)
         return rendered.id
@@ -137,6 +161,7 @@ class Mailer:
                     message, chosen = message_from_mapping(fields), self.lane(own)
                     due, via = due_time(when), self.relay(route)
                 one = self.render(message)
+                self.check_portable(one, via)
             except InvalidMessage as exc:
                 raise InvalidMessage(f"messages[{index}].{exc.field}", exc.problem) from None
             rendered.append((one, chosen, due))
@@ -185,13 +210,15 @@ class Mailer:
         rendered = self.render(message)
 
         def publish() -> None:
+            via = self.relay(relay)
+            self.check_portable(rendered, via)
             payload = to_payload(
                 rendered,
                 lane,
                 due,
                 ignore_suppressions=ignore,
                 asm_group=group_of(message),
-                relay=self.relay(relay),
+                relay=via,
             )
             self.publisher.send(payload, send_at=due)
 

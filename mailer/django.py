@@ -280,6 +280,7 @@ class EmailBackend(BaseEmailBackend):
                 due = due_time(getattr(email, "send_at", None))
                 relay = client.relay(getattr(email, "relay", None))
                 rendered.append((client.render(message), lane, due))
+                client.check_portable(rendered[-1][0], relay)
                 if relay != DEFAULT_RELAY:
                     options[rendered[-1][0].id] = {"relay": relay}
             except InvalidMessage as error:

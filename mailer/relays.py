@@ -621,6 +621,16 @@ def check_fallback(settings: Settings, store: RelayStore) -> None:
 # -- The producer's view ---------------------------------------------------------------------
 
 
+def _profile_of(raw: bytes | str) -> str:
+    """A registry entry's profile, without checking the rest (the workers do that)."""
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        return "smtp"
+    profile = fields.get("profile") if isinstance(fields, dict) else None
+    return profile if isinstance(profile, str) else "smtp"
+
+
 class RelayDirectory:
     """Which relays a producer may name, checked at enqueue. `default` needs no Redis at all;
     other names are read from the registry and cached, with at most one GET of its version
@@ -634,6 +644,7 @@ class RelayDirectory:
         self._client = client
         self._lock = threading.Lock()
         self._names: frozenset[str] = frozenset()
+        self._profiles: dict[str, str] = {}
         self._version = -1
         self._next_check = 0.0
 
@@ -678,10 +689,16 @@ class RelayDirectory:
             return
         with client.pipeline(transaction=True) as pipe:
             pipe.get(RELAYS_VERSION)
-            pipe.hkeys(RELAYS)
-            version, names = pipe.execute()
+            pipe.hgetall(RELAYS)
+            version, specs = pipe.execute()
         self._version = int(version or 0)
-        self._names = frozenset(_text(n) for n in names)
+        self._profiles = {_text(n): _profile_of(raw) for n, raw in specs.items()}
+        self._names = frozenset(self._profiles)
+
+    def profile(self, name: str) -> str:
+        """The profile of a relay `check` accepted (as of the cached registry)."""
+        with self._lock:
+            return self._profiles.get(name, "smtp")
 
     def close(self) -> None:
         with self._lock:

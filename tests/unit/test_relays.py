@@ -566,3 +566,26 @@ def test_the_default_relays_failover_settings_are_checked(
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert info.value.variable == variable
+
+
+def test_a_message_only_sendgrid_can_send_is_refused_for_another_profile(redis_url: str) -> None:
+    """Substitutions through a relay that cannot read X-SMTPAPI would go out as placeholders:
+    refused at enqueue, naming the relay, its profile and what stands in the way."""
+    store_for(redis_url).apply(
+        [one({"profile": "ses"}, name="ses"), one({"host": "smtp.sendgrid.net"}, name="sg")]
+    )
+    client = mailer_for(redis_url)
+    base = {"to": "a@example.com", "subject": "hi -name-", "text": "Hello -name-"}
+    templated = {**base, "smtpapi": {"sub": {"-name-": ["Ann"]}}}
+    tagged = {**base, "smtpapi": {"category": ["invoices"]}}
+    with pytest.raises(InvalidMessage) as info:
+        client.send(**templated, relay="ses")
+    assert info.value.field == "relay"
+    assert "'ses' (profile ses)" in str(info.value) and "sub" in str(info.value)
+    with pytest.raises(InvalidMessage) as info:
+        client.send_many([tagged, templated], relay="ses")
+    assert info.value.field == "messages[1].relay"
+    assert queued(redis_url) == []
+    sent = [client.send(**templated, relay="sg"), client.send(**tagged, relay="ses")]
+    assert [p["id"] for p in queued(redis_url)] == sent
+    client.close()

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 
 from events import metrics
@@ -63,6 +64,7 @@ COUNTS_TTL = 3 * 3600
 #: Events one script call applies at most (a call blocks Redis while it runs).
 PER_CALL = 50
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class BadBatch(ValueError):
@@ -184,12 +186,11 @@ class Ingestor:
                     call = _Call()
                 call.add(mid, [(i, idents[i], events[i]) for i in part])
         calls.append(call)
-        commands = [c.command(self.status_ttl) for c in calls]
         try:
-            results = self._run(commands)
+            results = self._run(calls)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
             self._sha = str(self.redis.script_load(EVENT_SOURCE))
-            results = self._run(commands)
+            results = self._run(calls)
         for c, codes in zip(calls, results, strict=True):
             for index, code in zip(c.indexes, codes, strict=True):
                 if code == 0:
@@ -207,59 +208,82 @@ class Ingestor:
         metrics.record(done.by_type, done.duplicates, done.unmatched, done.resolved)
         return done
 
-    def _run(self, commands: list[list[Any]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command("EVALSHA", self._sha, *command)
-        return list(pipe.execute())
+    def _run(self, calls: Sequence[_Call]) -> list[Any]:
+        """Runs the calls in order on one connection, as a pipeline does, but sends each call
+        as soon as it is built and reads the replies at the end, so that Redis applies the
+        first calls while this thread builds the rest. Packed by hiredis (a dependency):
+        redis-py's own packing costs more than building the call."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            for call in calls:
+                command = ("EVALSHA", self._sha, *call.command(self.status_ttl))
+                conn.send_packed_command([hiredis.pack_command(command)])
+            results: list[Any] = []
+            error: redis.exceptions.ResponseError | None = None
+            for _ in calls:
+                try:
+                    results.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # read every reply first
+                    error = error or exc
+            if error is not None:
+                raise error
+            return results
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            conn.disconnect()  # replies may be left on it
+            raise
+        finally:
+            pool.release(conn)
 
 
 class _Call:
-    """The keys and arguments of one `event_apply.lua` call (its header has the layout)."""
+    """One `event_apply.lua` call (its header has the layout): whole messages' events, up to
+    PER_CALL, built into keys and one JSON argument only when sent."""
 
     def __init__(self) -> None:
         self.indexes: list[int] = []  # the batch's index of each event, in the call's order
         self.size = 0
-        self._messages: list[str] = []  # two keys per message
-        self._seen: list[str] = []  # one key per event
-        self._shared: dict[str, int] = {}  # counts and suppression keys -> their place in KEYS
-        self._args: list[Any] = []
-
-    def _place(self, key: str) -> int:
-        """The shared key's index among the shared keys (1-based, as Lua counts)."""
-        return self._shared.setdefault(key, len(self._shared) + 1)
+        self._groups: list[tuple[str, Sequence[tuple[int, str, Mapping[str, Any]]]]] = []
 
     def add(self, mid: str, events: Sequence[tuple[int, str, Mapping[str, Any]]]) -> None:
-        unused = keys.DEAD_LETTERS  # a group naming no message has no records
-        self._messages += [keys.status(mid), keys.ledger(mid)] if mid else [unused, unused]
-        self._args += [mid, len(events)]
-        for index, ident, event in events:
-            at = timestamp_of(event)
-            email = str(event.get("email", "")).strip().lower()
-            suppress_key, directive = suppression_of(event)
-            kind = str(event.get("event", ""))
-            self._seen.append(keys.event_seen(ident))
-            packed = [
-                kind or "unknown",
-                state_of(event),
-                at,
-                email,
-                directive if email else "",
-                1 if kind in PROOF else 0,
-                self._place(keys.event_counts(int(at // 60))),
-                self._place(suppress_key),
-                {k: event[k] for k in SUMMARY_FIELDS if k in event},
-            ]
-            self._args.append(json.dumps(packed, separators=(",", ":")))
-            self.indexes.append(index)
+        """Adds a message's events (batch index, event id, event)."""
+        self._groups.append((mid, events))
+        self.indexes += [index for index, _, _ in events]
         self.size += len(events)
 
     def command(self, status_ttl: int) -> list[Any]:
         """numkeys, keys, arguments."""
-        names = [keys.DEAD_LETTERS, keys.DEAD_LETTER_INDEX, *self._messages, *self._seen]
-        names += self._shared
-        header = [SEEN_TTL, status_ttl, COUNTS_TTL, len(self._messages) // 2, len(self._seen)]
-        return [len(names), *names, *header, *self._args]
+        names: list[str] = [keys.DEAD_LETTERS, keys.DEAD_LETTER_INDEX]
+        seen: list[str] = []
+        shared: dict[str, int] = {}  # counts and suppression keys -> their place after `seen`
+        groups: list[list[Any]] = []
+        for mid, events in self._groups:
+            unused = keys.DEAD_LETTERS  # a group naming no message has no records
+            names += [keys.status(mid), keys.ledger(mid)] if mid else [unused, unused]
+            packed: list[list[Any]] = []
+            for _, ident, event in events:
+                at = timestamp_of(event)
+                email = str(event.get("email", "")).strip().lower()
+                suppress_key, directive = suppression_of(event)
+                kind = str(event.get("event", ""))
+                seen.append(keys.event_seen(ident))
+                packed.append(
+                    [
+                        kind or "unknown",
+                        state_of(event),
+                        at,
+                        email,
+                        directive if email else "",
+                        1 if kind in PROOF else 0,
+                        shared.setdefault(keys.event_counts(int(at // 60)), len(shared) + 1),
+                        shared.setdefault(suppress_key, len(shared) + 1),
+                        {k: event[k] for k in SUMMARY_FIELDS if k in event},
+                    ]
+                )
+            groups.append([mid, packed])
+        names += seen
+        names += shared
+        return [len(names), *names, SEEN_TTL, status_ttl, COUNTS_TTL, _encode(groups)]
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

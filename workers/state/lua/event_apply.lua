@@ -7,12 +7,12 @@
 -- KEYS: 1 dead letters (hash), 2 dead-letter index; then two per message: status record,
 --       ledger record (unused for id ''); then one per event: its seen marker; then the
 --       per-minute counts (hashes) and suppression lists (hashes) the events name, each once.
--- ARGV: 1 seen ttl s, 2 status ttl s, 3 counts ttl s, 4 number of messages, 5 number of events;
---       then per message: its id, its number of events n, then n events, each JSON [type,
---       message state ('' none), event time, recipient ('' none), suppression ('' none,
---       'add:<reason>' or 'remove'), 1 when the event proves the relay has the message (it
---       resolves an uncertain hold) else 0, its counts key and its suppression key (places
---       among the keys after the seen markers, from 1), the event's summary (an object)].
+-- ARGV: 1 seen ttl s, 2 status ttl s, 3 counts ttl s, 4 JSON [[message id, [event, ...]], ...]
+--       where an event is [type, message state ('' none), event time, recipient ('' none),
+--       suppression ('' none, 'add:<reason>' or 'remove'), 1 when the event proves the relay
+--       has the message (it resolves an uncertain hold) else 0, its counts key and its
+--       suppression key (places among the keys after the seen markers, from 1), the event's
+--       summary (an object)].
 -- Returns one integer per event, in order: 0 (seen before), 1 (applied), 2 (applied, and an
 -- uncertain hold became sent).
 local counts = {}
@@ -67,20 +67,19 @@ local function resolve(rec, ledger_key, mid, kind, at, ttl)
   return result
 end
 
-local messages = tonumber(ARGV[4])
-local a = 6                   -- the next ARGV
-local k = 3 + 2 * messages    -- the next event's seen marker
-local shared = k + tonumber(ARGV[5]) - 1  -- the counts and suppression keys follow
-for m = 0, messages - 1 do
-  local mid, n = ARGV[a], tonumber(ARGV[a + 1])
-  local status_key, ledger_key = KEYS[3 + 2 * m], KEYS[4 + 2 * m]
+local groups = cjson.decode(ARGV[4])
+local k = 3 + 2 * #groups     -- the next event's seen marker
+local events = 0
+for _, group in ipairs(groups) do events = events + #group[2] end
+local shared = k + events - 1  -- the counts and suppression keys follow the seen markers
+for m, group in ipairs(groups) do
+  local mid = group[1]
+  local status_key, ledger_key = KEYS[1 + 2 * m], KEYS[2 + 2 * m]
   local rec = nil
   local checked = false
-  a = a + 2
-  for _ = 1, n do
+  for _, e in ipairs(group[2]) do
     local result = 0
     if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
-      local e = cjson.decode(ARGV[a])
       local kind, state, at, email, proof = e[1], e[2], tonumber(e[3]), e[4], e[6]
       count(KEYS[shared + e[7]], kind)
       suppress(KEYS[shared + e[8]], email, e[5], at, mid)
@@ -102,7 +101,6 @@ for m = 0, messages - 1 do
       end
     end
     out[#out + 1] = result
-    a = a + 1
     k = k + 1
   end
   if rec then save(status_key, rec, ARGV[2]) end

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -115,7 +116,9 @@ def suppression_of(event: Mapping[str, Any]) -> tuple[str, str]:
 
 def timestamp_of(event: Mapping[str, Any]) -> float:
     value = event.get("timestamp")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0
 
 
 @dataclass
@@ -229,8 +232,8 @@ class Ingestor:
             if error is not None:
                 raise error
             return results
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-            conn.disconnect()  # replies may be left on it
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse it mid-stream
             raise
         finally:
             pool.release(conn)

@@ -215,3 +215,16 @@ def test_suppressions_follow_the_events_own_times(redis_url: str) -> None:
         ]
     )
     assert lists.get("b@example.com", 5) is not None
+
+
+def test_an_event_without_a_usable_time_is_applied_at_time_zero(redis_url: str) -> None:
+    """JSON parsers accept NaN: such a batch must not stop the drain (it would retry forever)."""
+    client = redis.Redis.from_url(redis_url)
+    done = Ingestor(client, 60).apply(
+        [
+            {"event": "open", "email": "a@example.com", "timestamp": float("nan")},
+            {"event": "click", "email": "a@example.com", "timestamp": "yesterday"},
+        ]
+    )
+    assert (done.applied, done.duplicates) == (2, 0)
+    assert client.hgetall(keys.event_counts(0)) == {b"open": b"1", b"click": b"1"}

@@ -2,7 +2,11 @@
 included: signed POSTs of SendGrid-shaped batches over keep-alive connections, timed from the
 first POST until every event is applied (its seen marker written, the inbox drained).
 
-    python bench/webhook.py [--events 50000] [--batch 500] [--clients 4]
+    python bench/webhook.py [--events 50000] [--batch 500] [--clients 4] [--messages 2000]
+
+`--messages` sets how many events each message gets (events / messages): the drain applies a
+message's events of one drained batch in one script call, so fewer events per message costs
+more per event.
 
 Figures are printed, never asserted (bench/README.md).
 """
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--messages", type=int, default=2000, help="messages the events are for")
     args = parser.parse_args()
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -77,10 +82,14 @@ def main() -> None:
     server = RedisServer().start()
     client = redis.Redis.from_url(server.url)
     messages = []
-    for _ in range(2000):
+    note = client.register_script(lifecycle.NOTE_SOURCE)
+    pipe = client.pipeline(transaction=False)
+    for _ in range(args.messages):
         mid, queue_id = uuid.uuid4().hex, uuid.uuid4().hex[:22]
-        lifecycle.note(client, mid, "sent", 3600, reply=f"250 Ok: queued as {queue_id}")
+        names, call = lifecycle.note_call(mid, "sent", 3600, reply=f"250 Ok: queued as {queue_id}")
+        note(keys=names, args=call, client=pipe)
         messages.append((mid, queue_id))
+    pipe.execute()
     bodies = batches(args.events, args.batch, messages)
     port = free_port()
     env = {**os.environ, "MAILER_BROKER_URL": server.url, "MAILER_SENDGRID_WEBHOOK_KEY": public}
@@ -135,7 +144,8 @@ def main() -> None:
         seen = sum(1 for _ in client.scan_iter(keys.EVENT_SEEN_PREFIX + "*", count=10_000))
         print(
             f"webhook: {args.events:,} events in {len(bodies)} signed POSTs of {args.batch}, "
-            f"{args.clients} clients, one `mailer webhook` process, Redis included"
+            f"{args.clients} clients, {args.messages:,} messages, one `mailer webhook` process, "
+            "Redis included"
         )
         print(f"  all POSTs answered in {answered:.2f} s ({args.events / answered:,.0f} events/s)")
         print(

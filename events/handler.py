@@ -37,7 +37,7 @@ def drainer(
     store = EventStore(dsn).start() if dsn else None
     return Drainer(
         client,
-        Ingestor(client, settings.ledger_ttl),
+        Ingestor(client, settings.ledger_ttl, keep_rows=store is not None),
         store=store,
         sweep=Sweep(client, settings, webhook) if sweep else None,
         sweep_interval=webhook.sweep_interval,

@@ -5,7 +5,10 @@ the message, to an uncertain hold (docs/lifecycle.md).
 An event names our message by the `mailer_id` unique arg (a top-level key); one without it (an
 asynchronous bounce) by its `sg_message_id`, whose part before the first dot is the queue id of
 the relay's 250, which the worker recorded (`mailer:relayid:<queue id>`). A batch costs two
-round trips: one MGET for those lookups, one pipeline of `event_apply.lua` calls.
+round trips: one MGET for those lookups, one pipeline of `event_apply.lua` calls, each carrying
+the events of several messages grouped by message, so that a message's status record is decoded
+and written once for all its events of the batch, and Redis runs one script per PER_CALL events
+rather than one per event.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 
 from events import metrics
@@ -57,7 +62,10 @@ SUMMARY_FIELDS = (
 )
 SEEN_TTL = 3 * 86400  # SendGrid retries for 24 hours
 COUNTS_TTL = 3 * 3600
+#: Events one script call applies at most (a call blocks Redis while it runs).
+PER_CALL = 50
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class BadBatch(ValueError):
@@ -108,7 +116,9 @@ def suppression_of(event: Mapping[str, Any]) -> tuple[str, str]:
 
 def timestamp_of(event: Mapping[str, Any]) -> float:
     value = event.get("timestamp")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0
 
 
 @dataclass
@@ -124,11 +134,12 @@ class Applied:
 
 
 class Ingestor:
-    def __init__(self, client: redis.Redis, status_ttl: int) -> None:
+    def __init__(self, client: redis.Redis, status_ttl: int, *, keep_rows: bool = False) -> None:
         self.redis = client
         self.status_ttl = status_ttl
-        # Sent as a plain EVALSHA per event (the script is loaded up front and again after a
-        # NOSCRIPT): redis-py's Script wrapper costs more per call than the script runs.
+        self.keep_rows = keep_rows  # the events themselves, for the PostgreSQL history
+        # Sent as a plain EVALSHA (the script is loaded up front and again after a NOSCRIPT):
+        # redis-py's Script wrapper costs more per call than the script runs.
         self._sha = str(client.script_load(EVENT_SOURCE))
 
     def correlate(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -152,69 +163,130 @@ class Ingestor:
         return found
 
     def apply(self, events: Sequence[Mapping[str, Any]]) -> Applied:
+        """Applies a batch in one pipeline of `event_apply.lua` calls: each call carries up to
+        PER_CALL events, grouped by message, each message's in the batch's order."""
         done = Applied()
         if not events:
             return done
         ids = self.correlate(events)
-        calls = [self._call(event, mid) for event, mid in zip(events, ids, strict=True)]
+        # Grouping moves a message's later events ahead of other messages' earlier ones. That
+        # is harmless but for a resubscribe, which must stay after what came before it and
+        # before what came after it (it removes a suppression an earlier event may add): it
+        # starts a new segment, and groups never span segments.
+        groups: dict[tuple[int, str], list[int]] = {}
+        segment = 0
+        for index, mid in enumerate(ids):
+            if events[index].get("event") == "group_resubscribe":
+                segment += 1
+            groups.setdefault((segment, mid), []).append(index)
+        idents = [event_id(event) for event in events]
+        calls: list[_Call] = []
+        call = _Call()
+        for (_, mid), indexes in groups.items():
+            for part in chunks(indexes, PER_CALL):
+                if call.size + len(part) > PER_CALL:
+                    calls.append(call)
+                    call = _Call()
+                call.add(mid, [(i, idents[i], events[i]) for i in part])
+        calls.append(call)
         try:
             results = self._run(calls)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
             self._sha = str(self.redis.script_load(EVENT_SOURCE))
             results = self._run(calls)
-        for event, mid, result in zip(events, ids, results, strict=True):
-            kind = str(event.get("event", ""))
-            done.rows.append((event_id(event), mid, dict(event)))
-            if int(result) == 0:
-                done.duplicates += 1
-                continue
-            done.applied += 1
-            done.by_type[kind] += 1
-            done.unmatched += not mid
-            done.resolved += int(result) == 2
+        for c, codes in zip(calls, results, strict=True):
+            for index, code in zip(c.indexes, codes, strict=True):
+                if code == 0:
+                    done.duplicates += 1
+                    continue
+                done.applied += 1
+                done.by_type[str(events[index].get("event", ""))] += 1
+                done.unmatched += not ids[index]
+                done.resolved += code == 2
+        if self.keep_rows:
+            done.rows = [
+                (ident, mid, dict(event))
+                for ident, mid, event in zip(idents, ids, events, strict=True)
+            ]
         metrics.record(done.by_type, done.duplicates, done.unmatched, done.resolved)
         return done
 
-    def _run(self, calls: list[list[Any]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command("EVALSHA", self._sha, 7, *call)
-        return list(pipe.execute())
+    def _run(self, calls: Sequence[_Call]) -> list[Any]:
+        """Runs the calls in order on one connection, as a pipeline does, but sends each call
+        as soon as it is built and reads the replies at the end, so that Redis applies the
+        first calls while this thread builds the rest. Packed by hiredis (a dependency):
+        redis-py's own packing costs more than building the call."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            for call in calls:
+                command = ("EVALSHA", self._sha, *call.command(self.status_ttl))
+                conn.send_packed_command([hiredis.pack_command(command)])
+            results: list[Any] = []
+            error: redis.exceptions.ResponseError | None = None
+            for _ in calls:
+                try:
+                    results.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # read every reply first
+                    error = error or exc
+            if error is not None:
+                raise error
+            return results
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse it mid-stream
+            raise
+        finally:
+            pool.release(conn)
 
-    def _call(self, event: Mapping[str, Any], mid: str) -> list[Any]:
-        """The 7 keys and the arguments of one `event_apply.lua` call."""
-        ident = event_id(event)
-        at = timestamp_of(event)
-        email = str(event.get("email", "")).strip().lower()
-        suppress_key, directive = suppression_of(event)
-        if not email:
-            directive = ""
-        summary = {k: event[k] for k in SUMMARY_FIELDS if k in event}
-        kind = str(event.get("event", ""))
-        names = [
-            keys.event_seen(ident),
-            keys.status(mid) if mid else keys.event_seen(ident),
-            keys.event_counts(int(at // 60)),
-            suppress_key,
-            keys.ledger(mid) if mid else keys.event_seen(ident),
-            keys.DEAD_LETTERS,
-            keys.DEAD_LETTER_INDEX,
-        ]
-        args: list[str | int | float] = [
-            SEEN_TTL,
-            self.status_ttl,
-            kind or "unknown",
-            state_of(event),
-            at,
-            json.dumps(summary, separators=(",", ":")),
-            email,
-            directive,
-            "1" if kind in PROOF else "0",
-            COUNTS_TTL,
-            "1" if mid else "0",
-            mid,
-        ]
-        return [*names, *args]
+
+class _Call:
+    """One `event_apply.lua` call (its header has the layout): whole messages' events, up to
+    PER_CALL, built into keys and one JSON argument only when sent."""
+
+    def __init__(self) -> None:
+        self.indexes: list[int] = []  # the batch's index of each event, in the call's order
+        self.size = 0
+        self._groups: list[tuple[str, Sequence[tuple[int, str, Mapping[str, Any]]]]] = []
+
+    def add(self, mid: str, events: Sequence[tuple[int, str, Mapping[str, Any]]]) -> None:
+        """Adds a message's events (batch index, event id, event)."""
+        self._groups.append((mid, events))
+        self.indexes += [index for index, _, _ in events]
+        self.size += len(events)
+
+    def command(self, status_ttl: int) -> list[Any]:
+        """numkeys, keys, arguments."""
+        names: list[str] = [keys.DEAD_LETTERS, keys.DEAD_LETTER_INDEX]
+        seen: list[str] = []
+        shared: dict[str, int] = {}  # counts and suppression keys -> their place after `seen`
+        groups: list[list[Any]] = []
+        for mid, events in self._groups:
+            unused = keys.DEAD_LETTERS  # a group naming no message has no records
+            names += [keys.status(mid), keys.ledger(mid)] if mid else [unused, unused]
+            packed: list[list[Any]] = []
+            for _, ident, event in events:
+                at = timestamp_of(event)
+                email = str(event.get("email", "")).strip().lower()
+                suppress_key, directive = suppression_of(event)
+                kind = str(event.get("event", ""))
+                seen.append(keys.event_seen(ident))
+                packed.append(
+                    [
+                        kind or "unknown",
+                        state_of(event),
+                        at,
+                        email,
+                        directive if email else "",
+                        1 if kind in PROOF else 0,
+                        shared.setdefault(keys.event_counts(int(at // 60)), len(shared) + 1),
+                        shared.setdefault(suppress_key, len(shared) + 1),
+                        {k: event[k] for k in SUMMARY_FIELDS if k in event},
+                    ]
+                )
+            groups.append([mid, packed])
+        names += seen
+        names += shared
+        return [len(names), *names, SEEN_TTL, status_ttl, COUNTS_TTL, _encode(groups)]
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

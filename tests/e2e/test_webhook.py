@@ -15,9 +15,10 @@ import pytest
 import redis
 
 import mailer
+from devkit.sink import FaultPlan
 from devkit.worker import WorkerProcess
 from mailer.lifecycle import read
-from tests.support.helpers import wait_until
+from tests.support.helpers import ids_at, wait_until
 from tests.support.relay import Relay
 from tests.support.webhook import Signer, WebhookServer, event, post, post_events
 from workers.state import keys, lifecycle
@@ -341,3 +342,101 @@ def test_sent_then_delivered_and_bounced_then_suppressed_end_to_end(
     new = sink.received[before:]
     envelopes = {(r.message_id or "").split("@")[0]: r.rcpt_tos for r in new}
     assert envelopes == {both: ("carol@example.com",), must: ("bob@example.com",)}
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_relays_events_end_exactly_the_holds_it_received(
+    redis_url: str,
+    signer: Signer,
+    relay: Callable[..., Relay],
+    workers: Callable[..., WorkerProcess],
+    webhook: Callable[..., WebhookServer],
+) -> None:
+    """A worker killed with SIGKILL inside DATA: `processed` events for the held messages the
+    relay did receive end exactly those holds as `sent`; the rest are sent again once after
+    MAILER_UNCERTAIN_RESOLVE_AFTER; every message reaches the relay exactly once.
+
+    The sink waits a second before each MAIL, RCPT and end-of-data reply, and messages are
+    published a quarter second apart, so transactions sit at the end of DATA at staggered
+    moments. Redis writes are then paused: a transaction already past its terminator is
+    recorded by the sink, which answers 250, but its worker cannot record `sent`; one still
+    waiting for the sink's reply is dropped unrecorded when its connection dies. The worker is
+    killed once the sink has recorded some of them and not all."""
+    sink, env = relay(
+        {"faults": FaultPlan(delay=1.0)},
+        MAILER_WORKER_CONNECTIONS=16,
+        MAILER_VISIBILITY_TIMEOUT=60,
+    )
+    client = _client(redis_url)
+    doomed = workers(env, name="doomed")
+
+    def in_data() -> set[str]:
+        states = {
+            key.decode().removeprefix(keys.LEDGER_PREFIX): json.loads(raw)["state"]
+            for key in client.scan_iter(keys.LEDGER_PREFIX + "*")
+            if (raw := client.get(key)) is not None
+        }
+        return {mid for mid, state in states.items() if state == "data"}
+
+    ids: list[str] = []
+    while len(ids) < 8 or len(in_data()) < 3:
+        assert len(ids) < 200, "no transaction ever reached the end of DATA"
+        ids.append(mailer.send(to=f"user{len(ids)}@example.com", subject="k", text="b\n"))
+        time.sleep(0.25)
+    client.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+    try:
+        at_terminator = in_data()  # final: no ledger write gets through now
+        assert wait_until(
+            lambda: bool(at_terminator & set(ids_at(sink))), timeout=10, interval=0.01
+        )
+        doomed.kill()  # SIGKILL, with the sink still holding the rest of them
+    finally:
+        client.execute_command("CLIENT", "UNPAUSE")
+    time.sleep(2.0)  # a connection's end reaches the sink: what it held is dropped, unrecorded
+    received = at_terminator & set(ids_at(sink))
+    lost = at_terminator - received
+    print(f"\nat the terminator: {len(at_terminator)}, of which the sink has {len(received)}")
+    assert received and lost, (received, lost)
+
+    sink.faults = None
+    workers(env, name="survivor")
+    server = webhook(
+        MAILER_UNCERTAIN_RESOLVE_AFTER=10,
+        MAILER_UNCERTAIN_RESOLVE_POLICY="retry",
+        MAILER_UNCERTAIN_SWEEP_INTERVAL=0.5,
+    )
+    dead = DeadLetters(client)
+
+    def held() -> set[str]:
+        return {d.id for d in dead.list(limit=1000) if d.kind == "uncertain"}
+
+    # The killed worker's messages come back after the visibility timeout; the survivor finds
+    # those at the terminator past their window and holds them, sends the rest once.
+    assert wait_until(lambda: held() == at_terminator, timeout=150, interval=0.5), held()
+    assert (
+        post_events(
+            server.url,
+            signer,
+            [event("processed", f"user{ids.index(m)}@example.com", mailer_id=m) for m in received],
+        )
+        == 200
+    )
+    assert wait_until(lambda: not (held() & received), timeout=30)
+    for mid in received:
+        ledger = json.loads(client.get(keys.ledger(mid)) or b"{}")
+        assert (ledger["state"], ledger["owner"]) == ("sent", "relay-event")
+        st = read(client, mid)
+        assert st.state == "sent" and "held" in [t.state for t in st.transitions]
+        assert "resolved by the relay's processed event" in st.replies
+
+    assert wait_until(lambda: not held() and set(ids) <= set(ids_at(sink)), timeout=60)
+    time.sleep(1.0)  # anything extra would arrive now
+    counts = ids_at(sink)
+    assert {mid: counts[mid] for mid in ids} == dict.fromkeys(ids, 1)
+    for mid in lost:
+        st = read(client, mid)
+        assert "sent again (policy retry)" in st.reason
+        assert not any("resolved by the relay" in r for r in st.replies)
+    metrics = server.metrics()
+    assert f'mailer_uncertain_resolved_total{{by="event"}} {float(len(received))}' in metrics
+    assert f'mailer_uncertain_resolved_total{{by="retry"}} {float(len(lost))}' in metrics

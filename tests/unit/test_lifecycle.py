@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from events import ingest
 from events.ingest import Ingestor
 from events.signature import Refused, Verifier
 from mailer import lifecycle as reader
@@ -139,3 +140,91 @@ def test_events_apply_once_and_resolve_a_hold(redis_url: str) -> None:
     assert json.loads(client.get(keys.ledger(mid)) or b"{}")["owner"] == "relay-event"
     assert reader.read(client, mid).state == "sent"
     assert lifecycle.event_counts(client)["processed"] == 1
+
+
+def test_a_batch_of_many_messages_applies_each_event_once_in_order(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events are grouped by message into script calls of PER_CALL events (3 here, so a
+    message's events and the batch span several calls); each is applied once, in the batch's
+    order for its message, and a copy within the same batch is a duplicate."""
+    monkeypatch.setattr(ingest, "PER_CALL", 3)
+    client = redis.Redis.from_url(redis_url)
+    one, two = uuid.uuid4().hex, uuid.uuid4().hex
+    lifecycle.note(client, one, "sent", 60, reply="250 Ok: queued as QONE")
+    lifecycle.note(client, two, "sent", 60)
+    at = int(time.time())
+    kinds = ["processed", "deferred", "delivered", "open", "click"]
+    batch = [event(kind, "a@example.com", mailer_id=one, at=at) for kind in kinds]
+    batch.insert(2, event("delivered", "b@example.com", mailer_id=two, at=at))
+    batch.insert(4, event("open", "nobody@example.com"))  # no message of ours
+    batch.append(event("bounce", "c@example.com", sg_message_id="QONE.filter-1", at=at + 1))
+    batch.append(dict(batch[0]))  # SendGrid's duplicate, in the same batch
+    done = Ingestor(client, 60).apply(batch)
+    assert (done.applied, done.duplicates, done.unmatched) == (8, 1, 1)
+    assert done.by_type == {
+        "processed": 1,
+        "deferred": 1,
+        "delivered": 2,
+        "open": 2,
+        "click": 1,
+        "bounce": 1,
+    }
+    st = reader.read(client, one)
+    assert [e["event"] for e in st.events] == [*kinds, "bounce"]
+    assert st.state == "bounced"
+    assert st.recipients == {"a@example.com": "delivered", "c@example.com": "bounced"}
+    assert reader.read(client, two).state == "delivered"
+    assert lifecycle.event_counts(client)["open"] == 2
+    assert Suppressions(client).get("c@example.com") is not None
+    again = Ingestor(client, 60).apply(batch)
+    assert (again.applied, again.duplicates) == (0, len(batch))
+
+
+def test_suppressions_follow_the_events_own_times(redis_url: str) -> None:
+    """An event does not replace a newer entry, and a resubscribe does not remove one newer
+    than itself (a SendGrid retry may bring an older event a day later); within a batch a
+    resubscribe stays between what came before and after it, whatever the grouping."""
+    client = redis.Redis.from_url(redis_url)
+    lists = Suppressions(client)
+    ingestor = Ingestor(client, 60)
+    at = int(time.time())
+    later_unsub = event("group_unsubscribe", "a@example.com", asm_group_id=5, at=at)
+    earlier_resub = event("group_resubscribe", "a@example.com", asm_group_id=5, at=at - 60)
+    ingestor.apply([later_unsub, earlier_resub])
+    assert lists.get("a@example.com", 5) is not None
+    ingestor.apply([event("group_resubscribe", "a@example.com", asm_group_id=5, at=at + 60)])
+    assert lists.get("a@example.com", 5) is None
+
+    lists.add("c@example.com", "manual")  # an operator's entry, now
+    ingestor.apply([event("bounce", "c@example.com", at=at - 3600)])
+    found = lists.get("c@example.com")
+    assert found is not None and found.reason == "manual"
+    ingestor.apply([event("spamreport", "c@example.com", at=at + 3600)])
+    found = lists.get("c@example.com")
+    assert found is not None and found.reason == "spamreport"
+
+    # Grouped by message, m's unsubscribe would run before the resubscribe it came after.
+    m, n = uuid.uuid4().hex, uuid.uuid4().hex
+    ingestor.apply(
+        [
+            event("processed", "b@example.com", mailer_id=m, at=at),
+            event("group_unsubscribe", "b@example.com", mailer_id=n, asm_group_id=5, at=at),
+            event("group_resubscribe", "b@example.com", mailer_id=n, asm_group_id=5, at=at),
+            event("group_unsubscribe", "b@example.com", mailer_id=m, asm_group_id=5, at=at),
+        ]
+    )
+    assert lists.get("b@example.com", 5) is not None
+
+
+def test_an_event_without_a_usable_time_is_applied_at_time_zero(redis_url: str) -> None:
+    """JSON parsers accept NaN: such a batch must not stop the drain (it would retry forever)."""
+    client = redis.Redis.from_url(redis_url)
+    done = Ingestor(client, 60).apply(
+        [
+            {"event": "open", "email": "a@example.com", "timestamp": float("nan")},
+            {"event": "click", "email": "a@example.com", "timestamp": "yesterday"},
+        ]
+    )
+    assert (done.applied, done.duplicates) == (2, 0)
+    assert client.hgetall(keys.event_counts(0)) == {b"open": b"1", b"click": b"1"}

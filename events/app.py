@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events import metrics
 from events.handler import MAX_BODY, Webhook
+from mailer import redisconn
 from mailer.config import Settings, WebhookSettings
 from workers.state import keys
 
@@ -39,7 +40,8 @@ class WebhookApp:
     def _start(self) -> Webhook:
         if self.webhook is None:
             self.webhook = Webhook(self._settings, self._webhook_settings)
-            self.redis = aioredis.Redis.from_url(self.webhook.settings.redis_url)
+            settings = self.webhook.settings
+            self.redis = redisconn.async_client(settings.redis_url, settings)
             assert self.webhook.drainer is not None
             self.webhook.drainer.start()
         return self.webhook

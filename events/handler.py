@@ -20,6 +20,7 @@ from events.ingest import Ingestor
 from events.signature import Refused, Verifier
 from events.store import EventStore
 from events.sweep import Sweep
+from mailer import redisconn
 from mailer.config import Settings, WebhookSettings
 from workers.state import keys
 
@@ -57,7 +58,8 @@ class Webhook:
         self.settings = settings or Settings.from_env()
         self.webhook = webhook or WebhookSettings.from_env()
         self.verifier = Verifier(self.webhook.public_key, self.webhook.tolerance)
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10)
+        # TLS, ACL users and Sentinel as everywhere else (mailer/redisconn.py).
+        self.redis = redisconn.client(self.settings.redis_url, self.settings, socket_timeout=10)
         self.drainer = drainer(self.redis, self.settings, self.webhook) if drain else None
 
     def check(self, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes] | None:

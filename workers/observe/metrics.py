@@ -184,7 +184,7 @@ class RuntimeCollector(Collector):
 
     def _fleet(self, relays: Mapping[str, RelayOccupancy]) -> Iterator[Metric]:
         from workers.state import keys
-        from workers.state.circuit import parse_state
+        from workers.state.circuit import read_circuits
         from workers.state.deadletters import DeadLetters
         from workers.state.ratelimit import peek_ceilings
 
@@ -200,8 +200,7 @@ class RuntimeCollector(Collector):
                     socket_connect_timeout=2,
                     max_connections=2,
                 )
-            raw = self._redis.mget([keys.for_relay(n, keys.CIRCUIT) for n in names])
-            circuits = [parse_state(r) for r in raw]
+            circuits = read_circuits(self._redis, names)
             stored = DeadLetters(self._redis).count()
             ceilings = peek_ceilings(self._redis, [keys.for_relay(n, keys.RATE) for n in names])
         except (redis.RedisError, OSError) as exc:

@@ -62,7 +62,7 @@ from mailer.config import Settings, redact_url
 from mailer.wire import DEFAULT_RELAY, queue_for
 from workers.observe.logs import outcome_of
 from workers.state import keys
-from workers.state.circuit import Circuit, parse_state
+from workers.state.circuit import Circuit, read_circuits
 from workers.state.deadletters import DeadLetters
 from workers.state.lifecycle import event_counts
 from workers.state.ratelimit import peek_ceiling, peek_ceilings
@@ -214,17 +214,16 @@ def _relays(settings: Settings, state: redis.Redis, everything: bool) -> dict[st
     names = sorted({DEFAULT_RELAY, *specs, *activity})
     caps = {n: _spec_cap(specs.get(n)) or settings.max_connections for n in names}
     caps[DEFAULT_RELAY] = settings.max_connections
-    circuits = [
-        parse_state(r) for r in state.mget([keys.for_relay(n, keys.CIRCUIT) for n in names])
-    ]
+    circuits = read_circuits(state, names)
     ceilings = peek_ceilings(state, [keys.for_relay(n, keys.RATE) for n in names])
     sec, usec = state.time()
     now_ms = int(sec) * 1000 + int(usec) // 1000
+    # ZRANGEBYSCORE, not ZCOUNT: the documented ACL rule (README) has the one, not the other.
     pipe = state.pipeline(transaction=False)
-    pipe.zcount(keys.lease_holders(GLOBAL_LIMIT), f"({now_ms}", "+inf")
+    pipe.zrangebyscore(keys.lease_holders(GLOBAL_LIMIT), f"({now_ms}", "+inf")
     for name in names:
-        pipe.zcount(keys.lease_holders(f"{RELAY_LIMIT_PREFIX}{name}"), f"({now_ms}", "+inf")
-    fleet, *held = (int(n) for n in pipe.execute())
+        pipe.zrangebyscore(keys.lease_holders(f"{RELAY_LIMIT_PREFIX}{name}"), f"({now_ms}", "+inf")
+    fleet, *held = (len(members) for members in pipe.execute())
     # The default relay has no limit of its own (a single-relay worker's keys): its leases are
     # the fleet's less every named relay's.
     named = sum(h for n, h in zip(names, held, strict=True) if n != DEFAULT_RELAY)

@@ -41,6 +41,15 @@ def parse_state(raw: bytes | str | None) -> CircuitState:
     )
 
 
+def read_circuits(client: redis.Redis, relays: list[str]) -> list[CircuitState]:
+    """The breakers of `relays`, in one round trip (a pipeline of GETs: the documented ACL
+    rule has GET, not MGET)."""
+    pipe = client.pipeline(transaction=False)
+    for relay in relays:
+        pipe.get(keys.for_relay(relay, keys.CIRCUIT))
+    return [parse_state(raw) for raw in pipe.execute()]
+
+
 class Circuit:
     def __init__(
         self,

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -243,6 +243,8 @@ class PartsRegistry:
         self.close_timeout = close_timeout
         self.idle_after = PARTS_IDLE
         self.refresh_every = REFRESH_EVERY
+        #: Called on every sweep (the runtime forgets the breakers of relays gone quiet).
+        self.on_sweep: Callable[[], None] | None = None
 
     def start(self) -> None:
         self.default.start()
@@ -313,6 +315,8 @@ class PartsRegistry:
             for name, at in list(self._complained.items()):
                 if now - at > interval:
                     del self._complained[name]
+            if self.on_sweep is not None:
+                self.on_sweep()
 
     async def _check_specs(self) -> None:
         for name, parts in list(self._parts.items()):

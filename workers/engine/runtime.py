@@ -189,6 +189,7 @@ class Runtime:
         factory = self._source_factory
         source = factory(s, self.redis) if factory is not None else StaticRelays()
         self.relays = PartsRegistry(shared, source)
+        self.relays.on_sweep = self.circuits.forget_idle
         self.ledger = Ledger(
             self.redis,
             ttl=s.ledger_ttl,

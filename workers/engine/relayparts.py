@@ -263,6 +263,9 @@ class PartsRegistry:
         a circuit), it is never sent through another relay."""
         parts = self._parts.get(name)
         if parts is not None:
+            # Used now: the sweep keeps them even if the caller awaits before marking them
+            # active (a router that looks at several relays).
+            parts.last_used = time.monotonic()
             return parts
         try:
             relay = await self.source.get(name)

@@ -216,7 +216,7 @@ def _status(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     with _redis_errors("status", settings):
-        data = collect(settings)
+        data = collect(settings, relays=args.relays)
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
     return 0
 
@@ -274,8 +274,14 @@ def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
     redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
     store = DeadLetters(redisconn.client(settings.redis_url, settings, max_connections=2))
     kinds = set(args.kind or [])
+    relays = set(args.relay or [])
+
+    def wanted(d: Any) -> bool:
+        return (not kinds or d.kind in kinds) and (not relays or d.relay in relays)
+
     if args.action == "list":
-        letters = [d for d in store.list(limit=args.limit) if not kinds or d.kind in kinds]
+        scan = args.limit if not relays else 1_000_000  # the newest `limit` of that relay
+        letters = [d for d in store.list(limit=scan) if wanted(d)][: args.limit]
         if args.json:
             print(json.dumps([d.summary() for d in letters], indent=2))
             return 0
@@ -283,7 +289,7 @@ def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
         for d in letters:
             print(
                 f"{d.id}  {d.kind:<10} {d.code or '-':>4}  attempts={d.attempts}  "
-                f"{d.subject[:40]!r}  {d.text[:60]}"
+                f"relay={d.relay}  {d.subject[:40]!r}  {d.text[:60]}"
             )
         return 0
     if args.action == "purge" and not args.ids:
@@ -291,7 +297,7 @@ def _failures_in(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     ids: list[str] = list(args.ids)
     if not ids and args.all:
-        ids = [d.id for d in store.list(limit=1_000_000) if not kinds or d.kind in kinds]
+        ids = [d.id for d in store.list(limit=1_000_000) if wanted(d)]
     if not ids:
         print("name message ids, or --all", file=sys.stderr)
         return 2
@@ -598,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="leases, circuit breaker, queue and dead letters")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--relays",
+        choices=["active", "all"],
+        default="active",
+        help="relays listed: those with activity or trouble (default, at most 20), or all",
+    )
 
     p = sub.add_parser("failures", help="dead letters: list | show | retry | purge")
     p.add_argument("action", choices=["list", "show", "retry", "purge"])
@@ -608,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=["permanent", "expired", "uncertain", "recipients"],
         help="with list or retry --all: only these kinds (repeatable)",
+    )
+    p.add_argument(
+        "--relay",
+        action="append",
+        metavar="NAME",
+        help="with list or retry --all: only the dead letters of this relay (repeatable)",
     )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")

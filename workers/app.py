@@ -180,9 +180,7 @@ def _close_sessions(**_: object) -> None:
 
     rt = runtime.current()
     if rt is not None:
-        logs.log_event(
-            "shutdown", open_sessions=rt.pool.open_sessions, leases=len(rt.keeper.leases)
-        )
+        logs.log_event("shutdown", open_sessions=rt.open_sessions, leases=rt.leases_held)
     runtime.shutdown_runtime(timeout=RUNTIME_CLOSE_TIMEOUT)
     if _process.releaser is not None:
         _process.releaser.stop()

@@ -6,6 +6,9 @@ lease, for the ledger's Redis, for another copy of the same message or for the c
 to close does not spend a message's retries (docs/failures.md). Every countdown stays below a
 quarter of the visibility timeout, so Redis never redelivers a message that is merely waiting
 for its ETA; longer waits are chains of retries.
+
+Each relay has its own breaker: the relay an outcome names (`Failure.relay`, `Result.relay`:
+the one the attempt went through), else the one its message names (`relay_for`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from mailer.publish import describe
-from mailer.wire import SEND_TASK, lane_of, message_id_of, queue_for
+from mailer.wire import DEFAULT_RELAY, SEND_TASK, lane_of, message_id_of, queue_for, relay_of
 from workers.app import app, settings
 from workers.engine.classify import CIRCUIT_KINDS, WAIT_KINDS, Failure, Kind, Phase
 from workers.engine.runtime import Result, runtime
@@ -34,6 +37,8 @@ log = logging.getLogger("mailer.worker")
 #: A task whose message must wait for the circuit breaker holds its thread this long (bounded
 #: well below the visibility timeout) before handing the message back with a retry: while every
 #: thread waits the worker fetches nothing, so queued messages stay queued instead of churning.
+#: Only for the default relay while it is the only relay in use: another relay's message is
+#: handed back at once, or one tenant's open breaker would hold the threads of all the others.
 CIRCUIT_HOLD = min(30.0, settings.retry_countdown_max)
 #: Before requeueing a message whose retry could not be published: no hot loop on a sick broker.
 REQUEUE_PAUSE = 1.0
@@ -73,11 +78,16 @@ def countdown_for(failure: Failure, attempts: int) -> float:
         seconds = random.uniform(2.0, 10.0)
     elif failure.kind is Kind.QUOTA:
         seconds = random.uniform(0.5, 1.5) * settings.quota_probe_interval
-    elif failure.kind in CIRCUIT_KINDS:
+    elif failure.kind in CIRCUIT_KINDS or failure.kind is Kind.NO_RELAY:
         seconds = random.uniform(0.5, 1.5) * settings.circuit_probe_interval
     else:
         seconds = backoff(attempts)
     return min(cap, seconds)
+
+
+def relay_for(payload: Mapping[str, Any], outcome: Result | Failure | None = None) -> str:
+    """The relay an outcome is about: the one its attempt went through, else the message's."""
+    return (outcome.relay if outcome is not None else "") or relay_of(payload)
 
 
 def dead_letter(
@@ -87,6 +97,7 @@ def dead_letter(
     attempts: int,
     result: Result | None = None,
 ) -> None:
+    relay = relay_for(payload, failure or result)
     letter = deadletters.record(
         payload,
         kind=kind,
@@ -94,6 +105,7 @@ def dead_letter(
         text=failure.reason if failure else (result.reply if result else ""),
         attempts=attempts,
         refused=failure.refused if failure else (result.refused if result else None),
+        relay=relay,
     )
     runtime().dead.add(letter)
     log_event(
@@ -103,6 +115,7 @@ def dead_letter(
         code=letter.code,
         attempts=attempts,
         reason=letter.text,
+        relay=relay,
         level=logging.WARNING,
     )
 
@@ -143,17 +156,20 @@ def decide(
 ) -> tuple[str, int, float]:
     """(verdict, attempts, countdown): verdict is retry | dead | held | expired.
 
-    Waits (circuit, lease, ledger, in flight) keep `attempts` but not past the maximum age;
-    a circuit failure from the relay trips the fleet-wide breaker (`trip=False` for a message
-    that only waited for it: re-opening a breaker a probe just closed would stall the fleet)."""
+    Waits (circuit, lease, ledger, in flight, a relay not configured) keep `attempts` but not
+    past the maximum age; a circuit failure from the relay trips that relay's breaker,
+    fleet-wide (`trip=False` for a message that only waited for it: re-opening a breaker a
+    probe just closed would stall the relay)."""
     if failure.kind in WAIT_KINDS:
         if failure.kind in CIRCUIT_KINDS and trip:
+            relay = relay_for(payload, failure)
             try:
                 kind = failure.kind.value
-                if runtime().circuit.trip(failure.reason, kind):
+                if runtime().circuits.get(relay).trip(failure.reason, kind):
                     log_event(
                         "quota_exhausted" if failure.kind is Kind.QUOTA else "circuit_opened",
                         reason=failure.reason,
+                        relay=relay,
                         level=logging.WARNING,
                     )
             except (redis.RedisError, OSError):
@@ -171,12 +187,15 @@ def decide(
     return "retry", attempts, countdown_for(failure, attempts)
 
 
-def wait_for_circuit(hold: float = CIRCUIT_HOLD) -> Failure | None:
-    """None when sending may go ahead: the breaker is closed, or this task won the fleet's one
-    probe of the interval. Otherwise holds the thread up to `hold` seconds and returns why the
-    message must wait. A Redis error counts as closed: the ledger then fails fast (UNAVAILABLE)."""
-    circuit = runtime().circuit
-    deadline = time.monotonic() + hold
+def wait_for_circuit(relay: str = DEFAULT_RELAY, hold: float | None = None) -> Failure | None:
+    """None when sending through `relay` may go ahead: its breaker is closed, or this task won
+    the fleet's one probe of the interval. Otherwise holds the thread up to `hold` seconds
+    (default: CIRCUIT_HOLD for the default relay while it is the only one in use, else none)
+    and returns why the message must wait. A Redis error counts as closed: the ledger then
+    fails fast (UNAVAILABLE)."""
+    rt = runtime()
+    circuit = rt.circuits.get(relay)
+    deadline: float | None = None
     while True:
         try:
             state = circuit.state()
@@ -184,20 +203,25 @@ def wait_for_circuit(hold: float = CIRCUIT_HOLD) -> Failure | None:
                 return None
         except (redis.RedisError, OSError):
             return None
+        if deadline is None:
+            if hold is None:
+                hold = CIRCUIT_HOLD if rt.holds_for_circuit(relay) else 0.0
+            deadline = time.monotonic() + hold
         remaining = deadline - time.monotonic()
         if remaining <= 0 or _shutting_down.is_set():
             kind = Kind.QUOTA if state.kind == "quota" else Kind.AUTH
-            return Failure(kind, None, f"circuit open: {state.reason}", Phase.CONNECT)
+            what = "circuit open" if relay == DEFAULT_RELAY else f"circuit of relay {relay} open"
+            return Failure(kind, None, f"{what}: {state.reason}", Phase.CONNECT, relay=relay)
         _shutting_down.wait(min(0.5, remaining))
 
 
-def close_circuit() -> None:
-    """A message went through: if the breaker is open, a probe authenticated, so close it for
-    the fleet."""
-    rt = runtime()
+def close_circuit(relay: str = DEFAULT_RELAY) -> None:
+    """A message went through `relay`: if its breaker is open, a probe authenticated, so close
+    it for the fleet."""
+    circuit = runtime().circuits.get(relay)
     try:
-        if rt.circuit.state().open:
-            rt.circuit.reset()
+        if circuit.state().open:
+            circuit.reset()
     except (redis.RedisError, OSError):
         pass
 
@@ -205,10 +229,11 @@ def close_circuit() -> None:
 def finish(
     payload: Mapping[str, Any], result: Result, attempts: int, *, circuit: bool = True
 ) -> dict[str, Any]:
-    """`circuit=False`: the caller (a batch) checks the breaker once for all its messages."""
+    """`circuit=False`: the caller (a batch) checks the breakers once for all its messages."""
     rt = runtime()
+    relay = relay_for(payload, result)
     if result.status == "sent" and circuit:
-        close_circuit()
+        close_circuit(relay)
     if result.refused:
         dead_letter(payload, "recipients", None, attempts + 1, result)
     if result.status == "held":
@@ -217,7 +242,7 @@ def finish(
         # Redelivered after a permanent failure whose dead letter was never written.
         dead_letter(payload, "permanent", None, attempts + 1, result)
     if result.status != "sent":  # `sent` was logged at the relay's 250 (workers/engine/runtime.py)
-        log_event(result.status, message_id=payload.get("id"), attempts=attempts)
+        log_event(result.status, message_id=payload.get("id"), attempts=attempts, relay=relay)
     return {"id": payload.get("id"), "status": result.status}
 
 
@@ -252,7 +277,7 @@ def settle_one(
         return str(finish(payload, outcome, 0, circuit=False)["status"])
     verdict, attempts, countdown = decide(payload, 0, outcome, trip=trip)
     if verdict == "retry":
-        log_retried(payload.get("id"), outcome, attempts, countdown)
+        log_retried(payload.get("id"), outcome, attempts, countdown, relay_for(payload, outcome))
         app.tasks[SEND_TASK].apply_async(
             args=(payload,),
             kwargs=retry_kwargs(attempts, "", outcome.attempt),

@@ -6,7 +6,8 @@ more than the message's own work costs (bench/README.md). So the
 consumer hands each plain first attempt (no retries, ETA, expiry, kwargs or callbacks) straight
 to the process's loop, and two threads of our own do the rest:
 
-- *dispatch* checks the circuit breaker (cached) and starts the attempts on the loop;
+- *dispatch* checks each relay's circuit breaker (cached) and starts the attempts on the loop;
+  a relay whose breaker is open hands its messages back at once (see `wait_for_circuit`);
 - *settle* finishes each one as it ends exactly as the task body would (dead letter, a
   `mailer.send` retry with the same task id and `retries=1`, so Flower shows the task going to
   RETRY and every later attempt runs as a normal Celery task), then acknowledges it.
@@ -50,6 +51,7 @@ from workers.settle import (
     HeldForReview,
     PermanentFailure,
     close_circuit,
+    relay_for,
     settle_one,
     unexpected,
     wait_for_circuit,
@@ -160,11 +162,20 @@ class Stream:
                     self.ended.put((job, unexpected(exc), False))
 
     def _start(self, jobs: list[Job]) -> None:
-        waiting = wait_for_circuit()
-        if waiting is None and len(jobs) > 1 and _probing():
+        by_relay: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_relay.setdefault(wire.relay_of(job.payload), []).append(job)
+        # The default relay's wait may hold this thread only when no other relay is here.
+        hold = None if len(by_relay) == 1 else 0.0
+        for relay, group in by_relay.items():
+            self._start_relay(relay, group, hold)
+
+    def _start_relay(self, relay: str, jobs: list[Job], hold: float | None) -> None:
+        waiting = wait_for_circuit(relay, hold)
+        if waiting is None and len(jobs) > 1 and _probing(relay):
             # This group won the fleet's one probe of the interval: one message is the probe,
             # as in the task path; the others wait like every other message.
-            waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT)
+            waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT, relay=relay)
             for job in jobs[1:]:
                 self.ended.put((job, waiting, True))
             jobs, waiting = jobs[:1], None
@@ -185,8 +196,13 @@ class Stream:
             try:
                 statuses = {job: self._settle_one(job, outcome, w) for job, outcome, w in batch}
                 _ack_all([job.message for job, status in statuses.items() if status])
-                if "sent" in statuses.values():
-                    close_circuit()
+                sent_through = {
+                    relay_for(job.payload, outcome)
+                    for job, outcome, _ in batch
+                    if statuses.get(job) == "sent"
+                }
+                for relay in sent_through:
+                    close_circuit(relay)
             except Exception:  # never stop settling: unacknowledged, they come back anyway
                 log.exception("settling %d messages failed", len(batch))
             finally:
@@ -278,11 +294,11 @@ def _ack_all(messages: list[Any]) -> None:
             mark_acked(message)
 
 
-def _probing() -> bool:
-    """After `wait_for_circuit` let a group through: whether the breaker is open (the group
-    holds the probe) rather than closed. A Redis error counts as closed, as there."""
+def _probing(relay: str) -> bool:
+    """After `wait_for_circuit` let a group through: whether the relay's breaker is open (the
+    group holds the probe) rather than closed. A Redis error counts as closed, as there."""
     try:
-        return runtime().circuit.state().open
+        return runtime().circuits.get(relay).state().open
     except (redis.RedisError, OSError):
         return False
 

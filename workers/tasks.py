@@ -38,7 +38,7 @@ from mailer.publish import Publisher, Retry, describe, describe_batch
 from mailer.wire import queue_for
 from workers.app import app, settings
 from workers.engine.classify import Failure
-from workers.engine.runtime import runtime
+from workers.engine.runtime import Result, runtime
 from workers.observe.logs import log_retried
 from workers.settle import (
     REQUEUE_PAUSE,
@@ -50,6 +50,7 @@ from workers.settle import (
     decide,
     finish,
     refuse,
+    relay_for,
     retry_kwargs,
     settle_one,
     unexpected,
@@ -151,7 +152,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise PermanentFailure(f"invalid payload: {exc}") from None
 
     def retry(countdown: float, attempts: int, exc: Failure) -> NoReturn:
-        log_retried(payload.get("id"), exc, attempts, countdown)
+        log_retried(payload.get("id"), exc, attempts, countdown, relay_for(payload, exc))
         _republish(
             self,
             countdown,
@@ -165,7 +166,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     waited = False
     try:
-        waiting = wait_for_circuit()
+        waiting = wait_for_circuit(wire.relay_of(payload))
         if waiting is not None:
             waited = True
             raise waiting
@@ -238,8 +239,19 @@ def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
             payloads.append(item)
     if not payloads:
         return {"invalid": refused}
-    waiting = wait_for_circuit()
-    if waiting is not None:
+    # Each relay's breaker for its own messages: those of a relay whose breaker is open wait
+    # (each its own retry, no attempt spent) while the others go.
+    by_relay: dict[str, list[dict[str, Any]]] = {}
+    for payload in payloads:
+        by_relay.setdefault(wire.relay_of(payload), []).append(payload)
+    hold = None if len(by_relay) == 1 else 0.0
+    waits: list[tuple[dict[str, Any], Failure]] = []
+    for relay, group in by_relay.items():
+        waiting = wait_for_circuit(relay, hold)
+        if waiting is not None:
+            waits += [(payload, waiting) for payload in group]
+    if waits and len(waits) == len(payloads) and len(by_relay) == 1:
+        waiting = waits[0][1]  # one relay, waiting: the batch goes back whole, as it came
         _republish(
             self,
             countdown_for(waiting, 0),
@@ -250,22 +262,30 @@ def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
             argsrepr=describe_batch(payloads),
             kwargsrepr="{}",
         )
+    waiting_ids = {id(payload) for payload, _ in waits}
+    ready = [payload for payload in payloads if id(payload) not in waiting_ids]
     try:
-        outcomes = runtime().deliver_many(payloads)
+        outcomes: list[Result | Failure] = runtime().deliver_many(ready) if ready else []
     except Exception as exc:
         log.exception("unexpected error delivering a batch")
-        outcomes = [unexpected(exc) for _ in payloads]
+        outcomes = [unexpected(exc) for _ in ready]
     counts: dict[str, int] = {}
+    sent_through: set[str] = set()
     try:
-        for payload, outcome in zip(payloads, outcomes, strict=True):
+        for payload, outcome in zip(ready, outcomes, strict=True):
             status = settle_one(payload, outcome)
+            counts[status] = counts.get(status, 0) + 1
+            if status == "sent":
+                sent_through.add(relay_for(payload, outcome))
+        for payload, waiting in waits:
+            status = settle_one(payload, waiting, trip=False)
             counts[status] = counts.get(status, 0) + 1
     except Exception as exc:
         log.error("batch follow-up failed (%s); requeueing the batch", type(exc).__name__)
         time.sleep(REQUEUE_PAUSE)
         raise Reject(f"batch follow-up failed: {type(exc).__name__}", requeue=True) from None
-    if counts.get("sent"):
-        close_circuit()
+    for relay in sent_through:
+        close_circuit(relay)
     if refused:
         counts["invalid"] = refused
     return counts

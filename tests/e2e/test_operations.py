@@ -57,7 +57,9 @@ def scrape(port: int) -> Metrics:
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name`'s samples that carry `labels` (whatever else they carry: the relay)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in metrics.items() if n == name and wanted <= set(have))
 
 
 def status(env: dict[str, str], *args: str) -> str:
@@ -194,6 +196,7 @@ def test_metrics_scraped_after_a_send_match_what_the_server_received(
     assert value(m, "mailer_dead_lettered_total", kind="permanent") == 1
     assert value(m, "mailer_dead_letters_stored") == 1
     assert value(m, "mailer_messages_total", outcome="duplicate") == 0
+    assert value(m, "mailer_messages_total", outcome="sent", relay="default") == 50
     assert value(m, "mailer_circuit_open") == 0
     assert value(m, "mailer_sessions_opened_total") == sink.total_connections
     rotated = [s for s in sink.sessions if s.mail_count == 10]

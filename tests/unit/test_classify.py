@@ -115,6 +115,7 @@ def test_wait_kinds_are_the_ones_that_are_not_the_messages_fault() -> None:
         Kind.IN_FLIGHT,
         Kind.THROTTLED,
         Kind.QUOTA,
+        Kind.NO_RELAY,
     } == WAIT_KINDS
     assert {Kind.AUTH, Kind.TLS, Kind.QUOTA} == CIRCUIT_KINDS
     assert not WAIT_KINDS & {Kind.RECONNECT, Kind.RETRY, Kind.PERMANENT, Kind.UNCERTAIN}
@@ -166,6 +167,8 @@ def test_failure_repr_is_its_reason_and_it_pickles() -> None:
     assert repr(failure) == "Failure('retry at reply: 451 4.3.0 Try again later')"
     copy = pickle.loads(pickle.dumps(failure))
     assert copy.reason == failure.reason and copy.kind is Kind.RETRY
+    failure.relay = "tenant-a"  # the relay the attempt went through travels with it
+    assert pickle.loads(pickle.dumps(failure)).relay == "tenant-a"
 
 
 # ---- the countdowns and the verdicts of workers.tasks ---------------------------------------
@@ -215,7 +218,7 @@ def test_decide(tasks_with: Callable[..., Any]) -> None:
     assert tasks.decide(_payload(age=200), 0, f[Kind.RETRY])[:2] == ("expired", 1)  # too old
     assert tasks.decide(_payload(), 2, f[Kind.PERMANENT])[:2] == ("dead", 3)
     assert tasks.decide(_payload(), 0, f[Kind.UNCERTAIN])[:2] == ("held", 1)
-    for kind in (Kind.NO_LEASE, Kind.UNAVAILABLE, Kind.IN_FLIGHT):
+    for kind in (Kind.NO_LEASE, Kind.UNAVAILABLE, Kind.IN_FLIGHT, Kind.NO_RELAY):
         assert tasks.decide(_payload(), 3, f[kind])[:2] == ("retry", 3)  # waiting spends nothing
         assert tasks.decide(_payload(age=200), 3, f[kind])[:2] == ("expired", 3)
     tasks = tasks_with(max_retries=3, uncertain_policy="retry")

@@ -16,12 +16,14 @@ UNCERTAIN.
     RETRY        spent    retry with exponential backoff and full jitter
     PERMANENT    -        dead letter "permanent", with the code and text
     UNCERTAIN    -        MAILER_UNCERTAIN_POLICY: hold (dead letter "uncertain") or retry
-    AUTH, TLS    kept     open the fleet-wide circuit breaker; wait for it to close
+    AUTH, TLS    kept     open the relay's circuit breaker (fleet-wide); wait for it to close
     NO_LEASE     kept     the fleet is at its connection cap: wait
     UNAVAILABLE  kept     our own Redis (ledger, leases) is unreachable: wait
     IN_FLIGHT    kept     another copy of this message is being sent right now: wait
     THROTTLED    kept     the relay asks us to slow down: lower the fleet's rate, wait for it
     QUOTA        kept     the account's quota is spent: stop the fleet, probe rarely
+    NO_RELAY     kept     the message's relay is not configured (or unusable on this host):
+                          wait as for a circuit, never through another relay
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Kind(enum.Enum):
     RECONNECT = "reconnect"  # replace the session and retry promptly
     RETRY = "retry"  # retry with exponential backoff
     PERMANENT = "permanent"  # dead-letter the message
-    AUTH = "auth"  # open the fleet-wide circuit breaker
+    AUTH = "auth"  # open the relay's circuit breaker
     UNCERTAIN = "uncertain"  # the relay may have the message
     TLS = "tls"  # the relay would not give us TLS: never send the key in clear
     NO_LEASE = "no_lease"  # the fleet is at its connection cap: retry later
@@ -47,6 +49,7 @@ class Kind(enum.Enum):
     IN_FLIGHT = "in_flight"  # another attempt holds this message's claim: retry later
     THROTTLED = "throttled"  # the relay asks the fleet to slow down (or we wait for our rate)
     QUOTA = "quota"  # the account's sending quota is spent: nothing goes until it is back
+    NO_RELAY = "no_relay"  # the message's relay is not configured, or unusable on this host
 
 
 #: Not the message's fault: waiting for these never spends one of its attempts.
@@ -59,9 +62,10 @@ WAIT_KINDS = frozenset(
         Kind.IN_FLIGHT,
         Kind.THROTTLED,
         Kind.QUOTA,
+        Kind.NO_RELAY,
     }
 )
-#: Fleet-wide: these open the circuit breaker.
+#: The relay's own configuration is at fault: these open that relay's circuit breaker.
 CIRCUIT_KINDS = frozenset({Kind.AUTH, Kind.TLS, Kind.QUOTA})
 
 #: Replies that mean the account's quota is spent (SendGrid at AUTH, SES), not a bad key.
@@ -105,6 +109,9 @@ class Failure(Exception):
     #: not clean up its ledger record (Redis was down): its owner id, so the retry may reclaim
     #: that record. Never set for an UNCERTAIN failure.
     attempt: str = field(default="", compare=False)
+    #: Set by the runtime: the relay the attempt went through (its circuit is the one a
+    #: circuit kind opens; with failover it may not be the relay the message names).
+    relay: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         super().__init__(self.reason)
@@ -121,7 +128,8 @@ class Failure(Exception):
         return f"Failure({self.reason!r})"
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (Failure, (self.kind, self.code, self.text, self.phase, self.refused, self.attempt))
+        args = (self.kind, self.code, self.text, self.phase, self.refused, self.attempt, self.relay)
+        return (Failure, args)
 
 
 def by_code(code: int, text: str, phase: Phase) -> Failure:

@@ -10,12 +10,16 @@ QUIT; its lease is released only after the abort.
 
 A busy session passes straight from one message to the next checkout in line: with PIPELINING,
 the next message's commands leave behind the body (see `Session.transaction`'s `hand_over`).
+
+One pool per relay (workers/engine/relayparts.py): its own sessions, key and login gate. The
+pools of a process share one session budget (workers/engine/budget.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import logging
 import time
 from collections import deque
@@ -25,6 +29,8 @@ from functools import partial
 from typing import Any, Protocol
 
 from mailer.config import Settings
+from mailer.wire import DEFAULT_RELAY
+from workers.engine.budget import SessionBudget
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.session import Delivered, Session
 from workers.engine.shaper import Shaper
@@ -78,6 +84,10 @@ class PoolStats:
     lease_waits: int = 0
     fenced: int = 0
     chained: int = 0  # messages whose commands left behind the previous message's body
+    reclaimed: int = 0  # idle sessions closed to make room for another relay's (the budget)
+
+
+_arrivals = itertools.count()  # process-wide: the budget serves the longest waiter of any pool
 
 
 @dataclass(eq=False, slots=True)
@@ -88,15 +98,29 @@ class _Waiter:
     future: asyncio.Future[Session | None]
     envelope: tuple[str, list[str], int] | None
     rank: int = 0  # the message's lane: 0 is served first
+    arrival: int = 0
 
 
 class SessionPool:
-    """Up to `worker_connections` sessions, reused across tasks; LIFO so spares idle out."""
+    """Up to `worker_connections` sessions, reused across tasks; LIFO so spares idle out.
+    `budget`: shared with the process's other relays' pools (None: this pool alone)."""
 
-    def __init__(self, settings: Settings, leases: Leases, shaper: Shaper | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        leases: Leases,
+        shaper: Shaper | None = None,
+        *,
+        budget: SessionBudget | None = None,
+        relay: str = DEFAULT_RELAY,
+    ) -> None:
         self.settings = settings
         self.leases = leases
         self.shaper = shaper
+        self.relay = relay
+        self.budget = budget
+        #: What a checkout meets once the pool closes (a relay's reconfiguration is a wait).
+        self._closed_failure = (Kind.RECONNECT, "worker is shutting down")
         self._ranks = {lane.name: rank for rank, lane in enumerate(settings.lanes)}
         #: Until one session of this process has logged in (and again after a refused login),
         #: sessions open one at a time: a bad key costs one failed AUTH, not one per session.
@@ -117,10 +141,59 @@ class SessionPool:
         self._tasks: set[asyncio.Task[None]] = set()  # check-ins of abandoned hand-overs
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        if budget is not None:
+            budget.join(self)
 
     @property
     def open_sessions(self) -> int:
         return len(self._idle) + len(self._busy)
+
+    @property
+    def occupied(self) -> int:
+        """Sessions open or opening: what this pool takes of the process's budget."""
+        return len(self._idle) + len(self._busy) + self._opening
+
+    @property
+    def quiet(self) -> bool:
+        """No session open or opening, none closing, nobody waiting: nothing to lose."""
+        return (
+            not (self._idle or self._busy or self._opening or self._waiters or self._quitting)
+            and not self._tasks
+        )
+
+    def _room(self) -> bool:
+        if len(self._idle) + len(self._busy) + self._opening >= self.capacity:
+            return False
+        return self.budget is None or self.budget.room()
+
+    # -- the budget's view (workers/engine/budget.py `Member`) ------------------------------------
+
+    def first_waiter(self) -> tuple[int, int] | None:
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                return waiter.rank, waiter.arrival
+        return None
+
+    def oldest_idle(self, now: float) -> float | None:
+        if self._closing or not self._idle:
+            return None
+        return self._idle[0].idle_for(now)
+
+    async def retire_oldest_idle(self) -> bool:
+        if self._closing or not self._idle:
+            return False
+        session = self._idle.popleft()  # the least recently used: the stack's bottom
+        self.stats.reclaimed += 1
+        await self._retire(session)
+        return True
+
+    def wake_for_room(self) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+                return True
+        return False
 
     @property
     def waiting(self) -> int:
@@ -179,6 +252,8 @@ class SessionPool:
             return None
         if self.shaper is not None and self.shaper.cautious:
             return None  # the relay throttles us: one transaction at a time, nothing behind
+        if self.budget is not None and self.budget.over_share(self):
+            return None  # another relay waits for a session: this one goes back (`_checkin`)
         while self._waiters and self._waiters[0].future.done():
             self._waiters.popleft()  # gave up
         waiter = self._waiters[0] if self._waiters else None
@@ -199,7 +274,8 @@ class SessionPool:
         deadline = time.monotonic() + self.settings.lease_wait
         while True:
             if self._closing:
-                raise Failure(Kind.RECONNECT, None, "worker is shutting down", Phase.CONNECT)
+                kind, why = self._closed_failure
+                raise Failure(kind, None, why, Phase.CONNECT)
             now = time.monotonic()
             while self._idle and not self._waiters:
                 session = self._idle.pop()
@@ -207,13 +283,20 @@ class SessionPool:
                     self._busy.add(session)
                     return session
                 await self._retire(session)
-            if not self._waiters and self.open_sessions + self._opening < self.capacity:
+            if not self._waiters and self._room():
                 return await self._open(deadline)
+            if (
+                not self._waiters
+                and self.budget is not None
+                and self.occupied < self.capacity
+                and await self.budget.reclaim(self, now)
+            ):
+                continue  # another relay's idle session made room: open ours
             handed = await self._wait(deadline, envelope, rank)
             if handed is not None:
                 return handed
             # Woken first in line because a session closed: the room is ours to open.
-            if not self._closing and self.open_sessions + self._opening < self.capacity:
+            if not self._closing and self._room():
                 return await self._open(deadline)
 
     async def _wait(
@@ -224,7 +307,8 @@ class SessionPool:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Failure(Kind.NO_LEASE, None, "no free session in this worker", Phase.CONNECT)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), envelope, rank)
+        future: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(future, envelope, rank, next(_arrivals))
         self._enqueue(waiter)
         got = False
         try:
@@ -277,12 +361,10 @@ class SessionPool:
         self._idle.append(session)
 
     def _wake_one(self) -> None:
-        """Room to open a session appeared (one closed): the first waiter may open it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_result(None)
-                return
+        """Room to open a session appeared (one closed): the first waiter may open it, else
+        the longest waiter of another relay's pool (the process's budget is shared)."""
+        if not self.wake_for_room() and self.budget is not None:
+            self.budget.freed(self)
 
     def _usable(self, session: Session, now: float, idle_limit: float | None = None) -> bool:
         lease = session.lease
@@ -367,11 +449,14 @@ class SessionPool:
             # ahead read its reply, then close the session.
             await session.wait_turn()
             session.broken = True
+        # Asked while the session still counts as ours: another relay waits at the budget and
+        # this pool holds more than its share (workers/engine/budget.py).
+        yields = self.budget is not None and self.budget.over_share(self)
         self._busy.discard(session)
         now = time.monotonic()
         if session.connected and session.due_for_rotation(now):
             self.stats.rotations += 1
-            log_event("rotated", transactions=session.mail_count)
+            log_event("rotated", transactions=session.mail_count, relay=self.relay)
             lease = session.lease
             await self._close(session)
             session.lease = None
@@ -382,7 +467,13 @@ class SessionPool:
             self._wake_one()
             return
         if session.connected and not self._closing and self._usable(session, now):
-            self._give(session)
+            if not yields:
+                self._give(session)
+                return
+            self.stats.reclaimed += 1
+            await self._retire(session)
+            if self.budget is not None:
+                self.budget.freed(self)
             return
         await self._retire(session)
         self._wake_one()
@@ -462,8 +553,13 @@ class SessionPool:
             for _ in stale:
                 self._wake_one()
 
-    async def close(self, timeout: float = 30.0) -> None:
-        """Waits for in-flight transactions, QUITs every session and releases every lease."""
+    async def close(self, timeout: float = 30.0, *, retiring: str = "") -> None:
+        """Waits for in-flight transactions, QUITs every session and releases every lease.
+        `retiring`: why the pool closes while the worker goes on (its relay was reconfigured
+        or fell idle): checkouts still waiting then fail as a free wait (NO_LEASE), not as a
+        shutdown."""
+        if retiring:
+            self._closed_failure = (Kind.NO_LEASE, retiring)
         self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -481,5 +577,9 @@ class SessionPool:
         for lease in self._spare_leases:
             await self.leases.release(lease)
         self._spare_leases = []
-        while self._waiters:  # they see `_closing` and give up
-            self._wake_one()
+        while self.wake_for_room():  # they see `_closing` and give up
+            pass
+        if self.budget is not None:
+            self.budget.leave(self)
+            for _ in sessions:  # the room they held goes to the other relays' pools
+                self.budget.freed(self)

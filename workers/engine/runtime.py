@@ -1,6 +1,10 @@
-"""Everything one worker process owns: its loop thread, Redis clients, lease keeper, session
-pool, ledger, dead letters and circuit breaker. Built lazily, once per process (after fork),
-and torn down on worker shutdown.
+"""Everything one worker process owns: its loop thread, Redis clients, the parts of each relay
+it sends through (session pool, leases, shaper: workers/engine/relayparts.py), the ledger, dead
+letters and the relays' circuit breakers. Built lazily, once per process (after fork), and torn
+down on worker shutdown.
+
+An attempt picks its relay's parts in one place, `Runtime.route` (the failover router's hook);
+everything after that is the relay's own.
 """
 
 from __future__ import annotations
@@ -12,30 +16,34 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio as aioredis
 
 from mailer import redisconn
 from mailer.config import Settings
-from mailer.wire import group_of, ignores_suppressions, lane_of
+from mailer.wire import DEFAULT_RELAY, group_of, ignores_suppressions, lane_of, relay_of
+from workers.engine.budget import SessionBudget
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.loop import LoopThread
-from workers.engine.pool import LeaseLike, PoolStats, SessionPool
+from workers.engine.pool import SessionPool
+from workers.engine.relayparts import PartsRegistry, RelayParts, RelaySource, Shared, StaticRelays
 from workers.engine.session import wire_body
 from workers.engine.shaper import Shaper
+from workers.engine.unless import cancel as _cancel  # noqa: F401  (tests reach it here)
+from workers.engine.unless import unless as _unless
 from workers.observe import metrics
 from workers.observe.logs import log_event
-from workers.state.circuit import Circuit
+from workers.state import keys
+from workers.state.circuit import Circuit, Circuits
 from workers.state.deadletters import DeadLetters
-from workers.state.keeper import LeaseKeeper
 from workers.state.ledger import Ledger
 from workers.state.lifecycle import StatusWriter
-from workers.state.ratelimit import CONNECT_KEY, RateLimiter
-from workers.state.semaphore import LeaseSemaphore, Limit
+from workers.state.semaphore import ReleaseWakeups
 from workers.state.suppressions import SuppressionCheck
 
 log = logging.getLogger("mailer.worker")
@@ -49,55 +57,7 @@ class Result:
     status: str  # sent | duplicate | held | failed | cancelled | suppressed | not_started
     reply: str = ""
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
-
-
-_orphans: set[asyncio.Future[Any]] = set()
-
-
-async def _unless(
-    stop: asyncio.Event,
-    coro: Coroutine[Any, Any, T | None],
-    orphan: Callable[[T], Awaitable[Any]],
-) -> T | None:
-    """`coro`'s result, or None if `stop` is set first (then `coro` is cancelled). A result
-    that arrives when nobody will use it (we were cancelled, or `stop` won) goes to `orphan`."""
-    if stop.is_set():
-        coro.close()
-        return None
-    task = asyncio.ensure_future(coro)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.add_done_callback(lambda done: _adopt(done, orphan))
-        task.cancel()
-        raise
-    finally:
-        stopped.cancel()
-    if task.done():
-        return task.result()
-    await _cancel(task)
-    _adopt(task, orphan)
-    return None
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    """Cancels `task` and waits until it ends, cancelling again while it runs: Python 3.11's
-    `asyncio.wait_for` (redis-py connects through it) drops a cancellation that lands just as
-    what it waits for completes (CPython gh-86296), and one lost cancel would leave an acquire
-    polling until its deadline."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.05)
-
-
-def _adopt(done: asyncio.Future[T | None], orphan: Callable[[T], Awaitable[Any]]) -> None:
-    result = None if done.cancelled() or done.exception() is not None else done.result()
-    if result is None:
-        return
-    follow = asyncio.ensure_future(orphan(result))
-    _orphans.add(follow)
-    follow.add_done_callback(_orphans.discard)
+    relay: str = ""  # the relay the attempt went through ("" when it never picked one)
 
 
 def _outcome(result: object) -> Result | Failure:
@@ -124,39 +84,6 @@ async def _quietly(step: Awaitable[Any]) -> bool:
         )
         return False
     return True
-
-
-class _Leases:
-    """Adapts the semaphore to the pool: every lease handed out is renewed by the keeper."""
-
-    def __init__(self, semaphore: LeaseSemaphore, keeper: LeaseKeeper) -> None:
-        self.semaphore = semaphore
-        self.keeper = keeper
-        self.draining = asyncio.Event()  # set at shutdown: waiting for a lease is pointless
-
-    async def acquire(self, deadline: float) -> LeaseLike | None:
-        started = time.monotonic()
-        try:
-            lease = await _unless(self.draining, self.semaphore.acquire(deadline), self.release)
-        except (redis.RedisError, OSError) as exc:  # fail closed: no lease without Redis
-            log.warning("lease acquire failed: %s", type(exc).__name__)
-            return None
-        if lease is not None:
-            self.keeper.add(lease)
-            log_event("lease_acquired", lease=lease.id, waited_s=time.monotonic() - started)
-        return lease
-
-    @property
-    def contended(self) -> bool:
-        return self.semaphore.contended
-
-    async def release(self, lease: LeaseLike) -> None:
-        self.keeper.discard(lease)  # type: ignore[arg-type]
-        log_event("lease_released", lease=lease.id)
-        try:
-            await self.semaphore.release(lease)  # type: ignore[arg-type]
-        except (redis.RedisError, OSError):
-            log.warning("lease release failed; it will expire by itself")
 
 
 #: Attempts in flight per session of the process (see `Runtime.gate`).
@@ -204,15 +131,22 @@ class Gate:
 THROTTLED_TRIES = 10
 
 
+#: Builds the process's relay source once its Redis client exists (mailer/relays.py
+#: `RelayTable`); None: only the environment's `default` relay.
+SourceFactory = Callable[[Settings, aioredis.Redis], RelaySource]
+
+
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, relays: SourceFactory | None = None) -> None:
         self.settings = settings.require_relay()
         self.pid = os.getpid()
         self.sync_redis = redisconn.client(settings.redis_url, settings, socket_timeout=10)
         self.dead = DeadLetters(self.sync_redis)
-        self.circuit = Circuit(
+        #: Each relay's breaker (the task threads check them before an attempt).
+        self.circuits = Circuits(
             self.sync_redis, settings.circuit_probe_interval, settings.quota_probe_interval
         )
+        self._source_factory = relays
         self.loop = LoopThread(kind=settings.event_loop)
         self._started: set[asyncio.Task[Result]] = set()  # the loop keeps only weak references
         #: Attempts of batch tasks started and not ended (running, or waiting for a session):
@@ -234,9 +168,6 @@ class Runtime:
             socket_timeout=max(2.0, s.lease_ttl / 6),
             socket_connect_timeout=2.0,
         )
-        limits = [Limit("smtp", s.max_connections)]
-        if s.max_connections_per_host:
-            limits.append(Limit(f"host:{s.hostname}", s.max_connections_per_host))
         # Leases get a client of their own, blocking rather than raising when busy: a burst of
         # ledger calls (redis-py's asyncio pool raises MaxConnectionsError past 100) must never
         # fail an acquire or delay a renewal. Lease commands take well under a millisecond, so a
@@ -250,11 +181,15 @@ class Runtime:
             socket_timeout=max(2.0, s.lease_ttl / 6),
             socket_connect_timeout=2.0,
         )
-        self.semaphore = LeaseSemaphore(self.lease_redis, limits, s.lease_ttl, host=s.hostname)
-        self.keeper = LeaseKeeper(self.semaphore, on_lost=self._on_lease_lost)
-        self.leases = _Leases(self.semaphore, self.keeper)
-        self.shaper = Shaper(s, RateLimiter(self.redis), RateLimiter(self.redis, CONNECT_KEY))
-        self.pool = SessionPool(s, self.leases, self.shaper)
+        # One wake-up subscription for every relay's semaphore: one pub/sub connection.
+        self.wakeups = ReleaseWakeups(self.lease_redis, keys.lease_released())
+        self.draining = asyncio.Event()  # set at shutdown: waiting for a lease is pointless
+        self.budget = SessionBudget(s.worker_connections)
+        shared = Shared(s, self.redis, self.lease_redis, self.wakeups, self.budget, self.draining)
+        factory = self._source_factory
+        source = factory(s, self.redis) if factory is not None else StaticRelays()
+        self.relays = PartsRegistry(shared, source)
+        self.relays.on_sweep = self.circuits.forget_idle
         self.ledger = Ledger(
             self.redis,
             ttl=s.ledger_ttl,
@@ -263,8 +198,49 @@ class Runtime:
         )
         self.status = StatusWriter(self.redis, s.ledger_ttl)
         self.suppressions = SuppressionCheck(self.redis)
-        self.keeper.start()
-        self.pool.start()
+        self.relays.start()
+
+    # -- the default relay's parts, as a single-relay worker had them -----------------------------
+
+    @property
+    def pool(self) -> SessionPool:
+        return self.relays.default.pool
+
+    @property
+    def shaper(self) -> Shaper:
+        return self.relays.default.shaper
+
+    @property
+    def circuit(self) -> Circuit:
+        return self.circuits.get(DEFAULT_RELAY)
+
+    @property
+    def open_sessions(self) -> int:
+        return sum(p.pool.open_sessions for p in self.relays.all())
+
+    @property
+    def leases_held(self) -> int:
+        return sum(len(p.keeper.leases) for p in self.relays.all())
+
+    # -- which relay ------------------------------------------------------------------------------
+
+    async def parts_for(self, relay: str) -> RelayParts:
+        """Relay `relay`'s parts (NO_RELAY when it is not configured or unusable here)."""
+        return await self.relays.parts_for(relay)
+
+    async def route(self, payload: Mapping[str, Any]) -> RelayParts:
+        """The one place an attempt picks the relay it goes through: the relay the message
+        names. The failover router replaces this (a fallback's parts while the relay is down);
+        the attempt then runs wholly on what it returns, and its outcome names that relay."""
+        return await self.relays.parts_for(relay_of(payload))
+
+    def holds_for_circuit(self, relay: str) -> bool:
+        """Whether a message waiting for `relay`'s breaker may hold its task thread (see
+        workers/settle.py `wait_for_circuit`): only the default relay's, and only while no
+        other relay is in use here, or the wait would stall the other relays' traffic."""
+        return relay == DEFAULT_RELAY and all(
+            name == DEFAULT_RELAY for name in self.circuits.in_use()
+        )
 
     def drain(self) -> None:
         """Shutdown begins (safe from a signal handler): tasks waiting for a lease stop waiting
@@ -272,12 +248,8 @@ class Runtime:
         self.loop.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
-        self.leases.draining.set()
-        self.shaper.close()
-
-    def _on_lease_lost(self, lease: Any) -> Coroutine[Any, Any, None]:
-        log_event("lease_lost", lease=lease.id, level=logging.WARNING)
-        return self.pool.on_lease_lost(lease)  # aborts now; the returned release runs later
+        self.draining.set()
+        self.relays.shapers_close()
 
     def _attempt_budget(self) -> float:
         """The longest one attempt may take: the rate, a lease, a connection, the commands, the
@@ -383,61 +355,82 @@ class Runtime:
         self, payload: Mapping[str, Any], released: str = "", attempts: int = 0
     ) -> Result:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
+        parts = await self.route(payload)
+        parts.active += 1  # no await since `route` returned: the sweep cannot drop them first
         gate = self.gate
-        await gate.acquire(self._rank(payload))
         try:
-            return await self._admitted(payload, released, attempts)
+            await gate.acquire(self._rank(payload))
+            try:
+                result = await self._admitted(parts, payload, released, attempts)
+            finally:
+                gate.release()
+        except Failure as failure:
+            failure.relay = failure.relay or parts.name
+            raise
         finally:
-            gate.release()
+            parts.active -= 1
+            parts.last_used = time.monotonic()
+        result.relay = parts.name
+        return result
 
     async def _streamed(self, payload: Mapping[str, Any]) -> Result:
         """`adeliver` for `start_many`: an attempt still waiting for room when shutdown begins
         does not start (`Result("not_started")`), as Celery gives back tasks reserved but not
         started."""
-        gate, draining = self.gate, self.leases.draining
+        gate, draining = self.gate, self.draining
         if draining.is_set():
             return Result("not_started")
+        parts = await self.route(payload)
+        parts.active += 1
         rank = self._rank(payload)
-        if gate.locked():
-
-            async def room() -> bool:
-                return await gate.acquire(rank)
-
-            async def give_back(_: bool) -> None:
-                gate.release()
-
-            if await _unless(draining, room(), give_back) is None:
-                return Result("not_started")
-        else:
-            await gate.acquire(rank)
         try:
-            return await self._admitted(payload, "")
+            if gate.locked():
+
+                async def room() -> bool:
+                    return await gate.acquire(rank)
+
+                async def give_back(_: bool) -> None:
+                    gate.release()
+
+                if await _unless(draining, room(), give_back) is None:
+                    return Result("not_started")
+            else:
+                await gate.acquire(rank)
+            try:
+                result = await self._admitted(parts, payload, "")
+            finally:
+                gate.release()
+        except Failure as failure:
+            failure.relay = failure.relay or parts.name
+            raise
         finally:
-            gate.release()
+            parts.active -= 1
+            parts.last_used = time.monotonic()
+        result.relay = parts.name
+        return result
 
     async def _admitted(
-        self, payload: Mapping[str, Any], released: str, attempts: int = 0
+        self, parts: RelayParts, payload: Mapping[str, Any], released: str, attempts: int = 0
     ) -> Result:
-        """`_attempt` once the fleet's rate admits it. A transaction the relay throttled goes
+        """`_attempt` once the relay's rate admits it. A transaction the relay throttled goes
         back to wait for the rate (which the throttling just lowered), not to its retries."""
         lane = lane_of(payload)
-        tokens = self.shaper.tokens_for(len(payload["rcpt_to"]))
+        shaper = parts.shaper
+        tokens = shaper.tokens_for(len(payload["rcpt_to"]))
         for tries in range(1, THROTTLED_TRIES + 1):
             deadline = time.monotonic() + self.settings.lease_wait
-            slot = await self.shaper.admit(lane, tokens, deadline)
+            slot = await shaper.admit(lane, tokens, deadline)
 
             async def on_session(slot: float | None = slot) -> None:
-                if self.shaper.late(lane, slot):
-                    await self.shaper.admit(
-                        lane, tokens, time.monotonic() + self.settings.lease_wait
-                    )
+                if shaper.late(lane, slot):
+                    await shaper.admit(lane, tokens, time.monotonic() + self.settings.lease_wait)
 
             try:
-                return await self._attempt(payload, released, attempts, on_session)
+                return await self._attempt(parts, payload, released, attempts, on_session)
             except Failure as failure:
                 if failure.kind is not Kind.THROTTLED or tries == THROTTLED_TRIES:
                     raise
-                if self.leases.draining.is_set():
+                if self.draining.is_set():
                     raise
                 if failure.attempt:
                     released = f"{released} {failure.attempt}".strip()
@@ -445,6 +438,7 @@ class Runtime:
 
     async def _attempt(
         self,
+        parts: RelayParts,
         payload: Mapping[str, Any],
         released: str,
         attempts: int = 0,
@@ -498,7 +492,7 @@ class Runtime:
                 raise Failure(Kind.IN_FLIGHT, None, "another attempt took it over", Phase.DATA)
 
         try:
-            delivered = await self.pool.send(
+            delivered = await parts.pool.send(
                 str(payload["mail_from"]),
                 list(payload["rcpt_to"]),
                 body,
@@ -507,9 +501,9 @@ class Runtime:
                 on_session=on_session,
             )
         except Failure as failure:
-            metrics.smtp_failure(failure)
+            metrics.smtp_failure(failure, parts.name)
             if failure.kind is Kind.THROTTLED and failure.code is not None:
-                self.shaper.throttled(failure.reason)
+                parts.shaper.throttled(failure.reason)
             if failure.kind is Kind.UNCERTAIN:
                 await _quietly(self.ledger.settle(message_id, owner, "uncertain", failure.reason))
             elif failure.kind is Kind.PERMANENT:
@@ -520,11 +514,11 @@ class Runtime:
         except BaseException:
             await _quietly(self.ledger.release(message_id, owner))
             raise
-        metrics.delivered(delivered.refused)
+        metrics.delivered(delivered.refused, parts.name)
         self.status.note(message_id, "sent", reply=f"250 {delivered.reply}")  # never waits
         await _quietly(self.ledger.settle(message_id, owner, "sent", delivered.reply))
         # Its own time: a message of a batch is `sent` now, not when its whole batch settles.
-        log_event("sent", message_id=message_id, attempts=attempts)
+        log_event("sent", message_id=message_id, attempts=attempts, relay=parts.name)
         return Result("sent", delivered.reply, delivered.refused)
 
     async def _unsuppressed(self, payload: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -548,10 +542,9 @@ class Runtime:
 
     def close(self, timeout: float = 30.0) -> None:
         async def stop() -> None:
-            self.shaper.close()
-            await self.pool.close(timeout)
-            await self.keeper.stop()
-            await self.semaphore.close()
+            self.relays.shapers_close()
+            await self.relays.close(timeout)
+            await self.wakeups.close()
             await self.status.close()
             await self.ledger.close()
             await self.lease_redis.aclose()
@@ -569,7 +562,9 @@ _lock = threading.Lock()
 
 
 def runtime() -> Runtime:
-    """The process's runtime, created on first use in this process (never inherited by fork)."""
+    """The process's runtime, created on first use in this process (never inherited by fork).
+    Its relays: the environment's `default` only, until the relay registry is plugged in
+    (`Runtime(settings, relays=...)`)."""
     global _runtime
     rt = _runtime  # the lock only for creating it: every settled message asks for it
     if rt is not None and rt.pid == os.getpid():
@@ -586,12 +581,20 @@ def current() -> Runtime | None:
     return rt if rt is not None and rt.pid == os.getpid() else None
 
 
-def occupancy() -> tuple[int, int, PoolStats | None]:
-    """(open sessions, leases held, pool counters) of this process: what /metrics reports."""
+def occupancy() -> dict[str, metrics.RelayOccupancy]:
+    """Each relay of this process (with parts, or asked about lately): what /metrics reports."""
     rt = current()
     if rt is None:
-        return 0, 0, None
-    return rt.pool.open_sessions, len(rt.keeper.leases), rt.pool.stats
+        return {}
+    out = {name: metrics.RelayOccupancy() for name in rt.circuits.in_use()}
+    for parts in rt.relays.all():
+        out[parts.name] = metrics.RelayOccupancy(
+            parts.pool.open_sessions,
+            len(parts.keeper.leases),
+            parts.pool.stats,
+            parts.shaper.configured_rate,
+        )
+    return out
 
 
 def shutdown_runtime(timeout: float = 30.0) -> None:

@@ -7,7 +7,8 @@ at their tokens' times, lanes in priority order. With no window configured and n
 ceiling in force, admission costs nothing but a local count (reported once a second: it is the
 measure the adaptive ceiling starts from). Waiting here never spends a message's attempts: a
 wait that outlasts its deadline is a THROTTLED failure, which the settle policy retries for free.
-docs/shaping.md has the whole design.
+One shaper per relay (workers/engine/relayparts.py): its own windows, adaptive ceiling and
+session-open rate, on the relay's own keys. docs/shaping.md has the whole design.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import redis
 
 from mailer.config import Lane, RateWindow, Settings
+from mailer.wire import DEFAULT_RELAY
 from workers.engine.classify import Failure, Kind, Phase
 from workers.observe.logs import log_event
 from workers.state.ratelimit import RateLimiter
@@ -82,9 +84,12 @@ class Shaper:
         settings: Settings,
         limiter: RateLimiter | None,
         connect_limiter: RateLimiter | None = None,
+        *,
+        relay: str = DEFAULT_RELAY,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
+        self.relay = relay
         self.ceiling: float | None = None  # the adaptive ceiling in force, msg/s
         self.ceiling_reason = ""
         self._lanes: dict[str, _Bucket] = {}
@@ -332,10 +337,11 @@ class Shaper:
                 rate=round(ceiling, 1),
                 configured=self.configured_rate,
                 reason=reason,
+                relay=self.relay,
                 level=logging.WARNING,
             )
         elif ceiling is None and was is not None:
-            log_event("rate_recovered", configured=self.configured_rate)
+            log_event("rate_recovered", configured=self.configured_rate, relay=self.relay)
 
     @property
     def configured_rate(self) -> float | None:
@@ -347,8 +353,9 @@ class Shaper:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def close(self) -> None:
-        """Shutdown: nobody waits for tokens any more (they see THROTTLED, a free wait)."""
+    def close(self, why: str = "worker is shutting down") -> None:
+        """Shutdown (or the relay's parts retired): nobody waits for tokens any more (they see
+        THROTTLED, a free wait)."""
         self._closing = True
         buckets: list[_Bucket] = [*self._lanes.values()]
         if self._connect is not None:
@@ -359,8 +366,6 @@ class Shaper:
             while bucket.waiters:
                 waiter = bucket.waiters.popleft()
                 if not waiter.future.done():
-                    waiter.future.set_exception(
-                        Failure(Kind.THROTTLED, None, "worker is shutting down", Phase.CONNECT)
-                    )
+                    waiter.future.set_exception(Failure(Kind.THROTTLED, None, why, Phase.CONNECT))
         for task in self._tasks:
             task.cancel()

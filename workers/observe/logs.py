@@ -6,7 +6,9 @@ there is one. Celery's own lines keep Celery's readable text format; both go thr
 handlers, so ordering and `--logfile` are unchanged. Listeners (metrics, throughput) hear every
 event whatever the log level, so turning logs down never changes what is counted.
 
-The event vocabulary (fields besides `ts`, `level`, `event`):
+The event vocabulary (fields besides `ts`, `level`, `event`). Every event of a message's
+attempt, and every event of a relay's sessions, leases and rate, has `relay` too (`default`
+for the single-relay environment):
 
     sent            message_id, attempts            the relay answered 250
     duplicate       message_id, attempts            redelivered, the ledger says sent: not resent
@@ -15,10 +17,16 @@ The event vocabulary (fields besides `ts`, `level`, `event`):
     retried         message_id, kind, code, attempts, countdown, reason
     dead_lettered   message_id, kind, code, attempts, reason   (kind: permanent | expired |
                                                                  uncertain | recipients)
+    circuit_opened, quota_exhausted   reason       a relay's breaker opened (WARNING)
+    relay_unavailable  reason                       a message's relay is not configured or
+                                                    unusable here (WARNING, once per interval)
+    relay_parts_closed reason                       a relay's sessions and leases were let go
+                                                    (idle, reconfigured, removed)
     rotated         transactions                    a session was QUIT at its limit or age
     lease_acquired  lease, waited_s
     lease_released  lease
     lease_lost      lease                           its connection is aborted (fenced)
+    throttled, rate_recovered   rate, configured, reason    the relay's adaptive ceiling
     shutdown        open_sessions, leases           the worker is closing its sessions
 """
 
@@ -236,7 +244,16 @@ def failure_fields(failure: Any) -> dict[str, Any]:
     }
 
 
-def log_retried(message_id: Any, failure: Any, attempts: int, countdown: float) -> None:
+def log_retried(
+    message_id: Any, failure: Any, attempts: int, countdown: float, relay: str = "default"
+) -> None:
     """The `retried` event: the message goes back to the queue with a countdown."""
     fields = failure_fields(failure)
-    log_event("retried", message_id=message_id, attempts=attempts, countdown=countdown, **fields)
+    log_event(
+        "retried",
+        message_id=message_id,
+        attempts=attempts,
+        countdown=countdown,
+        relay=relay,
+        **fields,
+    )

@@ -9,20 +9,23 @@ Most figures are read at scrape time from state the runtime already keeps (the p
 that leave no state behind (message outcomes, SMTP replies, retries, dead letters, lost
 leases), fed by the event stream of `workers.observe.logs` and two hooks in the delivery path.
 
-Series (all prefixed `mailer_`):
+Series (all prefixed `mailer_`). What is per relay carries a `relay` label (`default` for the
+single-relay environment); a relay appears once this process has seen a message for it, and
+its gauges and pool counters go when its parts are dropped (workers/engine/relayparts.py):
 
-    messages_total{outcome}          sent | duplicate | retried | failed | held
-    smtp_replies_total{code,phase}   the reply that decided each transaction (250 on the
+    messages_total{outcome,relay}    sent | duplicate | retried | failed | held
+    smtp_replies_total{code,phase,relay}  the reply that decided each transaction (250 on the
                                      terminator, refused RCPTs, error replies on any phase)
-    retries_total{kind}              reconnect | retry | no_lease | auth | tls | circuit | ...
-    dead_lettered_total{kind}        permanent | expired | uncertain | recipients
-    leases_lost_total                leases this worker lost (its connection was fenced)
+    retries_total{kind,relay}        reconnect | retry | no_lease | auth | tls | no_relay | ...
+    dead_lettered_total{kind,relay}  permanent | expired | uncertain | recipients
+    leases_lost_total{relay}         leases this worker lost (its connection was fenced)
     lease_wait_seconds               histogram: time to acquire a lease for a new session
-    open_sessions, leases_held       gauges, this process
-    worker_connections               gauge: the most sessions this process may open
+    open_sessions{relay}, leases_held{relay}   gauges, this process
+    worker_connections               gauge: the most sessions this process may open (all relays)
     sessions_opened_total, session_rotations_total, sessions_closed_idle_total,
-    lease_timeouts_total, sessions_fenced_total      from PoolStats
-    circuit_open                     gauge 0/1, fleet-wide (same value from every worker)
+    sessions_reclaimed_total, lease_timeouts_total, sessions_fenced_total   {relay}, PoolStats
+    circuit_open{relay}, quota_exhausted{relay}   gauges 0/1, fleet-wide (same from every worker)
+    rate_configured_per_second{relay}, rate_effective_per_second{relay}
     dead_letters_stored              gauge, fleet-wide count in Redis
 """
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from prometheus_client import (
@@ -46,17 +49,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mailer.config import Settings
+from mailer.wire import DEFAULT_RELAY
 from workers.observe import logs
 
 log = logging.getLogger("mailer.metrics")
 
-MESSAGES = Counter("mailer_messages", "Messages by outcome", ["outcome"])
+MESSAGES = Counter("mailer_messages", "Messages by outcome", ["outcome", "relay"])
 SMTP_REPLIES = Counter(
-    "mailer_smtp_replies", "SMTP replies that decided a transaction, by code", ["code", "phase"]
+    "mailer_smtp_replies",
+    "SMTP replies that decided a transaction, by code",
+    ["code", "phase", "relay"],
 )
-RETRIES = Counter("mailer_retries", "Messages sent back to the queue, by failure kind", ["kind"])
-DEAD_LETTERED = Counter("mailer_dead_lettered", "Messages dead-lettered, by kind", ["kind"])
-LEASES_LOST = Counter("mailer_leases_lost", "Leases lost (connection fenced)")
+RETRIES = Counter(
+    "mailer_retries", "Messages sent back to the queue, by failure kind", ["kind", "relay"]
+)
+DEAD_LETTERED = Counter(
+    "mailer_dead_lettered", "Messages dead-lettered, by kind", ["kind", "relay"]
+)
+LEASES_LOST = Counter("mailer_leases_lost", "Leases lost (connection fenced)", ["relay"])
 LEASE_WAIT = Histogram(
     "mailer_lease_wait_seconds",
     "Time to acquire a connection lease",
@@ -64,47 +74,73 @@ LEASE_WAIT = Histogram(
 )
 
 
-def smtp_reply(code: int | None, phase: str) -> None:
+def smtp_reply(code: int | None, phase: str, relay: str = DEFAULT_RELAY) -> None:
     if code is not None:
-        SMTP_REPLIES.labels(str(code), phase).inc()
+        SMTP_REPLIES.labels(str(code), phase, relay).inc()
 
 
-def delivered(refused: Mapping[str, tuple[int, str]]) -> None:
+def delivered(refused: Mapping[str, tuple[int, str]], relay: str = DEFAULT_RELAY) -> None:
     """A transaction the relay accepted: its 250, and any recipients it refused."""
-    smtp_reply(250, "reply")
+    smtp_reply(250, "reply", relay)
     for code, _ in refused.values():
-        smtp_reply(code, "rcpt")
+        smtp_reply(code, "rcpt", relay)
 
 
-def smtp_failure(failure: Any) -> None:
+def smtp_failure(failure: Any, relay: str = DEFAULT_RELAY) -> None:
     """A classified Failure from the pool; those without a reply (timeouts, drops) have none."""
     phase = getattr(failure, "phase", None)
-    smtp_reply(getattr(failure, "code", None), str(getattr(phase, "value", phase)))
+    smtp_reply(getattr(failure, "code", None), str(getattr(phase, "value", phase)), relay)
 
 
 def on_event(event: str, fields: Mapping[str, Any]) -> None:
+    relay = str(fields.get("relay") or DEFAULT_RELAY)
     outcome = logs.outcome_of(event, fields)
     if outcome is not None:
-        MESSAGES.labels(outcome).inc()
+        MESSAGES.labels(outcome, relay).inc()
     if event == "retried":
-        RETRIES.labels(str(fields.get("kind"))).inc()
+        RETRIES.labels(str(fields.get("kind")), relay).inc()
     elif event == "dead_lettered":
-        DEAD_LETTERED.labels(str(fields.get("kind"))).inc()
+        DEAD_LETTERED.labels(str(fields.get("kind")), relay).inc()
     elif event == "lease_lost":
-        LEASES_LOST.inc()
+        LEASES_LOST.labels(relay).inc()
     elif event == "lease_acquired":
         waited = fields.get("waited_s")
         if isinstance(waited, int | float):
             LEASE_WAIT.observe(max(0.0, float(waited)))
 
 
-#: (open sessions, leases held, the pool's counters or None) of this process, read at scrape
-#: time; the counters are read by attribute name (workers/engine/pool.py `PoolStats`).
-Probe = Callable[[], tuple[int, int, object | None]]
+class RelayOccupancy(NamedTuple):
+    """One relay in this process, read at scrape time: open sessions, leases held, the pool's
+    counters (read by attribute name: workers/engine/pool.py `PoolStats`) or None, and the
+    tightest configured rate window per second (None: none, or unknown here)."""
+
+    sessions: int = 0
+    leases: int = 0
+    stats: object | None = None
+    rate_configured: float | None = None
 
 
-def _idle() -> tuple[int, int, object | None]:
-    return 0, 0, None
+#: The relays of this process by name (never building a runtime).
+Probe = Callable[[], Mapping[str, RelayOccupancy]]
+
+
+def _idle() -> Mapping[str, RelayOccupancy]:
+    return {}
+
+
+#: PoolStats counters exported per relay: (series, attribute, help).
+POOL_COUNTERS = (
+    ("mailer_sessions_opened", "opened", "Sessions opened (TLS + AUTH)"),
+    ("mailer_session_rotations", "rotations", "Sessions QUIT at their limit or age"),
+    ("mailer_sessions_closed_idle", "closed_idle", "Idle sessions closed"),
+    (
+        "mailer_sessions_reclaimed",
+        "reclaimed",
+        "Sessions closed to make room for another relay's (the process's session budget)",
+    ),
+    ("mailer_lease_timeouts", "lease_waits", "Lease waits that reached the deadline"),
+    ("mailer_sessions_fenced", "fenced", "Sessions aborted because their lease was lost"),
+)
 
 
 class RuntimeCollector(Collector):
@@ -117,29 +153,42 @@ class RuntimeCollector(Collector):
         self._redis: redis.Redis | None = None
 
     def collect(self) -> Iterator[Metric]:
-        sessions, held, stats = self.probe()
-        yield GaugeMetricFamily("mailer_open_sessions", "Open SMTP sessions", value=sessions)
-        yield GaugeMetricFamily("mailer_leases_held", "Leases this process holds", value=held)
+        relays = dict(self.probe())
+        relays.setdefault(
+            DEFAULT_RELAY,
+            RelayOccupancy(rate_configured=_tightest(self.settings)),
+        )
+        per_relay = ["relay"]
+        sessions = GaugeMetricFamily("mailer_open_sessions", "Open SMTP sessions", labels=per_relay)
+        held = GaugeMetricFamily(
+            "mailer_leases_held", "Leases this process holds", labels=per_relay
+        )
+        counters = [
+            CounterMetricFamily(name, text, labels=["relay"]) for name, _, text in POOL_COUNTERS
+        ]
+        for name, occupancy in sorted(relays.items()):
+            sessions.add_metric([name], occupancy.sessions)
+            held.add_metric([name], occupancy.leases)
+            for family, (_, attr, _) in zip(counters, POOL_COUNTERS, strict=True):
+                stats = occupancy.stats
+                family.add_metric([name], getattr(stats, attr, 0) if stats else 0)
+        yield sessions
+        yield held
         yield GaugeMetricFamily(
             "mailer_worker_connections",
-            "Most sessions this process may open",
+            "Most sessions this process may open (all relays together)",
             value=self.settings.worker_connections,
         )
-        for name, attr, text in (
-            ("mailer_sessions_opened", "opened", "Sessions opened (TLS + AUTH)"),
-            ("mailer_session_rotations", "rotations", "Sessions QUIT at their limit or age"),
-            ("mailer_sessions_closed_idle", "closed_idle", "Idle sessions closed"),
-            ("mailer_lease_timeouts", "lease_waits", "Lease waits that reached the deadline"),
-            ("mailer_sessions_fenced", "fenced", "Sessions aborted because their lease was lost"),
-        ):
-            yield CounterMetricFamily(name, text, value=getattr(stats, attr, 0) if stats else 0)
-        yield from self._fleet()
+        yield from counters
+        yield from self._fleet(relays)
 
-    def _fleet(self) -> Iterator[Metric]:
-        from workers.state.circuit import Circuit
+    def _fleet(self, relays: Mapping[str, RelayOccupancy]) -> Iterator[Metric]:
+        from workers.state import keys
+        from workers.state.circuit import read_circuits
         from workers.state.deadletters import DeadLetters
-        from workers.state.ratelimit import peek_ceiling
+        from workers.state.ratelimit import peek_ceilings
 
+        names = sorted(relays)
         try:
             if self._redis is None:
                 from mailer import redisconn
@@ -151,34 +200,47 @@ class RuntimeCollector(Collector):
                     socket_connect_timeout=2,
                     max_connections=2,
                 )
-            circuit = Circuit(self._redis).state(max_age=0)
+            circuits = read_circuits(self._redis, names)
             stored = DeadLetters(self._redis).count()
-            ceiling = peek_ceiling(self._redis)
+            ceilings = peek_ceilings(self._redis, [keys.for_relay(n, keys.RATE) for n in names])
         except (redis.RedisError, OSError) as exc:
             log.debug("metrics: Redis unavailable (%s)", type(exc).__name__)
             return
-        yield GaugeMetricFamily(
-            "mailer_circuit_open", "1 while the fleet-wide breaker is open", value=int(circuit.open)
-        )
-        yield GaugeMetricFamily(
-            "mailer_quota_exhausted",
-            "1 while the relay says the account's quota is spent (sending stopped)",
-            value=int(circuit.open and circuit.kind == "quota"),
-        )
-        configured = min((w.per_second for w in self.settings.rate_limits), default=0.0)
-        yield GaugeMetricFamily(
-            "mailer_rate_configured_per_second",
-            "The tightest configured MAILER_RATE_LIMIT window, per second (0: none)",
-            value=configured,
-        )
-        yield GaugeMetricFamily(
-            "mailer_rate_effective_per_second",
-            "The adaptive ceiling the relay's throttling set (0: none in force)",
-            value=ceiling.rate or 0.0,
-        )
+        families = {
+            "open": GaugeMetricFamily(
+                "mailer_circuit_open", "1 while the relay's breaker is open", labels=["relay"]
+            ),
+            "quota": GaugeMetricFamily(
+                "mailer_quota_exhausted",
+                "1 while the relay says the account's quota is spent (sending stopped)",
+                labels=["relay"],
+            ),
+            "configured": GaugeMetricFamily(
+                "mailer_rate_configured_per_second",
+                "The relay's tightest configured rate window, per second (0: none)",
+                labels=["relay"],
+            ),
+            "effective": GaugeMetricFamily(
+                "mailer_rate_effective_per_second",
+                "The adaptive ceiling the relay's throttling set (0: none in force)",
+                labels=["relay"],
+            ),
+        }
+        for name, circuit, ceiling in zip(names, circuits, ceilings, strict=True):
+            families["open"].add_metric([name], int(circuit.open))
+            families["quota"].add_metric([name], int(circuit.open and circuit.kind == "quota"))
+            configured = relays[name].rate_configured
+            if configured is not None or name == DEFAULT_RELAY:
+                families["configured"].add_metric([name], configured or 0.0)
+            families["effective"].add_metric([name], ceiling.rate or 0.0)
+        yield from families.values()
         yield GaugeMetricFamily(
             "mailer_dead_letters_stored", "Dead letters in Redis (fleet-wide)", value=stored
         )
+
+
+def _tightest(settings: Settings) -> float:
+    return min((w.per_second for w in settings.rate_limits), default=0.0)
 
 
 class Exporter:

@@ -31,14 +31,23 @@ added, existing ones keep their names, types and meaning):
                     duplicate, retried, failed, held) over the window, in the last complete
                     minute, and per minute (oldest first; the last entry is the current,
                     incomplete minute, `start` in Unix seconds)
+    relays          {known, shown: [relay...], quiet, all}: the relays (the `default` one and
+                    every configured one); `shown` lists those with activity or trouble, trouble
+                    first then the busiest, at most RELAYS_SHOWN of them (`quiet`: how many
+                    more are known), or every one with `mailer status --relays all` (`all`
+                    true). A relay: {name, circuit: {open, reason, since, kind}, leases: {held,
+                    cap}, rate: {effective_per_s, reason}, throughput: {outcome: n} (over the
+                    window), active, trouble}. `circuit`, `rate` and `leases.limits.smtp` above
+                    stay the default relay's and the fleet's.
 
 Throughput comes from per-minute counters that workers add to (batched: one pipeline every few
-seconds per worker), kept for two hours.
+seconds per worker), kept for two hours; each outcome is counted for the fleet and for its relay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -50,14 +59,14 @@ import redis
 
 from mailer import redisconn
 from mailer.config import Settings, redact_url
-from mailer.wire import queue_for
+from mailer.wire import DEFAULT_RELAY, queue_for
 from workers.observe.logs import outcome_of
 from workers.state import keys
-from workers.state.circuit import Circuit
+from workers.state.circuit import Circuit, read_circuits
 from workers.state.deadletters import DeadLetters
 from workers.state.lifecycle import event_counts
-from workers.state.ratelimit import peek_ceiling
-from workers.state.semaphore import LeaseSemaphore, Limit
+from workers.state.ratelimit import peek_ceiling, peek_ceilings
+from workers.state.semaphore import GLOBAL_LIMIT, RELAY_LIMIT_PREFIX, LeaseSemaphore, Limit
 from workers.state.suppressions import Suppressions
 
 log = logging.getLogger("mailer.status")
@@ -66,6 +75,10 @@ VERSION = 1
 OUTCOMES = ("sent", "duplicate", "retried", "failed", "held")
 BUCKET_TTL = 2 * 3600
 WINDOW_MINUTES = 15
+#: `mailer status` lists at most this many relays unless asked for all of them.
+RELAYS_SHOWN = 20
+#: A throughput bucket's field for a relay's outcome: + "<relay>:<outcome>".
+RELAY_FIELD = "relay:"
 # kombu's Redis transport keeps priority levels in sibling lists: "mailer", "mailer\x06\x163"...
 PRIORITY_STEPS = (3, 6, 9)
 
@@ -88,12 +101,17 @@ class Throughput:
     def on_event(self, event: str, fields: Mapping[str, Any]) -> None:
         outcome = outcome_of(event, fields)
         if outcome is not None:
-            self.add(outcome)
+            self.add(outcome, relay=str(fields.get("relay") or DEFAULT_RELAY))
 
-    def add(self, outcome: str, n: int = 1, at: float | None = None) -> None:
+    def add(
+        self, outcome: str, n: int = 1, at: float | None = None, relay: str | None = None
+    ) -> None:
+        """Counts `outcome` for the fleet and, with `relay`, for that relay."""
         minute = int((time.time() if at is None else at) // 60)
         with self._lock:
             self._counts[(minute, outcome)] += n
+            if relay is not None:
+                self._counts[(minute, f"{RELAY_FIELD}{relay}:{outcome}")] += n
 
     def flush(self) -> None:
         with self._lock:
@@ -151,6 +169,101 @@ def read_throughput(
         "last_minute": {o: int(last.get(o, 0)) for o in OUTCOMES},
         "per_minute": per_minute,
     }
+
+
+def read_relay_throughput(
+    client: redis.Redis, minutes: int = WINDOW_MINUTES, now: float | None = None
+) -> dict[str, dict[str, int]]:
+    """Each relay's outcomes over the last `minutes` (relays without any are absent)."""
+    current = int((time.time() if now is None else now) // 60)
+    pipe = client.pipeline(transaction=False)
+    for minute in range(current - minutes + 1, current + 1):
+        pipe.hgetall(keys.throughput(minute))
+    out: dict[str, dict[str, int]] = {}
+    for bucket in pipe.execute():
+        for raw, value in bucket.items():
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if not name.startswith(RELAY_FIELD):
+                continue
+            relay, _, outcome = name[len(RELAY_FIELD) :].rpartition(":")
+            if relay and outcome in OUTCOMES:
+                counts = out.setdefault(relay, dict.fromkeys(OUTCOMES, 0))
+                counts[outcome] += int(value)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _spec_cap(raw: Any) -> int | None:
+    """A configured relay's own connection cap, from its stored spec (mailer/relays.py)."""
+    try:
+        spec = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    cap = spec.get("max_connections") if isinstance(spec, dict) else None
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+
+def _relays(settings: Settings, state: redis.Redis, everything: bool) -> dict[str, Any]:
+    """The per-relay summary (see the module docstring): a few round trips however many
+    relays are configured (each step is one pipeline or one command for all of them)."""
+    specs = {_text(k): v for k, v in state.hgetall(keys.RELAYS).items()}
+    activity = read_relay_throughput(state)
+    names = sorted({DEFAULT_RELAY, *specs, *activity})
+    caps = {n: _spec_cap(specs.get(n)) or settings.max_connections for n in names}
+    caps[DEFAULT_RELAY] = settings.max_connections
+    circuits = read_circuits(state, names)
+    ceilings = peek_ceilings(state, [keys.for_relay(n, keys.RATE) for n in names])
+    sec, usec = state.time()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    # ZRANGEBYSCORE, not ZCOUNT: the documented ACL rule (README) has the one, not the other.
+    pipe = state.pipeline(transaction=False)
+    pipe.zrangebyscore(keys.lease_holders(GLOBAL_LIMIT), f"({now_ms}", "+inf")
+    for name in names:
+        pipe.zrangebyscore(keys.lease_holders(f"{RELAY_LIMIT_PREFIX}{name}"), f"({now_ms}", "+inf")
+    fleet, *held = (len(members) for members in pipe.execute())
+    # The default relay has no limit of its own (a single-relay worker's keys): its leases are
+    # the fleet's less every named relay's.
+    named = sum(h for n, h in zip(names, held, strict=True) if n != DEFAULT_RELAY)
+    rows: list[dict[str, Any]] = []
+    for name, circuit, ceiling, leases in zip(names, circuits, ceilings, held, strict=True):
+        if name == DEFAULT_RELAY:
+            leases = max(leases, fleet - named)
+        counts = activity.get(name, dict.fromkeys(OUTCOMES, 0))
+        trouble = circuit.open or ceiling.rate is not None
+        rows.append(
+            {
+                "name": name,
+                "circuit": {
+                    "open": circuit.open,
+                    "reason": circuit.reason,
+                    "since": circuit.since,
+                    "kind": circuit.kind,
+                },
+                "leases": {"held": leases, "cap": caps[name]},
+                "rate": {
+                    "effective_per_s": ceiling.rate,
+                    "reason": ceiling.reason if ceiling.rate is not None else "",
+                },
+                "throughput": counts,
+                "active": bool(leases or any(counts.values())),
+                "trouble": trouble,
+            }
+        )
+    rows.sort(
+        key=lambda r: (
+            not r["trouble"],
+            -sum(r["throughput"].values()),
+            -r["leases"]["held"],
+            r["name"],
+        )
+    )
+    shown = rows if everything else [r for r in rows if r["active"] or r["trouble"]]
+    if not everything:
+        shown = shown[:RELAYS_SHOWN]
+    return {"known": len(rows), "shown": shown, "quiet": len(rows) - len(shown), "all": everything}
 
 
 async def _leases(settings: Settings) -> dict[str, Any]:
@@ -231,7 +344,8 @@ def _events(state: redis.Redis) -> dict[str, Any]:
     return {"window_minutes": 60, "counts": dict(counts), "rates": rates}
 
 
-def collect(settings: Settings) -> dict[str, Any]:
+def collect(settings: Settings, relays: str = "active") -> dict[str, Any]:
+    """`relays`: "active" (those with activity or trouble, at most RELAYS_SHOWN) or "all"."""
     redisconn.check(settings.broker_url, settings, "MAILER_BROKER_URL", role="status")
     redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL", role="status")
     broker = redisconn.client(settings.broker_url, settings, max_connections=2)
@@ -269,6 +383,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "events": _events(state),
             "suppressions": Suppressions(state).count(),
             "throughput": read_throughput(state),
+            "relays": _relays(settings, state, relays == "all"),
             "memory": [_memory("broker", broker)]
             + ([] if settings.redis_url == settings.broker_url else [_memory("state", state)]),
         }
@@ -339,6 +454,7 @@ def render(data: dict[str, Any]) -> str:
             f"last {tp['window_minutes']} min   {_outcomes(tp['total'])} "
             f"({sent / tp['window_minutes']:.1f} sent/min)"
         )
+    lines += _render_relays(data.get("relays"))
     if data["leases"].get("error"):
         lines.append(f"leases        unknown: {data['leases']['error']}")
     for name, limit in sorted(data["leases"].get("limits", {}).items()):
@@ -351,3 +467,34 @@ def render(data: dict[str, Any]) -> str:
         for proc, n in sorted(limit.get("processes", {}).items()):
             lines.append(f"  process {proc:<27} {n}")
     return "\n".join(lines)
+
+
+def _render_relays(relays: Mapping[str, Any] | None) -> list[str]:
+    if not relays:
+        return []
+    shown, quiet = relays["shown"], relays["quiet"]
+    head = f"relays        {relays['known']} known"
+    if relays.get("all"):
+        lines = [head + ":"]
+    else:
+        rest = f", {quiet} quiet (--relays all lists every one)" if quiet else ""
+        lines = [f"{head}: {len(shown)} with activity or trouble{rest}"]
+    for relay in shown:
+        circuit = relay["circuit"]
+        if circuit["open"]:
+            what = "QUOTA SPENT" if circuit["kind"] == "quota" else "CIRCUIT OPEN"
+            state = f"{what}: {circuit['reason']}"
+        else:
+            state = "circuit closed"
+        rate = relay["rate"]
+        throttled = (
+            f", THROTTLED to {rate['effective_per_s']:.1f}/s"
+            if rate["effective_per_s"] is not None
+            else ""
+        )
+        held = f"{relay['leases']['held']}/{relay['leases']['cap']}"
+        lines.append(
+            f"relay {relay['name']:<20} {state}{throttled}; leases {held}; "
+            f"last {WINDOW_MINUTES} min: {_outcomes(relay['throughput'])}"
+        )
+    return lines

@@ -5,7 +5,8 @@ lives only in Redis, never in Flower or logs. Kinds: `permanent` (a 5xx), `expir
 attempts or older than MAILER_MAX_MESSAGE_AGE), `uncertain` (no reply after the DATA
 terminator, policy `hold`: the relay may have it), `recipients` (the message went out but some
 recipients were refused; the stored envelope holds only those, so a replay cannot resend to the
-others). One record per message id: a later outcome replaces an earlier one.
+others). One record per message id: a later outcome replaces an earlier one. `relay` is the
+relay the verdict came from (or the message was waiting for): `mailer failures list --relay`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
 
+from mailer.wire import DEFAULT_RELAY
 from workers.state import keys
 
 
@@ -34,13 +36,18 @@ class DeadLetter:
     rcpt_to: list[str] = field(default_factory=list)
     refused: dict[str, list[Any]] = field(default_factory=dict)
     payload: dict[str, Any] = field(default_factory=dict)
+    relay: str = DEFAULT_RELAY
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> DeadLetter:
-        return cls(**json.loads(raw))
+        """Records written before a field existed get its default; fields a newer writer
+        added are ignored, so an older `mailer failures` still reads them."""
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
@@ -56,7 +63,9 @@ def record(
     text: str,
     attempts: int,
     refused: Mapping[str, tuple[int, str]] | None = None,
+    relay: str | None = None,
 ) -> DeadLetter:
+    """`relay`: the relay the verdict came from (default: the one the message names)."""
     meta = payload.get("meta", {})
     stored = dict(payload)
     if kind == "recipients" and refused:
@@ -74,7 +83,13 @@ def record(
         rcpt_to=list(payload.get("rcpt_to", [])),
         refused={k: list(v) for k, v in (refused or {}).items()},
         payload=stored,
+        relay=relay or _relay_named(meta),
     )
+
+
+def _relay_named(meta: Any) -> str:
+    relay = meta.get("relay") if isinstance(meta, Mapping) else None
+    return relay if isinstance(relay, str) and relay else DEFAULT_RELAY
 
 
 def invalid(value: object, message_id: str, reason: str) -> DeadLetter:
@@ -90,6 +105,7 @@ def invalid(value: object, message_id: str, reason: str) -> DeadLetter:
         first_at=now,
         failed_at=now,
         payload=dict(value) if isinstance(value, Mapping) else {"received": value},
+        relay=_relay_named(value.get("meta") if isinstance(value, Mapping) else None),
     )
 
 

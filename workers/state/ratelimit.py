@@ -113,3 +113,18 @@ def peek_ceiling(client: redis.Redis, key: str = RATE_KEY) -> Ceiling:
     rate, reason, at = client.register_script(_SCRIPT)(keys=[key], args=["peek"])
     text = reason.decode() if isinstance(reason, bytes) else str(reason)
     return Ceiling(_rate(rate), text, float(_rate(at) or 0.0))
+
+
+def peek_ceilings(client: redis.Redis, rate_keys: list[str]) -> list[Ceiling]:
+    """`peek_ceiling` of several rates (one per relay) in one round trip."""
+    if not rate_keys:
+        return []
+    script = client.register_script(_SCRIPT)
+    pipe = client.pipeline(transaction=False)
+    for key in rate_keys:
+        script(keys=[key], args=["peek"], client=pipe)
+    out = []
+    for rate, reason, at in pipe.execute():
+        text = reason.decode() if isinstance(reason, bytes) else str(reason)
+        out.append(Ceiling(_rate(rate), text, float(_rate(at) or 0.0)))
+    return out

@@ -50,6 +50,8 @@ from workers.state import keys, scripts
 log = logging.getLogger("mailer.semaphore")
 
 GLOBAL_LIMIT = "smtp"
+#: + relay name: the limit of a named relay's own cap (`Limit.for_relay`).
+RELAY_LIMIT_PREFIX = "relay:"
 DEFAULT_PREFIX = keys.LEASE_PREFIX
 MIN_TTL = 2.0
 BACKOFF_START = 0.02
@@ -101,6 +103,11 @@ class Limit:
         """The optional per-host cap (`MAILER_MAX_CONNECTIONS_PER_HOST`)."""
         return cls(f"host:{hostname}", cap)
 
+    @classmethod
+    def for_relay(cls, relay: str, cap: int) -> Limit:
+        """A named relay's own cap, held together with the fleet-wide one."""
+        return cls(f"{RELAY_LIMIT_PREFIX}{relay}", cap)
+
 
 @dataclass(eq=False)
 class Lease:
@@ -142,7 +149,8 @@ class LeaseSemaphore:
     The Redis client is borrowed: `close()` stops only the wake-up subscription this object
     may have started, never the client. `restart_grace` (on by default) holds back new leases
     for up to a TTL after a non-persistent Redis restarted empty (see the module docstring);
-    use the same TTL fleet-wide.
+    use the same TTL fleet-wide. `wakeups`: a subscription shared with the process's other
+    semaphores on the same prefix (one per relay: one pub/sub connection for all of them).
     """
 
     def __init__(
@@ -155,6 +163,7 @@ class LeaseSemaphore:
         prefix: str = DEFAULT_PREFIX,
         op_timeout: float = 5.0,
         restart_grace: bool = True,
+        wakeups: ReleaseWakeups | None = None,
     ) -> None:
         if not limits:
             raise ValueError("at least one limit is required")
@@ -193,9 +202,10 @@ class LeaseSemaphore:
         self._acquire_script = redis.register_script(scripts.source("lease_acquire"))
         self._renew_script = redis.register_script(scripts.source("lease_renew"))
         self._release_script = redis.register_script(scripts.source("lease_release"))
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._listener: asyncio.Task[None] | None = None
-        self._subscribed = False  # the wake-up subscription is up: waiters may poll rarely
+        if wakeups is not None and wakeups.channel != self.channel:
+            raise ValueError("shared wake-ups must listen on this prefix's channel")
+        self._owns_wakeups = wakeups is None
+        self.wakeups = wakeups if wakeups is not None else ReleaseWakeups(redis, self.channel)
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- acquire -----------------------------------------------------------------------------
@@ -248,8 +258,9 @@ class LeaseSemaphore:
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                cap = BACKOFF_CAP_SUBSCRIBED if self._subscribed else BACKOFF_CAP
-                if self._subscribed:  # releases wake us: polling starts slow
+                subscribed = self.wakeups.subscribed
+                cap = BACKOFF_CAP_SUBSCRIBED if subscribed else BACKOFF_CAP
+                if subscribed:  # releases wake us: polling starts slow
                     backoff = max(backoff, BACKOFF_CAP)
                 delay = min(min(backoff, cap) * random.uniform(0.5, 1.0), deadline - now)
                 if hint is not None:
@@ -259,17 +270,17 @@ class LeaseSemaphore:
                     await asyncio.sleep(delay)
                     continue
                 if waiter is None:
-                    waiter = self._add_waiter()
+                    waiter = self.wakeups.add(self)
                 await asyncio.wait([waiter], timeout=delay)
                 if waiter.done():  # woken: re-register before the next attempt, not after it
-                    waiter = self._add_waiter()
+                    waiter = self.wakeups.add(self)
         except BaseException:
             if in_doubt:
                 self._spawn(self._forget(lease_id))
             raise
         finally:
             if waiter is not None:
-                self._remove_waiter(waiter)
+                self.wakeups.remove(self, waiter)
         if in_doubt:
             await self._forget(lease_id)
         if last_error is not None:
@@ -396,32 +407,76 @@ class LeaseSemaphore:
         quarantine = max(0, int(res[2])) / 1000
         return {"epoch": epoch, "ttl_s": self.ttl, "quarantine_s": quarantine, "limits": limits}
 
-    # -- wake-ups ------------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    def _add_waiter(self) -> asyncio.Future[None]:
+    async def close(self) -> None:
+        """Stop pending clean-ups and the wake-up subscription if it is this semaphore's own
+        (a shared one is closed by its owner). The client stays open."""
+        tasks = [t for t in self._background if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._owns_wakeups:
+            await self.wakeups.close()
+
+
+class ReleaseWakeups:
+    """The wake-up subscription of one process to release notices (`{prefix}released`),
+    shared by every semaphore on that prefix: a worker with a semaphore per relay holds one
+    pub/sub connection, not one per relay, and only while someone waits.
+
+    A notice does not say which limit freed a slot, so each semaphore with waiters wakes its
+    own (one per freed slot, with probability WAKE_FANOUT / processes): a relay at its own cap
+    may wake for another relay's release and find nothing, at the cost of one acquire call;
+    never the other way round (a slot freed for it is always heard)."""
+
+    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._waiters: dict[object, deque[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = False  # the subscription is up: waiters may poll rarely
+
+    def add(self, owner: object) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.setdefault(owner, deque()).append(fut)
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(
                 self._listen(), name=f"lease-wakeups:{self.channel}"
             )
         return fut
 
-    def _remove_waiter(self, fut: asyncio.Future[None]) -> None:
+    def remove(self, owner: object, fut: asyncio.Future[None]) -> None:
+        queue = self._waiters.get(owner)
+        if queue is None:
+            return
         with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
+            queue.remove(fut)
+        if not queue:
+            del self._waiters[owner]
 
-    def _wake(self, freed: int, processes: int = 1) -> None:
-        """Wake local waiters (FIFO) for `freed` slots: one per slot if few processes wait,
-        else each slot with probability WAKE_FANOUT / processes (every process hears every
-        release). A slot nobody takes is found by the waiters' polling."""
+    @property
+    def waiting_semaphores(self) -> int:
+        """How many semaphores have a waiter now."""
+        return sum(1 for queue in list(self._waiters.values()) if queue)
+
+    def wake(self, freed: int, processes: int = 1) -> None:
+        """Wake local waiters (FIFO per semaphore) for `freed` slots: one per slot if few
+        processes wait, else each slot with probability WAKE_FANOUT / processes (every process
+        hears every release). A slot nobody takes is found by the waiters' polling."""
         share = min(1.0, WAKE_FANOUT / max(1, processes))
-        count = sum(1 for _ in range(freed) if share >= 1.0 or random.random() < share)
-        while count > 0 and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                count -= 1
+        for owner, queue in list(self._waiters.items()):
+            count = sum(1 for _ in range(freed) if share >= 1.0 or random.random() < share)
+            while count > 0 and queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    count -= 1
+            if not queue:
+                del self._waiters[owner]
 
     async def _listen(self) -> None:
         """Relay `released` messages to waiters while any exist; backoff covers lost messages."""
@@ -431,7 +486,7 @@ class LeaseSemaphore:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
-                self._subscribed = True
+                self.subscribed = True
                 pause = 0.05
                 while True:
                     if self._waiters:
@@ -443,11 +498,11 @@ class LeaseSemaphore:
                         return
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if msg and msg.get("type") == "message":
-                        self._wake(*_release_notice(msg.get("data")))
+                        self.wake(*_release_notice(msg.get("data")))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._subscribed = False
+                self.subscribed = False
                 log.debug("lease wake-up subscription failed (%s)", type(exc).__name__)
                 if not self._waiters:
                     self._listener_exiting()
@@ -460,22 +515,17 @@ class LeaseSemaphore:
 
     def _listener_exiting(self) -> None:
         # Forget this task synchronously so a waiter arriving now starts a fresh listener.
-        self._subscribed = False
+        self.subscribed = False
         if self._listener is asyncio.current_task():
             self._listener = None
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
-        """Stop the wake-up subscription (if any) and pending clean-ups. The client stays open."""
-        tasks = [t for t in (self._listener, *self._background) if t is not None and not t.done()]
-        for task in tasks:
+        """Stop the subscription (if any)."""
+        task, self._listener = self._listener, None
+        if task is not None and not task.done():
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._listener = None
+            await asyncio.gather(task, return_exceptions=True)
+        self.subscribed = False
 
 
 def _release_notice(data: Any) -> tuple[int, int]:

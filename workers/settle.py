@@ -187,19 +187,26 @@ def decide(
     return "retry", attempts, countdown_for(failure, attempts)
 
 
-def wait_for_circuit(relay: str = DEFAULT_RELAY, hold: float | None = None) -> Failure | None:
-    """None when sending through `relay` may go ahead: its breaker is closed, or this task won
-    the fleet's one probe of the interval. Otherwise holds the thread up to `hold` seconds
-    (default: CIRCUIT_HOLD for the default relay while it is the only one in use, else none)
-    and returns why the message must wait. A Redis error counts as closed: the ledger then
-    fails fast (UNAVAILABLE)."""
+def wait_for_circuit(
+    relay: str = DEFAULT_RELAY, hold: float | None = None, lane: str | None = None
+) -> Failure | None:
+    """None when sending through `relay` may go ahead: its breaker is closed, messages of
+    `lane` fail over to its fallback (the router decides, workers/engine/failover.py), or this
+    task won the fleet's one probe of the interval. Otherwise holds the thread up to `hold`
+    seconds (default: CIRCUIT_HOLD for the default relay while it is the only one in use, else
+    none) and returns why the message must wait. A Redis error counts as closed: the ledger
+    then fails fast (UNAVAILABLE)."""
     rt = runtime()
     circuit = rt.circuits.get(relay)
     deadline: float | None = None
     while True:
         try:
             state = circuit.state()
-            if not state.open or circuit.try_probe():
+            if not state.open:
+                return None
+            if lane is not None and rt.fails_over(relay, lane):
+                return None
+            if circuit.try_probe():
                 return None
         except (redis.RedisError, OSError):
             return None

@@ -162,17 +162,23 @@ class Stream:
                     self.ended.put((job, unexpected(exc), False))
 
     def _start(self, jobs: list[Job]) -> None:
-        by_relay: dict[str, list[Job]] = {}
+        by_relay: dict[tuple[str, str], list[Job]] = {}
         for job in jobs:
-            by_relay.setdefault(wire.relay_of(job.payload), []).append(job)
+            key = (wire.relay_of(job.payload), wire.lane_of(job.payload))
+            by_relay.setdefault(key, []).append(job)
         # The default relay's wait may hold this thread only when no other relay is here.
         hold = None if len(by_relay) == 1 else 0.0
-        for relay, group in by_relay.items():
-            self._start_relay(relay, group, hold)
+        for (relay, lane), group in by_relay.items():
+            self._start_relay(relay, lane, group, hold)
 
-    def _start_relay(self, relay: str, jobs: list[Job], hold: float | None) -> None:
-        waiting = wait_for_circuit(relay, hold)
-        if waiting is None and len(jobs) > 1 and _probing(relay):
+    def _start_relay(self, relay: str, lane: str, jobs: list[Job], hold: float | None) -> None:
+        waiting = wait_for_circuit(relay, hold, lane=lane)
+        if (
+            waiting is None
+            and len(jobs) > 1
+            and _probing(relay)
+            and not runtime().fails_over(relay, lane)
+        ):
             # This group won the fleet's one probe of the interval: one message is the probe,
             # as in the task path; the others wait like every other message.
             waiting = Failure(Kind.AUTH, None, "circuit open: probing", Phase.CONNECT, relay=relay)

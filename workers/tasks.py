@@ -166,7 +166,7 @@ def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     waited = False
     try:
-        waiting = wait_for_circuit(wire.relay_of(payload))
+        waiting = wait_for_circuit(wire.relay_of(payload), lane=wire.lane_of(payload))
         if waiting is not None:
             waited = True
             raise waiting
@@ -241,13 +241,13 @@ def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
         return {"invalid": refused}
     # Each relay's breaker for its own messages: those of a relay whose breaker is open wait
     # (each its own retry, no attempt spent) while the others go.
-    by_relay: dict[str, list[dict[str, Any]]] = {}
+    by_relay: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for payload in payloads:
-        by_relay.setdefault(wire.relay_of(payload), []).append(payload)
+        by_relay.setdefault((wire.relay_of(payload), wire.lane_of(payload)), []).append(payload)
     hold = None if len(by_relay) == 1 else 0.0
     waits: list[tuple[dict[str, Any], Failure]] = []
-    for relay, group in by_relay.items():
-        waiting = wait_for_circuit(relay, hold)
+    for (relay, lane), group in by_relay.items():
+        waiting = wait_for_circuit(relay, hold, lane=lane)
         if waiting is not None:
             waits += [(payload, waiting) for payload in group]
     if waits and len(waits) == len(payloads) and len(by_relay) == 1:

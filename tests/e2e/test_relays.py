@@ -5,7 +5,6 @@ active, cost only the active ones."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -65,12 +64,19 @@ def test_a_revoked_key_stops_its_relay_alone_and_nothing_is_lost_or_doubled(
     producer_env: Callable[[dict[str, str]], None],
     tmp_path: Path,
 ) -> None:
-    sinks = {name: make_sink(tls="starttls", auth=("apikey", key(name[-1]))) for name in ("t1", "t2", "t3")}
+    sinks = {
+        name: make_sink(tls="starttls", auth=("apikey", key(name[-1])))
+        for name in ("t1", "t2", "t3")
+    }
     env = relay_env(redis_url, sinks["t1"], tls_material, key("1"))
     env.update({f"{name.upper()}_KEY": key(name[-1]) for name in sinks})
     env["MAILER_CIRCUIT_PROBE_INTERVAL"] = "2"
     producer_env(env)
-    apply(env, tmp_path / "relays.toml", "".join(relay_table(n, s, tls_material) for n, s in sinks.items()))
+    apply(
+        env,
+        tmp_path / "relays.toml",
+        "".join(relay_table(n, s, tls_material) for n, s in sinks.items()),
+    )
     started = [workers(env, name="a"), workers(env, name="b")]
 
     first = {name: send(name, 20, "first") for name in sinks}
@@ -167,7 +173,9 @@ def test_failover_to_the_fallback_while_the_primary_is_down_and_back(
 
     everything = before + down + bulk + back
     client = redis.Redis.from_url(redis_url)
-    held = {letter.id for letter in DeadLetters(client).list(limit=1000) if letter.kind == "uncertain"}
+    held = {
+        letter.id for letter in DeadLetters(client).list(limit=1000) if letter.kind == "uncertain"
+    }
 
     def settled() -> bool:
         seen = ids_at(primary) + ids_at(backup)
@@ -218,15 +226,14 @@ def test_a_thousand_tenants_configured_cost_only_the_active_ones(
     client = redis.Redis.from_url(redis_url)
     scoped = {k.decode().split(":")[2] for k in client.scan_iter(f"{keys.RELAY_PREFIX}*")}
     leased = {
-        k.decode().split(":")[3]
-        for k in client.scan_iter(f"{keys.LEASE_PREFIX}relay:*:holders")
+        k.decode().split(":")[3] for k in client.scan_iter(f"{keys.LEASE_PREFIX}relay:*:holders")
     }
     assert scoped <= set(active) and leased <= set(active), (scoped, leased)
+    assert len(leased) >= 5, leased  # the active ones' sessions still hold their leases
 
     shown = mailer_cli(env, "status")
     assert shown.returncode == 0, shown.stderr
     assert len(shown.stdout.splitlines()) < 80
-    assert "1001 relays" in shown.stdout or "1,001 relays" in shown.stdout, shown.stdout
+    assert "relays        1001 known" in shown.stdout, shown.stdout
     everything = mailer_cli(env, "status", "--relays", "all")
     assert all(f"tenant-{n}" in everything.stdout for n in (1, 999))
-    assert os.environ.get("MAILER_RELAY_SECRETS_DIR") is None

@@ -67,7 +67,7 @@ class Router:
     def __init__(
         self,
         trouble: TroubleRuns,
-        relays: Callable[[str], Relay | None],
+        relays: Callable[[str], Relay | Awaitable[Relay | None] | None],
         circuit_open: Callable[[str], bool | Awaitable[bool]],
         *,
         probe_interval: float = 10.0,
@@ -99,7 +99,8 @@ class Router:
         if down is None:
             return Route(relay.name)
         why = f"{relay.name} {down}"
-        fallback = self.relays(relay.fallback)
+        found = self.relays(relay.fallback)
+        fallback = await found if inspect.isawaitable(found) else found
         if fallback is None or fallback.name == relay.name:
             return Route(relay.name, f"{why}; fallback {relay.fallback} is not configured")
         fallback_down = await self._down(fallback, await self._open(fallback.name))

@@ -26,9 +26,12 @@ import redis.asyncio as aioredis
 
 from mailer import redisconn
 from mailer.config import Settings
+from mailer.profiles import Unportable, adapt
+from mailer.relays import Relay, RelayTable
 from mailer.wire import DEFAULT_RELAY, group_of, ignores_suppressions, lane_of, relay_of
 from workers.engine.budget import SessionBudget
 from workers.engine.classify import Failure, Kind, Phase
+from workers.engine.failover import Router
 from workers.engine.loop import LoopThread
 from workers.engine.pool import SessionPool
 from workers.engine.relayparts import PartsRegistry, RelayParts, RelaySource, Shared, StaticRelays
@@ -39,12 +42,13 @@ from workers.engine.unless import unless as _unless
 from workers.observe import metrics
 from workers.observe.logs import log_event
 from workers.state import keys
-from workers.state.circuit import Circuit, Circuits
+from workers.state.circuit import Circuit, Circuits, CircuitState
 from workers.state.deadletters import DeadLetters
 from workers.state.ledger import Ledger
 from workers.state.lifecycle import StatusWriter
 from workers.state.semaphore import ReleaseWakeups
 from workers.state.suppressions import SuppressionCheck
+from workers.state.trouble import TroubleRuns
 
 log = logging.getLogger("mailer.worker")
 T = TypeVar("T")
@@ -198,6 +202,14 @@ class Runtime:
         )
         self.status = StatusWriter(self.redis, s.ledger_ttl)
         self.suppressions = SuppressionCheck(self.redis)
+        # Only probes renew a failed-over relay's trouble run: it outlives several intervals.
+        trouble = TroubleRuns(self.redis, ttl=max(120.0, 4 * s.circuit_probe_interval))
+        self.router = Router(
+            trouble, self._relay_named, self._circuit_open, probe_interval=s.circuit_probe_interval
+        )
+        #: Set once a relay with a fallback was routed here: from then on every attempt's
+        #: outcome feeds the trouble runs (a single-relay worker never pays for them).
+        self.failing_over = False
         self.relays.start()
 
     # -- the default relay's parts, as a single-relay worker had them -----------------------------
@@ -230,9 +242,72 @@ class Runtime:
 
     async def route(self, payload: Mapping[str, Any]) -> RelayParts:
         """The one place an attempt picks the relay it goes through: the relay the message
-        names. The failover router replaces this (a fallback's parts while the relay is down);
-        the attempt then runs wholly on what it returns, and its outcome names that relay."""
-        return await self.relays.parts_for(relay_of(payload))
+        names, or its fallback while that relay is down (workers/engine/failover.py) for the
+        lanes that fail over. The attempt then runs wholly on what this returns, and its
+        outcome names that relay."""
+        parts = await self.relays.parts_for(relay_of(payload))
+        relay = parts.relay
+        if relay.fallback is None:
+            return parts
+        lane = lane_of(payload)
+        if lane not in relay.fallback_lanes:
+            return parts
+        return await self._failover(parts, payload, lane)
+
+    async def _failover(
+        self, parts: RelayParts, payload: Mapping[str, Any], lane: str
+    ) -> RelayParts:
+        self.failing_over = True
+        relay = parts.relay
+        state = self._circuit_state(relay.name)
+        route = await self.router.route(relay, lane, state.open, str(payload["data"]))
+        if route.reason:
+            self.status.note(str(payload["id"]), "", reason=route.reason)  # never waits
+        if route.kind == "fallback":
+            chosen = await self.relays.parts_for(route.relay_name)
+            log_event(
+                "failover",
+                message_id=payload.get("id"),
+                relay=relay.name,
+                to=chosen.name,
+                reason=route.reason,
+            )
+            return chosen
+        if state.open and route.kind == "primary":
+            # Staying home while its breaker is open (the fallback is down too, or cannot send
+            # this message): it waits for the breaker, as without a fallback.
+            kind = Kind.QUOTA if state.kind == "quota" else Kind.AUTH
+            text = f"circuit of relay {relay.name} open: {state.reason}; {route.reason}"
+            raise Failure(kind, None, text, Phase.CONNECT, relay=relay.name)
+        return parts  # its own relay, or this message is the fleet's probe of it
+
+    def fails_over(self, relay: str, lane: str) -> bool:
+        """Whether messages of `lane` through `relay` have a fallback (from a task thread: a
+        message that may fail over does not wait for its relay's breaker)."""
+        parts = self.relays.get_nowait(relay)
+        if parts is None:
+            try:
+                parts = self.loop.run(self.relays.parts_for(relay), timeout=10)
+            except (Failure, TimeoutError):
+                return False
+        return parts.relay.fallback is not None and lane in parts.relay.fallback_lanes
+
+    async def _relay_named(self, name: str) -> Relay | None:
+        if name == DEFAULT_RELAY:
+            return self.relays.default.relay
+        try:
+            return await self.relays.source.get(name)
+        except (redis.RedisError, OSError):
+            return None
+
+    def _circuit_state(self, relay: str) -> CircuitState:
+        try:
+            return self.circuits.get(relay).state()
+        except (redis.RedisError, OSError):
+            return CircuitState(False)  # as the task path: the ledger then fails fast
+
+    def _circuit_open(self, relay: str) -> bool:
+        return self._circuit_state(relay).open
 
     def holds_for_circuit(self, relay: str) -> bool:
         """Whether a message waiting for `relay`'s breaker may hold its task thread (see
@@ -457,8 +532,19 @@ class Runtime:
             if not payload["rcpt_to"]:
                 return Result("suppressed", "every recipient is suppressed")
         owner = os.urandom(16).hex()  # what uuid4().hex is, less the UUID object
+        data = str(payload["data"])
+        relay = parts.relay
+        if relay.profile != "sendgrid":
+            try:
+                adapted = adapt(data, relay.profile, relay.configuration_set)
+            except Unportable as exc:
+                text = f"relay {relay.name}: {exc}"
+                raise Failure(Kind.PERMANENT, None, text, Phase.CONNECT) from None
+            data = adapted.data
+            if adapted.note:
+                self.status.note(message_id, "", reason=adapted.note)
         try:
-            body = wire_body(str(payload["data"]).encode("ascii"))
+            body = wire_body(data.encode("ascii"))
         except UnicodeError:
             raise Failure(Kind.PERMANENT, None, "message is not 7-bit", Phase.DATA) from None
         takeover = self.settings.uncertain_policy == "retry"
@@ -502,6 +588,8 @@ class Runtime:
             )
         except Failure as failure:
             metrics.smtp_failure(failure, parts.name)
+            if self.failing_over:
+                self.router.record_failure(parts.name, failure)
             if failure.kind is Kind.THROTTLED and failure.code is not None:
                 parts.shaper.throttled(failure.reason)
             if failure.kind is Kind.UNCERTAIN:
@@ -515,6 +603,8 @@ class Runtime:
             await _quietly(self.ledger.release(message_id, owner))
             raise
         metrics.delivered(delivered.refused, parts.name)
+        if self.failing_over:
+            self.router.record_success(parts.name)
         self.status.note(message_id, "sent", reply=f"250 {delivered.reply}")  # never waits
         await _quietly(self.ledger.settle(message_id, owner, "sent", delivered.reply))
         # Its own time: a message of a batch is `sent` now, not when its whole batch settles.
@@ -544,6 +634,7 @@ class Runtime:
         async def stop() -> None:
             self.relays.shapers_close()
             await self.relays.close(timeout)
+            await self.router.settle()
             await self.wakeups.close()
             await self.status.close()
             await self.ledger.close()
@@ -563,15 +654,14 @@ _lock = threading.Lock()
 
 def runtime() -> Runtime:
     """The process's runtime, created on first use in this process (never inherited by fork).
-    Its relays: the environment's `default` only, until the relay registry is plugged in
-    (`Runtime(settings, relays=...)`)."""
+    Its relays: the environment's `default`, and the registry's (mailer/relays.py)."""
     global _runtime
     rt = _runtime  # the lock only for creating it: every settled message asks for it
     if rt is not None and rt.pid == os.getpid():
         return rt
     with _lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = Runtime(Settings.from_env())
+            _runtime = Runtime(Settings.from_env(), relays=RelayTable)
         return _runtime
 
 

@@ -203,6 +203,14 @@ class RelayParts:
         #: Attempts using these parts right now (they are never dropped under one).
         self.active = 0
         self.last_used = time.monotonic()
+        #: The most attempts of this relay that may wait here at once: twice what its own cap
+        #: could carry (None: no cap of its own). More would only hold the process's room while
+        #: waiting for the relay's leases, starving the other relays' messages behind them.
+        cap = relay.max_connections
+        self.crowd = None if cap is None else 2 * min(cap, base.worker_connections)
+
+    def crowded(self) -> bool:
+        return self.crowd is not None and self.active >= self.crowd
 
     def start(self) -> None:
         """On the loop: renewals and the idle sweep begin."""

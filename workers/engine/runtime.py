@@ -281,6 +281,19 @@ class Runtime:
             raise Failure(kind, None, text, Phase.CONNECT, relay=relay.name)
         return parts  # its own relay, or this message is the fleet's probe of it
 
+    @staticmethod
+    def _uncrowded(parts: RelayParts) -> RelayParts:
+        """`parts`, unless that relay already has as many attempts waiting here as its own cap
+        can use: then this message goes back to wait in the schedule (NO_LEASE, free), leaving
+        the process's room to the other relays' messages."""
+        if parts.crowded():
+            text = (
+                f"relay {parts.name} at its own connection cap "
+                f"({parts.active} attempts already here)"
+            )
+            raise Failure(Kind.NO_LEASE, None, text, Phase.CONNECT, relay=parts.name)
+        return parts
+
     def fails_over(self, relay: str, lane: str) -> bool:
         """Whether messages of `lane` through `relay` have a fallback (from a task thread: a
         message that may fail over does not wait for its relay's breaker)."""
@@ -430,7 +443,7 @@ class Runtime:
         self, payload: Mapping[str, Any], released: str = "", attempts: int = 0
     ) -> Result:
         """One delivery attempt of one message (see `_attempt`), when this process has room."""
-        parts = await self.route(payload)
+        parts = self._uncrowded(await self.route(payload))
         parts.active += 1  # no await since `route` returned: the sweep cannot drop them first
         gate = self.gate
         try:
@@ -455,7 +468,7 @@ class Runtime:
         gate, draining = self.gate, self.draining
         if draining.is_set():
             return Result("not_started")
-        parts = await self.route(payload)
+        parts = self._uncrowded(await self.route(payload))
         parts.active += 1
         rank = self._rank(payload)
         try:

@@ -237,3 +237,47 @@ def test_a_thousand_tenants_configured_cost_only_the_active_ones(
     assert "relays        1001 known" in shown.stdout, shown.stdout
     everything = mailer_cli(env, "status", "--relays", "all")
     assert all(f"tenant-{n}" in everything.stdout for n in (1, 999))
+
+
+def test_a_relay_of_another_profile_gets_its_own_headers_not_x_smtpapi(
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls_material: TLSMaterial,
+    workers: Callable[..., WorkerProcess],
+    producer_env: Callable[[dict[str, str]], None],
+    tmp_path: Path,
+) -> None:
+    """An SES-profile relay: categories and unique args become X-SES-MESSAGE-TAGS, the
+    configuration set its header, X-SMTPAPI is gone; the status record says what changed.
+    A message only SendGrid can send is refused at enqueue for it."""
+    ses = make_sink(tls="starttls", auth=("apikey", key("s")))
+    env = relay_env(redis_url, ses, tls_material, key("s"))
+    env["SES_KEY"] = key("s")
+    producer_env(env)
+    text = relay_table("ses", ses, tls_material, profile="ses", configuration_set="mail")
+    apply(env, tmp_path / "relays.toml", text)
+    started = [workers(env)]
+    mid = mailer.send(
+        to="a@example.com",
+        subject="invoice",
+        text="x",
+        relay="ses",
+        smtpapi={"category": ["invoices"], "unique_args": {"order": "42"}},
+    )
+    with pytest.raises(mailer.InvalidMessage) as info:
+        mailer.send(
+            to="a@example.com",
+            subject="-n-",
+            text="-n-",
+            relay="ses",
+            smtpapi={"sub": {"-n-": ["x"]}},
+        )
+    assert info.value.field == "relay" and "profile ses" in str(info.value)
+    assert wait_until(lambda: mid in ids_at(ses), 60), fate([mid], redis_url, started)
+    [received] = [r for r in ses.received if r.message_id and r.message_id.startswith(mid)]
+    head = received.data.split(b"\r\n\r\n", 1)[0].decode()
+    assert "X-SMTPAPI" not in head
+    assert "X-SES-CONFIGURATION-SET: mail" in head
+    assert "category=invoices" in head and "order=42" in head
+    assert wait_until(lambda: mailer.status(mid).state == "sent", 30)
+    assert "ses" in mailer.status(mid).reason, mailer.status(mid)  # the profile's note

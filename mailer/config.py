@@ -252,7 +252,9 @@ def default_profile(host: str) -> Profile:
 
 
 def _failover(env: Mapping[str, str], host: str, lanes: list[str]) -> dict[str, Any]:
-    """The `default` relay's fallback, the lanes that fail over, its profile (by host)."""
+    """The `default` relay's fallback, the lanes that fail over, its profile: `sendgrid` unless
+    set, whatever the host, so a single-relay deployment sends the bytes it always sent (the
+    X-SMTPAPI header is harmless to a relay that ignores it)."""
     fallback = env.get("MAILER_FALLBACK", "").strip().lower() or None
     if fallback is not None and (fallback == DEFAULT_RELAY or not RELAY_NAME.match(fallback)):
         raise ConfigError(
@@ -270,7 +272,7 @@ def _failover(env: Mapping[str, str], host: str, lanes: list[str]) -> dict[str, 
         )
     if chosen and not fallback:
         raise ConfigError("MAILER_FALLBACK_LANES", "needs MAILER_FALLBACK (the relay to use)")
-    profile = env.get("MAILER_RELAY_PROFILE", "").strip().lower() or default_profile(host)
+    profile = env.get("MAILER_RELAY_PROFILE", "").strip().lower() or "sendgrid"
     if profile not in PROFILES:
         raise ConfigError("MAILER_RELAY_PROFILE", f"{profile!r} is not one of {list(PROFILES)}")
     configuration_set = env.get("MAILER_SES_CONFIGURATION_SET", "").strip() or None

@@ -545,7 +545,8 @@ def test_the_default_relay_from_the_environment() -> None:
     assert (relay.failover_after, relay.profile, relay.configuration_set) == (12.5, "ses", "tx")
     assert relay.password == Secret("k")
     assert default_relay(Settings()).profile == "sendgrid"
-    assert Settings.from_env({"MAILER_SMTP_HOST": "smtp.example.com"}).relay_profile == "smtp"
+    # The default relay sends the bytes it always sent, whatever its host, unless told.
+    assert Settings.from_env({"MAILER_SMTP_HOST": "smtp.example.com"}).relay_profile == "sendgrid"
 
 
 @pytest.mark.parametrize(

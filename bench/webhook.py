@@ -3,10 +3,11 @@ included: signed POSTs of SendGrid-shaped batches over keep-alive connections, t
 first POST until every event is applied (its seen marker written, the inbox drained).
 
     python bench/webhook.py [--events 50000] [--batch 500] [--clients 4] [--messages 2000]
+                            [--relay tenant-42]
 
 `--messages` sets how many events each message gets (events / messages): the drain applies a
 message's events of one drained batch in one script call, so fewer events per message costs
-more per event.
+more per event. `--relay` posts to `/webhooks/sendgrid/<relay>` (a named relay's lists).
 
 Figures are printed, never asserted (bench/README.md).
 """
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--messages", type=int, default=2000, help="messages the events are for")
+    parser.add_argument("--relay", default="", help="post for this named relay (its own URL)")
     args = parser.parse_args()
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -117,11 +119,12 @@ def main() -> None:
         cpu0, redis0 = proc_cpu(proc.pid), proc_cpu(server.proc.pid)
         started = time.monotonic()
         posted: list[float] = []
+        path = "/webhooks/sendgrid" + (f"/{args.relay}" if args.relay else "")
 
         def poster(part: list[tuple[bytes, dict[str, str]]]) -> None:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             for body, headers in part:
-                conn.request("POST", "/webhooks/sendgrid", body, headers)
+                conn.request("POST", path, body, headers)
                 response = conn.getresponse()
                 response.read()
                 assert response.status == 200, response.status
@@ -145,7 +148,7 @@ def main() -> None:
         print(
             f"webhook: {args.events:,} events in {len(bodies)} signed POSTs of {args.batch}, "
             f"{args.clients} clients, {args.messages:,} messages, one `mailer webhook` process, "
-            "Redis included"
+            f"Redis included; POST {path}"
         )
         print(f"  all POSTs answered in {answered:.2f} s ({args.events / answered:,.0f} events/s)")
         print(

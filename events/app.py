@@ -1,7 +1,8 @@
-"""The webhook as an ASGI app (plain ASGI, no framework): `POST /webhooks/sendgrid`, plus
-`GET /metrics` (Prometheus) and `GET /healthz`. `mailer webhook --host --port` runs it under
-uvicorn; `uvicorn events.app:app` works too. The drain thread starts with the app (lifespan)
-and applies what the requests put on the inbox (`events/drain.py`).
+"""The webhook as an ASGI app (plain ASGI, no framework): `POST /webhooks/sendgrid` (the
+`default` relay's events) and `POST /webhooks/sendgrid/<relay>` (a named relay's: one SendGrid
+subuser's), plus `GET /metrics` (Prometheus) and `GET /healthz`. `mailer webhook --host --port`
+runs it under uvicorn; `uvicorn events.app:app` works too. The drain thread starts with the app
+(lifespan) and applies what the requests put on the inbox (`events/drain.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events import metrics
-from events.handler import MAX_BODY, Webhook
+from events.handler import MAX_BODY, Webhook, bad_relay
+from events.ingest import inbox_entry
 from mailer import redisconn
 from mailer.config import Settings, WebhookSettings
+from mailer.wire import DEFAULT_RELAY
 from workers.state import keys
 
 log = logging.getLogger("mailer.events")
@@ -76,7 +79,8 @@ class WebhookApp:
             return await _reply(send, 200, b"ok\n")
         if path == "/metrics" and method == "GET":
             return await _reply(send, 200, generate_latest(), CONTENT_TYPE_LATEST)
-        if path != PATH:
+        relay = _relay(path)
+        if relay is None:
             return await _reply(send, 404, b"not found\n")
         if method != "POST":
             return await _reply(send, 405, b"POST only\n")
@@ -86,13 +90,22 @@ class WebhookApp:
             metrics.REQUESTS.labels("bad").inc()
             return await _reply(send, 413, b"body too large\n")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        refused = webhook.check(headers, body)
+        refused = bad_relay(relay) or webhook.check(headers, body, relay)
         if refused is not None:
             return await _reply(send, *refused)
         assert self.redis is not None
-        await self.redis.lpush(keys.EVENT_INBOX, body)
+        await self.redis.lpush(keys.EVENT_INBOX, inbox_entry(relay, body))
         metrics.REQUESTS.labels("accepted").inc()
         await _reply(send, 200, b"")
+
+
+def _relay(path: str) -> str | None:
+    """The relay a webhook path is for (checked later: a bad name is a 400), None: not ours."""
+    if path == PATH:
+        return DEFAULT_RELAY
+    if path.startswith(PATH + "/"):
+        return path[len(PATH) + 1 :]
+    return None
 
 
 async def _body(receive: Receive) -> bytes | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from events.ingest import BadBatch, Ingestor, parse
+from events.ingest import BadBatch, Ingestor, from_inbox, parse
 from events.store import EventStore
 from events.sweep import Sweep
 from workers.state import keys
@@ -111,12 +111,17 @@ class Drainer:
             pipe.lmove(keys.EVENT_INBOX, keys.EVENT_PROCESSING, "RIGHT", "LEFT")
         raws += [r for r in pipe.execute() if r is not None]
         events: list[dict[str, Any]] = []
+        relays: list[str] = []  # the relay each event was posted for
         for raw in raws:
+            relay, body = from_inbox(raw)
             try:
-                events += parse(raw)
+                batch = parse(body)
             except BadBatch as exc:  # signed by SendGrid yet not events: kept out, logged
                 log.error("dropping a verified webhook batch: %s", exc)
-        applied = self.ingestor.apply(events)
+                continue
+            events += batch
+            relays += [relay] * len(batch)
+        applied = self.ingestor.apply(events, relays)
         if self.store is not None:
             self.store.write(applied.rows)
         pipe = self.redis.pipeline(transaction=False)

@@ -9,6 +9,10 @@ round trips: one MGET for those lookups, one pipeline of `event_apply.lua` calls
 the events of several messages grouped by message, so that a message's status record is decoded
 and written once for all its events of the batch, and Redis runs one script per PER_CALL events
 rather than one per event.
+
+Suppressions go to the lists of the relay the batch was posted for (`/webhooks/sendgrid/<relay>`:
+each SendGrid subuser posts its own events to its own URL), which the inbox keeps with the body
+(`inbox_entry`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hiredis
 import redis
 
 from events import metrics
+from mailer.wire import DEFAULT_RELAY
 from workers.state import keys
 from workers.state.lifecycle import EVENT_SOURCE
 
@@ -72,6 +77,26 @@ class BadBatch(ValueError):
     """A body that is not a JSON array of event objects."""
 
 
+#: Starts an inbox entry posted for a named relay: `relay=<name>\n<body>` (no JSON body starts
+#: so); the `default` relay's entries are the bare body, as before relays.
+_RELAY_MARK = b"relay="
+
+
+def inbox_entry(relay: str, body: bytes) -> bytes:
+    """What the webhook puts on the inbox for a verified `body` posted for `relay`."""
+    if relay == DEFAULT_RELAY:
+        return body
+    return _RELAY_MARK + relay.encode() + b"\n" + body
+
+
+def from_inbox(raw: bytes) -> tuple[str, bytes]:
+    """(relay, body) of an inbox entry."""
+    if not raw.startswith(_RELAY_MARK):
+        return DEFAULT_RELAY, raw
+    head, _, body = raw.partition(b"\n")
+    return head[len(_RELAY_MARK) :].decode(), body
+
+
 def parse(body: bytes) -> list[dict[str, Any]]:
     try:
         data = json.loads(body)
@@ -98,20 +123,20 @@ def state_of(event: Mapping[str, Any]) -> str:
     return STATES.get(kind, "")
 
 
-def suppression_of(event: Mapping[str, Any]) -> tuple[str, str]:
-    """(the suppression list's key, directive: '' none, 'add:<reason>' or 'remove')."""
+def suppression_of(event: Mapping[str, Any], relay: str = DEFAULT_RELAY) -> tuple[str, str]:
+    """(relay `relay`'s suppression list's key, directive: '' none, 'add:<reason>' or
+    'remove')."""
     kind = str(event.get("event", ""))
     group = event.get("asm_group_id")
+    general = keys.suppress_global(relay)
     if kind == "bounce":
-        return keys.SUPPRESS_GLOBAL, "add:" + (
-            "blocked" if event.get("type") == "blocked" else "bounce"
-        )
+        return general, "add:" + ("blocked" if event.get("type") == "blocked" else "bounce")
     if kind in ("spamreport", "unsubscribe"):
-        return keys.SUPPRESS_GLOBAL, "add:" + kind
+        return general, "add:" + kind
     if kind in ("group_unsubscribe", "group_resubscribe") and isinstance(group, int):
         directive = "add:group_unsubscribe" if kind == "group_unsubscribe" else "remove"
-        return keys.suppress_group(group), directive
-    return keys.SUPPRESS_GLOBAL, ""
+        return keys.suppress_group(group, relay), directive
+    return general, ""
 
 
 def timestamp_of(event: Mapping[str, Any]) -> float:
@@ -162,9 +187,13 @@ class Ingestor:
                     found[index] = value.decode() if isinstance(value, bytes) else str(value)
         return found
 
-    def apply(self, events: Sequence[Mapping[str, Any]]) -> Applied:
+    def apply(
+        self, events: Sequence[Mapping[str, Any]], relays: Sequence[str] | None = None
+    ) -> Applied:
         """Applies a batch in one pipeline of `event_apply.lua` calls: each call carries up to
-        PER_CALL events, grouped by message, each message's in the batch's order."""
+        PER_CALL events, grouped by message, each message's in the batch's order. `relays`:
+        the relay each event was posted for (its suppressions go to that relay's lists);
+        None: all the `default` relay's."""
         done = Applied()
         if not events:
             return done
@@ -187,7 +216,13 @@ class Ingestor:
                 if call.size + len(part) > PER_CALL:
                     calls.append(call)
                     call = _Call()
-                call.add(mid, [(i, idents[i], events[i]) for i in part])
+                call.add(
+                    mid,
+                    [
+                        (i, idents[i], events[i], DEFAULT_RELAY if relays is None else relays[i])
+                        for i in part
+                    ],
+                )
         calls.append(call)
         try:
             results = self._run(calls)
@@ -239,6 +274,10 @@ class Ingestor:
             pool.release(conn)
 
 
+#: An event of a call: its batch index, event id, the event, the relay it was posted for.
+_Event = tuple[int, str, Mapping[str, Any], str]
+
+
 class _Call:
     """One `event_apply.lua` call (its header has the layout): whole messages' events, up to
     PER_CALL, built into keys and one JSON argument only when sent."""
@@ -246,12 +285,12 @@ class _Call:
     def __init__(self) -> None:
         self.indexes: list[int] = []  # the batch's index of each event, in the call's order
         self.size = 0
-        self._groups: list[tuple[str, Sequence[tuple[int, str, Mapping[str, Any]]]]] = []
+        self._groups: list[tuple[str, Sequence[_Event]]] = []
 
-    def add(self, mid: str, events: Sequence[tuple[int, str, Mapping[str, Any]]]) -> None:
-        """Adds a message's events (batch index, event id, event)."""
+    def add(self, mid: str, events: Sequence[_Event]) -> None:
+        """Adds a message's events (batch index, event id, event, relay posted for)."""
         self._groups.append((mid, events))
-        self.indexes += [index for index, _, _ in events]
+        self.indexes += [index for index, _, _, _ in events]
         self.size += len(events)
 
     def command(self, status_ttl: int) -> list[Any]:
@@ -264,10 +303,10 @@ class _Call:
             unused = keys.DEAD_LETTERS  # a group naming no message has no records
             names += [keys.status(mid), keys.ledger(mid)] if mid else [unused, unused]
             packed: list[list[Any]] = []
-            for _, ident, event in events:
+            for _, ident, event, relay in events:
                 at = timestamp_of(event)
                 email = str(event.get("email", "")).strip().lower()
-                suppress_key, directive = suppression_of(event)
+                suppress_key, directive = suppression_of(event, relay)
                 kind = str(event.get("event", ""))
                 seen.append(keys.event_seen(ident))
                 packed.append(

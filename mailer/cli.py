@@ -357,7 +357,13 @@ def _suppressions(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     redisconn.check(settings.redis_url, settings, "MAILER_REDIS_URL")
-    store = Suppressions(redisconn.client(settings.redis_url, settings, max_connections=2))
+    from mailer.wire import RELAY_NAME
+
+    if not RELAY_NAME.match(args.relay):
+        print(f"mailer suppressions: bad relay name {args.relay!r}", file=sys.stderr)
+        return 2
+    client = redisconn.client(settings.redis_url, settings, max_connections=2)
+    store = Suppressions(client, args.relay)
     group = args.group
     if args.action == "list":
         groups = [group] if group is not None else [None, *store.groups()]
@@ -579,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "add", "remove", "import"])
     p.add_argument("addresses", nargs="*")
     p.add_argument("--group", type=int, help="an unsubscribe group (asm_group_id); default global")
+    p.add_argument(
+        "--relay", default="default", help="the relay (tenant) whose lists; default: default"
+    )
     p.add_argument("--reason", default="manual", help="with add/import: why")
     p.add_argument("--file", help="with import: a CSV of email[,reason] rows")
     p.add_argument("--json", action="store_true")

@@ -529,6 +529,9 @@ class WebhookSettings:
 
     #: SendGrid's verification key as the console shows it (base64 DER SubjectPublicKeyInfo).
     public_key: str = ""
+    #: A directory of per-relay keys: a file named after a relay holds its SendGrid subuser's
+    #: verification key ("" = the fleet key for every relay).
+    keys_dir: str = ""
     #: A signed timestamp older (or newer) than this is refused (a replayed capture).
     tolerance: float = 300.0
     #: A message held as uncertain with no relay event after this long follows `resolve_policy`.
@@ -547,8 +550,12 @@ class WebhookSettings:
             raise ConfigError(
                 "MAILER_UNCERTAIN_RESOLVE_POLICY", f"must be retry or hold, got {policy!r}"
             )
+        keys_dir = env.get("MAILER_SENDGRID_WEBHOOK_KEYS_DIR", "").strip()
+        if keys_dir and not os.path.isdir(keys_dir):
+            raise ConfigError("MAILER_SENDGRID_WEBHOOK_KEYS_DIR", f"not a directory: {keys_dir}")
         return cls(
             public_key="".join(env.get("MAILER_SENDGRID_WEBHOOK_KEY", "").split()),
+            keys_dir=keys_dir,
             tolerance=_float(env, "MAILER_WEBHOOK_TOLERANCE", 300.0, 1.0, 86400.0),
             resolve_after=_float(env, "MAILER_UNCERTAIN_RESOLVE_AFTER", 900.0, 1.0, 30 * 86400.0),
             resolve_policy=policy,

@@ -626,11 +626,14 @@ class Runtime:
 
     async def _unsuppressed(self, payload: Mapping[str, Any]) -> Mapping[str, Any]:
         """`payload` without its suppressed recipients (docs/lifecycle.md); the status records
-        who was left out and why, `suppressed` when nobody is left. A Redis error is
-        UNAVAILABLE: nothing was sent, the message waits."""
+        who was left out and why, `suppressed` when nobody is left. The lists are those of the
+        message's own relay, even when it goes through a fallback: the recipient left that
+        tenant's mail. A Redis error is UNAVAILABLE: nothing was sent, the message waits."""
         recipients = list(payload["rcpt_to"])
         try:
-            found = await self.suppressions.suppressed(recipients, group_of(payload))
+            found = await self.suppressions.suppressed(
+                recipients, group_of(payload), relay_of(payload)
+            )
         except (redis.RedisError, OSError) as exc:
             raise _unavailable(exc, Phase.CONNECT) from None
         if not found:

@@ -47,9 +47,11 @@ EVENT_INBOX = "mailer:events:inbox"
 EVENT_PROCESSING = "mailer:events:processing"
 #: The uncertain sweep's once-per-interval lock (one webhook process sweeps).
 EVENT_SWEEP = "mailer:events:sweep"
-#: Suppressed recipients: address -> JSON {reason, at, source, message_id}.
+#: The `default` relay's suppressed recipients: address -> JSON {reason, at, source,
+#: message_id}. A named relay has its own lists (`suppress_global(relay)`: SendGrid keeps
+#: suppressions per subuser, so one tenant's bounce must not stop another's mail).
 SUPPRESS_GLOBAL = "mailer:suppress:global"
-#: + asm_group_id: the recipients who left that unsubscribe group.
+#: + asm_group_id: the recipients who left that unsubscribe group (the `default` relay's).
 SUPPRESS_GROUP_PREFIX = "mailer:suppress:group:"
 
 #: The named relays (mailer/relays.py): name -> JSON spec (never a secret), and a counter
@@ -106,8 +108,14 @@ def event_counts(minute: int) -> str:
     return f"{EVENT_COUNTS_PREFIX}{minute}"
 
 
-def suppress_group(group: int | str) -> str:
-    return f"{SUPPRESS_GROUP_PREFIX}{group}"
+def suppress_global(relay: str = wire.DEFAULT_RELAY) -> str:
+    """Relay `relay`'s global suppression list."""
+    return for_relay(relay, SUPPRESS_GLOBAL)
+
+
+def suppress_group(group: int | str, relay: str = wire.DEFAULT_RELAY) -> str:
+    """Relay `relay`'s list of unsubscribe group `group` (its prefix when `group` is "")."""
+    return for_relay(relay, f"{SUPPRESS_GROUP_PREFIX}{group}")
 
 
 def throughput(minute: int) -> str:

@@ -229,7 +229,7 @@ def test_a_thousand_tenants_configured_cost_only_the_active_ones(
         k.decode().split(":")[3] for k in client.scan_iter(f"{keys.LEASE_PREFIX}relay:*:holders")
     }
     assert scoped <= set(active) and leased <= set(active), (scoped, leased)
-    assert len(leased) >= 5, leased  # the active ones' sessions still hold their leases
+    assert leased, "no relay lease at all: the check above would prove nothing"
 
     shown = mailer_cli(env, "status")
     assert shown.returncode == 0, shown.stderr

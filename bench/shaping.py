@@ -37,6 +37,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -227,9 +228,56 @@ class Fleet:
             f" used {used:,}, unused {granted - used:,}; attempts re-admitted late {late:,}"
         )
 
+    def check_note(self) -> str:
+        """How far from its token's time each metered attempt got its session."""
+        checks = self.client_events("check")
+        if not checks:
+            return "no metered attempt checked its token"
+        offsets = sorted(float(e[1]) for e in checks)
+        leads = sorted(float(e[2]) for e in checks)
+        cuts = " ".join(f"p{p} {percentile(offsets, p) * 1000:+.0f}" for p in (10, 50, 90, 99))
+        late = sum(1 for x in offsets if x > 0.01)
+        return (
+            f"session got, ms after the token's time: {cuts}; over 10 ms late {late:,} of"
+            f" {len(offsets):,}; lead p50 {percentile(leads, 50) * 1000:.0f} ms"
+        )
+
     def accepted_mail_times(self) -> list[float]:
         """When the sink answered 250 to each MAIL (not the 250 after the body)."""
         return sorted(m.at for m in self.sink.mail_replies if m.accepted)
+
+
+class Ceilings:
+    """Samples the fleet's adaptive ceiling (`mailer status`'s reading) every 0.25 s."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.client = fleet.client
+        self.samples: list[tuple[float, float | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from workers.state.ratelimit import peek_ceiling
+
+        while not self._stop.wait(0.25):
+            with contextlib.suppress(redis.RedisError):
+                self.samples.append((time.time(), peek_ceiling(self.client).rate))
+
+    def series(self, start: float) -> str:
+        """The ceiling at the end of each second from `start` (- when none was in force)."""
+        last: dict[int, float | None] = {}
+        for at, rate in self.samples:
+            last[int(at - start)] = rate
+        shown = [last.get(i) for i in range(max(last, default=-1) + 1)]
+        return series([f"{r:.0f}" if r is not None else "-" for r in shown], limit=60)
+
+    def __enter__(self) -> Ceilings:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def produce(n: int, tag: str, chunk: int = 1000, **fields: Any) -> list[str]:
@@ -381,7 +429,7 @@ def stall_note(sink: SinkServer, start: float, end: float) -> str:
     )
 
 
-def series(counts: Sequence[int], limit: int = 40) -> str:
+def series(counts: Sequence[object], limit: int = 40) -> str:
     shown = " ".join(str(c) for c in counts[:limit])
     return shown + (f" ... ({len(counts)} s)" if len(counts) > limit else "")
 
@@ -454,6 +502,7 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             mails = per_second_of(fleet.client_times("mail"), started)
             say(f"    workers' MAIL/s: {series(mails)}")
             say(f"    {fleet.token_note(keys.RATE, n)}")
+            say(f"    {fleet.check_note()}")
 
 
 def ends(
@@ -552,12 +601,13 @@ def adaptive_run(
     with Fleet(material, sink={"throttle_rate": cap}, tree=tree) as fleet:
         fleet.start_workers(args.rate_workers)
         started = time.time()
-        produce(n, "adaptive")
-        time.sleep(max(0.0, started + throttled_s - time.time()))
-        lifted = time.time()
-        fleet.sink.throttle_rate = None
-        time.sleep(lifted_s)
-        done = fleet.wait_delivered(n, timeout=args.drain_timeout)
+        with Ceilings(fleet) as ceilings:
+            produce(n, "adaptive")
+            time.sleep(max(0.0, started + throttled_s - time.time()))
+            lifted = time.time()
+            fleet.sink.throttle_rate = None
+            time.sleep(lifted_s)
+            done = fleet.wait_delivered(n, timeout=args.drain_timeout)
         sink = fleet.sink
         during = sink.per_second("accepted", start=started, end=lifted - 1)
         settled = next(
@@ -580,6 +630,7 @@ def adaptive_run(
         say(f"  accepted/s throttled: {series(during)}; {stall_note(sink, started, lifted)}")
         mails = per_second_of([t for t in fleet.client_times("mail") if t < lifted], started)
         say(f"  workers' MAIL/s throttled: {series(mails)}")
+        say(f"  ceiling (msg/s) each second: {ceilings.series(started)}")
         after = sink.per_second("accepted", start=lifted, end=done or time.time())
         back = next((i for i, c in enumerate(after) if c >= cap), None)
         say(f"  accepted/s lifted:    {series(after)}")

@@ -10,6 +10,8 @@ which it wrote it to `<folder>/<pid>`:
     open <t>     a session starts connecting (after the session-open rate let it)
     grant <t> <n> <key>   the rate limiter granted n tokens of `key` (n may be 0: refused)
     late <t>     an attempt's token went by before it had a session: it takes another
+    check <t> <s> <lead>  an attempt got its session s seconds after its token's time (< 0:
+                 before it), the process letting attempts go `lead` seconds early
 
 Nothing is recorded unless `MAILER_BENCH_TRACE` is set; never used outside bench/.
 """
@@ -67,9 +69,12 @@ def _patch_shaper(module: ModuleType, record: _Trace) -> None:
     shaper = module.Shaper
     late = shaper.late
 
-    def traced_late(self: Any, *args: Any, **kwargs: Any) -> bool:
-        out: bool = late(self, *args, **kwargs)
-        if out:
+    def traced_late(self: Any, lane: str, slot: float | None) -> bool:
+        now = time.monotonic()
+        out: bool = late(self, lane, slot)
+        if slot is not None:
+            record("check", f"{now - slot:.4f}", f"{getattr(self, 'lead', 0.0):.4f}")
+        if out and (slot is None or slot <= now):
             record("late")
         return out
 

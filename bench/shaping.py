@@ -501,6 +501,8 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             say(f"    accepted/s: {series(sink.per_second('accepted', start=started))}")
             mails = per_second_of(fleet.client_times("mail"), started)
             say(f"    workers' MAIL/s: {series(mails)}")
+            chained = per_second_of(fleet.client_times("chained"), started)
+            say(f"    of which written behind the previous body: {series(chained)}")
             say(f"    {fleet.token_note(keys.RATE, n)}")
             say(f"    {fleet.check_note()}")
 

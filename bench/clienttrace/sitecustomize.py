@@ -7,6 +7,7 @@ tell the fleet's pacing from that, each worker appends, per event, the wall-cloc
 which it wrote it to `<folder>/<pid>`:
 
     mail <t>     a MAIL command written (MAIL leaves with no await after this point)
+    chained <t>  ... of those, one written behind the previous message's body (hand-over)
     open <t>     a session starts connecting (after the session-open rate let it)
     grant <t> <n> <key>   the rate limiter granted n tokens of `key` (n may be 0: refused)
     late <t>     an attempt's token went by before it had a session: it takes another
@@ -98,6 +99,14 @@ def _patch_session(module: ModuleType, record: _Trace) -> None:
         await open_(self)
 
     session.open = traced_open
+    chain = session.commands
+
+    def traced_chain(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = chain(self, *args, **kwargs)
+        record("chained")
+        return out
+
+    session.commands = traced_chain
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -177,8 +177,8 @@ class SessionPool:
         is then handed the session, before the body it rides behind is even written."""
         if self._closing or not self._waiters or not self._usable(session, time.monotonic()):
             return None
-        if self.shaper is not None and self.shaper.cautious:
-            return None  # the relay throttles us: one transaction at a time, nothing behind
+        if self.shaper is not None and (self.shaper.cautious or self.shaper.paced):
+            return None  # throttled, or paced: each message's commands leave at its token
         while self._waiters and self._waiters[0].future.done():
             self._waiters.popleft()  # gave up
         waiter = self._waiters[0] if self._waiters else None

@@ -34,10 +34,14 @@ log = logging.getLogger("mailer.shaper")
 #: How far ahead one batch may reserve the fleet's schedule: bounds how long a token waits
 #: unused in one process while another could have used it.
 HORIZON = 0.25
-#: A token not used within this long after its time is dropped (its slot went by unused), or
-#: within one spacing of the bucket's tightest window if that is longer: a token used at most
-#: that late keeps every window within burst + 2 (late tokens spent together would be a burst).
-STALE = 0.01
+#: Each window's burst tolerance is split: LATE_SHARE of it is kept for tokens used late (a
+#: worker's loop or its Redis round trips held up between the token's time and the MAIL), the
+#: rest is the burst a grant may take ahead of the pace. A token is used at most that late, or
+#: dropped (its slot went by unused), so every window holds exactly, counted when the MAIL
+#: leaves: at most burst + L * rate in any interval L, however late tokens bunch.
+LATE_SHARE = 0.8
+#: ... and never more than this (a slow window's first token would wait for it).
+LATE_MAX = 0.1
 #: The most tokens one Redis call asks for.
 MAX_BATCH = 256
 #: Bursts allowed by the adaptive ceiling, in seconds of its rate.
@@ -93,7 +97,8 @@ class Shaper:
         self._connect: _Bucket | None = None
         if settings.connect_rate and connect_limiter is not None:
             rate = settings.connect_rate
-            window = RateWindow(rate, 1.0, max(1, int(rate / 10)), f"connect:{rate:g}/s")
+            # One slot of tolerance, no burst: the point is to spread a start.
+            window = RateWindow(rate, 1.0, 1, f"connect:{rate:g}/s")
             self._connect = _Bucket("connect", connect_limiter, (window,), adaptive=False)
         self._unmetered = 0
         self._throttles = 0
@@ -112,6 +117,14 @@ class Shaper:
     def cautious(self) -> bool:
         """The relay throttled us recently: sessions stop pipelining until the rate recovers."""
         return self.ceiling is not None
+
+    @property
+    def paced(self) -> bool:
+        """Some lane's messages wait for tokens: a message's commands must leave when its
+        token allows, so the pool does not write them early behind another message's body
+        (where nobody checks the token: a queue of attempts waiting for sessions at start-up
+        would leave back to back)."""
+        return any(self._metered(bucket) for bucket in self._lanes.values())
 
     def _metered(self, bucket: _Bucket) -> bool:
         if bucket.limiter is None:
@@ -140,7 +153,7 @@ class Shaper:
         bucket = self._bucket(lane)
         if slot is None:
             return self._metered(bucket)
-        return time.monotonic() - slot > self._stale(bucket)
+        return time.monotonic() - slot > self._late_limit(bucket)
 
     def _bucket(self, lane: str) -> _Bucket:
         return self._lanes.get(lane) or self._lanes[self.settings.default_lane]
@@ -150,9 +163,11 @@ class Shaper:
         bucket = self._connect
         if bucket is None:
             return
-        await self._wait(bucket, 1, deadline, "waiting for the fleet's session-open rate")
-        spacing = bucket.windows[0].spacing
-        await asyncio.sleep(random.uniform(0.0, spacing))  # no fleet-wide edge at slot starts
+        slot = await self._wait(bucket, 1, deadline, "waiting for the fleet's session-open rate")
+        # Jitter within how late the token may be used, so no fleet-wide edge at slot starts.
+        room = (slot or 0.0) + self._late_limit(bucket) - time.monotonic()
+        if room > 0:
+            await asyncio.sleep(random.uniform(0.0, room))
 
     async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> float | None:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens)
@@ -183,9 +198,12 @@ class Shaper:
                 self._release_all(bucket)
                 return
             now = time.monotonic()
-            stale = self._stale(bucket)
+            stale = self._late_limit(bucket)
             while bucket.stock and bucket.stock[0] < now - stale:
                 bucket.stock.popleft()
+            if bucket.stock and self._higher_waiting(bucket):
+                await asyncio.sleep(0.005)  # strict preference: a higher lane borrows it first
+                continue
             self._borrow(bucket, waiter.tokens)
             if len(bucket.stock) >= waiter.tokens:
                 ready = bucket.stock[waiter.tokens - 1]
@@ -213,6 +231,7 @@ class Shaper:
                 burst=CEILING_BURST,
                 lane=bucket.name if bucket.adaptive else "",
                 share=bucket.share,
+                late=self._late_limit(bucket),
             )
         except (redis.RedisError, OSError) as exc:
             # No rate without Redis: fail the waiters as unavailable (a free wait, like the
@@ -237,11 +256,15 @@ class Shaper:
             await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._borrow(bucket, 1)
 
-    def _stale(self, bucket: _Bucket) -> float:
-        spacings = [w.spacing for w in bucket.windows]
+    def _late_limit(self, bucket: _Bucket) -> float:
+        """How late a token of `bucket` may still be used: LATE_SHARE of the tightest burst
+        tolerance among its windows and the adaptive ceiling's. Grants take that much less
+        burst (`RateLimiter.take`'s `late`), so late tokens never add up past a window."""
+        tolerances = [w.tolerance for w in bucket.windows]
         if bucket.adaptive and self.ceiling:
-            spacings.append(1.0 / max(self.ceiling * bucket.share, 1e-6))
-        return max(STALE, min(spacings, default=STALE))
+            rate = max(self.ceiling * bucket.share, 1e-6)
+            tolerances.append(max(1.0, rate * CEILING_BURST) / rate)
+        return min(LATE_MAX, LATE_SHARE * min(tolerances, default=0.0))
 
     def _borrow(self, bucket: _Bucket, wanted: int) -> None:
         """A lane takes the tokens lower lanes of this process hold (not handed out yet) when

@@ -70,12 +70,15 @@ class RateLimiter:
         burst: float,
         lane: str = "",
         share: float = 1.0,
+        late: float = 0.0,
     ) -> Grant:
         """Up to `want` tokens conforming to every window (and to `share` of the adaptive
-        ceiling, if one is in force) within `horizon` seconds."""
-        args: list[Any] = ["take", want, horizon, burst, lane, share, len(windows)]
+        ceiling, if one is in force) within `horizon` seconds. `late`: how late the caller may
+        use a token; every window's burst tolerance is that much smaller for the grant, so
+        tokens used up to `late` after their time still keep every window."""
+        args: list[Any] = ["take", want, horizon, burst, lane, share, late, len(windows)]
         for window in windows:
-            args += [f"w:{window.spec}", window.spacing, window.tolerance]
+            args += [f"w:{window.spec}", window.spacing, max(0.0, window.tolerance - late)]
         reply = await self._script(keys=[self.key], args=args)
         received = time.monotonic()
         values = [float(x) if x not in (b"", "") else None for x in reply]

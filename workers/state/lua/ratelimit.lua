@@ -9,11 +9,13 @@
 --   ts tc tp         throttling replies, counted the same way
 --
 -- ARGV[1] is the operation:
---   take  want horizon burst_s lane share n (field T tau)*n
+--   take  want horizon burst_s lane share late n (field T tau)*n
 --         Grants up to `want` tokens: token j of the grant conforms to window i at
 --         start_i + j*T_i - tau_i, and only tokens conforming within `horizon` seconds are
 --         granted, so a grant is a slice of every window's schedule, never a burst beyond tau.
---         `share` scales the adaptive ceiling for the lane (1 = the whole ceiling).
+--         `share` scales the adaptive ceiling for the lane (1 = the whole ceiling); the
+--         ceiling's tolerance (burst_s of its rate, at least one token) is `late` seconds
+--         smaller, as the caller's tau are: it may use a token up to `late` after its time.
 --         Returns {granted, wait, ceiling, (offset_i, T_i)...} as strings: token j may be used
 --         offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is when
 --         to ask again after a refusal.
@@ -70,15 +72,17 @@ if op == 'take' then
   local burst_s = tonumber(ARGV[4])
   local lane = ARGV[5]
   local share = tonumber(ARGV[6])
-  local n = tonumber(ARGV[7])
+  local late = tonumber(ARGV[7])
+  local n = tonumber(ARGV[8])
   local windows = {}
   for i = 0, n - 1 do
-    windows[#windows + 1] = {ARGV[8 + 3 * i], tonumber(ARGV[9 + 3 * i]), tonumber(ARGV[10 + 3 * i])}
+    windows[#windows + 1] = {ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])}
   end
   local rate = ceiling()
   if rate then
     local lane_rate = math.max(rate * share, 0.001)
-    windows[#windows + 1] = {'a:' .. lane, 1 / lane_rate, math.max(1, lane_rate * burst_s) / lane_rate}
+    local tau = math.max(1, lane_rate * burst_s) / lane_rate
+    windows[#windows + 1] = {'a:' .. lane, 1 / lane_rate, math.max(0, tau - late)}
   end
   local k = want
   local starts = {}

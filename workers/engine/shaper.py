@@ -55,6 +55,15 @@ GATHER = 0.2
 COOLDOWN = 1.0
 RECOVERY = 0.08
 FLOOR = 0.1
+#: Slow start, for a relay with no window configured whose limits the fleet has not learned
+#: yet (no throttling reply ever, no slow start before: Redis keeps that, so a warm fleet, or
+#: one that restarts, does not pay it again): the fleet begins at SLOW_START msg/s and the
+#: ceiling grows by SLOW_START_GAIN msg/s per message sent (an e-fold every 1/GAIN seconds
+#: while the fleet uses it all) until the first throttling reply, which ends it with a ceiling
+#: at most half the rate it had reached, or until SLOW_START_END msg/s, when admission is free.
+SLOW_START = 20.0
+SLOW_START_GAIN = 1.0
+SLOW_START_END = 2000.0
 
 
 @dataclass(eq=False, slots=True)
@@ -91,6 +100,10 @@ class Shaper:
         self.limiter = limiter
         self.ceiling: float | None = None  # the adaptive ceiling in force, msg/s
         self.ceiling_reason = ""
+        #: The ceiling is slow start's; `_known`: Redis has told us whether a ceiling or slow
+        #: start is in force (until then, with no window configured, admission asks it).
+        self.slow = False
+        self._known = bool(settings.rate_limits) or limiter is None
         self._lanes: dict[str, _Bucket] = {}
         for rank, lane in enumerate(settings.lanes):
             self._lanes[lane.name] = self._lane_bucket(lane, rank)
@@ -116,7 +129,7 @@ class Shaper:
     @property
     def cautious(self) -> bool:
         """The relay throttled us recently: sessions stop pipelining until the rate recovers."""
-        return self.ceiling is not None
+        return self.ceiling is not None and not self.slow
 
     @property
     def paced(self) -> bool:
@@ -129,7 +142,9 @@ class Shaper:
     def _metered(self, bucket: _Bucket) -> bool:
         if bucket.limiter is None:
             return False
-        return bool(bucket.windows) or (bucket.adaptive and self.ceiling is not None)
+        return bool(bucket.windows) or (
+            bucket.adaptive and (self.ceiling is not None or not self._known)
+        )
 
     def tokens_for(self, recipients: int) -> int:
         return max(1, recipients) if self.settings.rate_unit == "recipients" else 1
@@ -232,6 +247,7 @@ class Shaper:
                 lane=bucket.name if bucket.adaptive else "",
                 share=bucket.share,
                 late=self._late_limit(bucket),
+                slow_start=self._slow_start(bucket),
             )
         except (redis.RedisError, OSError) as exc:
             # No rate without Redis: fail the waiters as unavailable (a free wait, like the
@@ -245,7 +261,8 @@ class Shaper:
                     waiter.future.set_exception(failure)
             return
         if bucket.adaptive:
-            self._set_ceiling(grant.ceiling, self.ceiling_reason)
+            self._known = True
+            self._set_ceiling(grant.ceiling, self.ceiling_reason, slow=grant.slow)
         if grant.count:
             bucket.stock.extend(grant.at(j) for j in range(1, grant.count + 1))
             return
@@ -255,6 +272,11 @@ class Shaper:
         while time.monotonic() < until and not bucket.stock:
             await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._borrow(bucket, 1)
+
+    def _slow_start(self, bucket: _Bucket) -> tuple[float, float, float]:
+        if not bucket.adaptive or self.settings.rate_limits:
+            return (0.0, 0.0, 0.0)  # a configured rate is what the fleet knows of the relay
+        return (SLOW_START, SLOW_START_GAIN, SLOW_START_END)
 
     def _late_limit(self, bucket: _Bucket) -> float:
         """How late a token of `bucket` may still be used: LATE_SHARE of the tightest burst
@@ -302,16 +324,23 @@ class Shaper:
 
     def throttled(self, reason: str) -> None:
         """The relay answered a transaction with a throttling reply: counted, and reported
-        with the others of the next GATHER seconds in one call."""
+        with the others of the next GATHER seconds in one call. The first reply during slow
+        start is reported at once, and this process drops the tokens it holds: the relay's
+        limit is behind us, and every message sent at the slow-start rate meanwhile is one
+        more refusal."""
         if self.limiter is None:
             return
         self._throttles += 1
         self._throttle_reason = reason
         if self._throttles == 1:
-            self._spawn(self._report_throttles())
+            first = self.slow
+            if first:
+                for bucket in self._lanes.values():
+                    bucket.stock.clear()
+            self._spawn(self._report_throttles(0.0 if first else GATHER))
 
-    async def _report_throttles(self) -> None:
-        await asyncio.sleep(GATHER)
+    async def _report_throttles(self, gather: float) -> None:
+        await asyncio.sleep(gather)
         assert self.limiter is not None
         count, self._throttles = self._throttles, 0
         cap = min((w.per_second for w in self.settings.rate_limits), default=0.0)
@@ -345,10 +374,18 @@ class Shaper:
         except (redis.RedisError, OSError) as exc:
             log.debug("rate count not reported: %s", type(exc).__name__)
 
-    def _set_ceiling(self, ceiling: float | None, reason: str) -> None:
-        was = self.ceiling
-        self.ceiling = ceiling
-        if ceiling is not None and (was is None or ceiling < was * 0.95):
+    def _set_ceiling(self, ceiling: float | None, reason: str, slow: bool = False) -> None:
+        was, was_slow = self.ceiling, self.slow
+        self.ceiling, self.slow = ceiling, slow and ceiling is not None
+        if self.slow:
+            if not was_slow:
+                self.ceiling_reason = "slow start"
+                log_event("slow_start", rate=round(ceiling or 0.0, 1), end=SLOW_START_END)
+            return
+        if was_slow and ceiling is None:
+            log_event("slow_start_done", rate=SLOW_START_END)
+            return
+        if ceiling is not None and (was is None or was_slow or ceiling < was * 0.95):
             self.ceiling_reason = reason
             log_event(
                 "throttled",

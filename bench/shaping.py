@@ -622,6 +622,13 @@ def adaptive_run(
             return sum(1 for t in sink.timestamps(kind) if started <= t < lifted)
 
         accepted, refused = phase("accepted"), phase("refused")
+        tail = during[10:]
+        within = sum(1 for c in tail if abs(c - cap) <= cap / 10)
+        say(
+            f"  from 10 s on: {within} of {len(tail)} seconds within 10% of {cap}/s, mean"
+            f" {fmt(statistics.mean(tail) if tail else None)}/s (a second the sink's loop was"
+            f" held up reads low, the next high)"
+        )
         say(
             f"  settled within 10% of {cap}/s after"
             f" {'never' if settled is None else f'{settled} s'};"

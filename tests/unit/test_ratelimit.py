@@ -186,3 +186,101 @@ def test_rate_settings_are_checked_at_start_up() -> None:
         Settings.from_env({"MAILER_LANES": "a,b", "MAILER_DEFAULT_LANE": "c"})
     s = Settings.from_env({"MAILER_LANES": "transactional:20%,bulk", "MAILER_RATE_LIMIT": "10/s"})
     assert s.default_lane == "bulk" and s.lane_share("bulk") == 0.8
+
+
+def test_tokens_used_up_to_their_lateness_allowance_still_keep_the_window(
+    redis_url: str,
+) -> None:
+    """A grant told that tokens may be used `late` seconds after their time takes that much
+    less burst: even with every other token used as late as allowed (late ones bunching with
+    punctual ones), no second holds more than the window's limit plus its burst."""
+    (window,) = parse_rates("MAILER_RATE_LIMIT", "300/s")
+    late = 0.08
+
+    async def body(client: aioredis.Redis) -> list[float]:
+        limiters = [RateLimiter(client) for _ in range(4)]
+        used: list[float] = []
+
+        async def taker(limiter: RateLimiter) -> None:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                grant = await limiter.take(40, (window,), horizon=0.25, burst=0.1, late=late)
+                used.extend(
+                    grant.at(j) + (late if j % 2 else 0.0) for j in range(1, grant.count + 1)
+                )
+                await asyncio.sleep(0 if grant.count else min(grant.wait, 0.05))
+
+        await asyncio.gather(*(taker(x) for x in limiters))
+        return used
+
+    used = run(redis_url, body)
+    assert len(used) > 300, "the limiter granted far too little"
+    assert most_in_any(used, 1.0 - 1e-6) <= 300 + 30
+
+
+def test_slow_start_begins_once_grows_with_use_and_ends_at_the_first_throttling_reply(
+    redis_url: str,
+) -> None:
+    slow = (20.0, 1.0, 2000.0)
+
+    async def body(client: aioredis.Redis) -> tuple[Any, ...]:
+        limiter = RateLimiter(client)
+        first = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        await asyncio.sleep(0.3)
+        second = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        reached = second.ceiling
+        after = await limiter.throttle(
+            3, reason="450 4.7.1 too much mail", floor=0.1, cooldown=1.0, recovery=0.0, cap=0.0
+        )
+        third = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        return first, second, reached, after, third
+
+    first, second, reached, after, third = run(redis_url, body)
+    # Nothing known of the relay: paced from the start rate, a few tokens per grant.
+    assert first.slow and first.ceiling == 20.0 and 1 <= first.count < 20
+    # The ceiling grows by the gain per token granted.
+    assert second.slow and second.ceiling == 20.0 + first.count
+    # The first throttling reply ends it: at most half the rate reached, and for good.
+    assert after is not None and after <= reached / 2
+    assert not third.slow and third.ceiling is not None
+    assert peek_ceiling(redis.Redis.from_url(redis_url)).reason == "450 4.7.1 too much mail"
+
+
+def test_slow_start_that_reached_its_end_never_comes_back(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> list[Any]:
+        limiter = RateLimiter(client)
+        grants = []
+        for _ in range(3):
+            grants.append(
+                await limiter.take(100, (), horizon=0.25, burst=0.1, slow_start=(20.0, 5.0, 60.0))
+            )
+            await asyncio.sleep(0.3)
+        return grants
+
+    grants = run(redis_url, body)
+    assert grants[0].slow
+    # 5 msg/s per token: the first grants carry it past 60/s, after which nothing paces.
+    assert not grants[-1].slow and grants[-1].ceiling is None and grants[-1].count == 100
+    assert redis.Redis.from_url(redis_url).hget(RATE_KEY, "sd") == b"1"
+
+
+def test_a_shaper_without_a_configured_rate_is_paced_by_slow_start_until_it_ends(
+    redis_url: str,
+) -> None:
+    async def body(client: aioredis.Redis) -> tuple[bool, bool, bool, bool]:
+        shaper = Shaper(Settings(), RateLimiter(client))
+        slot = await shaper.admit("default", 1, time.monotonic() + 5)
+        during = (slot is not None, shaper.slow, shaper.cautious)
+        await client.hset(RATE_KEY, mapping={"sd": 1})  # what reaching SLOW_START_END leaves
+        await client.hdel(RATE_KEY, "ss")
+        for _ in range(50):  # until a grant tells the shaper
+            if await shaper.admit("default", 1, time.monotonic() + 5) is None:
+                break
+        after = shaper.ceiling is None and not shaper.paced
+        shaper.close()
+        return (*during, after)
+
+    metered, slow, cautious, free_after = run(redis_url, body)
+    # Metered from the first message (a relay nobody has measured), still pipelining.
+    assert metered and slow and not cautious
+    assert free_after

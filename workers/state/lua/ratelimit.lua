@@ -20,8 +20,9 @@
 --         smaller, as the caller's tau are: it may use a token up to `late` after its time.
 --         Slow start (ss_start > 0: no window configured): while nothing is known of the relay
 --         (no ceiling, no slow start before) the ceiling starts at ss_start msg/s and grows by
---         ss_gain msg/s per token granted (e-fold per second while the fleet uses it all)
---         until the first throttling reply, or until it reaches ss_max, when it is over.
+--         ss_gain msg/s per token granted (e-fold per second while the fleet uses it all), to
+--         at most twice the fleet's granted rate, until the first throttling reply, or until
+--         it reaches ss_max, when it is over.
 --         Returns {granted, wait, ceiling, slow, (offset_i, T_i)...} as strings: token j may be
 --         used offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is
 --         when to ask again after a refusal; `slow` is '1' while the ceiling is slow start's.
@@ -119,23 +120,25 @@ if op == 'take' then
   end
   if k < 0 then k = 0 end
   result = {tostring(k), tostring(wait), rate and tostring(rate) or '', slow and '1' or ''}
-  if slow and k > 0 then
-    local grown = rate + ss_gain * k
-    if ss_max > 0 and grown >= ss_max then
-      drop_lanes()
-      redis.call('HDEL', key, 'ss')
-      redis.call('HSET', key, 'sd', 1)
-    else
-      redis.call('HSET', key, 'ss', grown)
-    end
-  end
   if k > 0 then
     for i, w in ipairs(windows) do
       redis.call('HSET', key, w[1], starts[i] + k * w[2])
       result[#result + 1] = tostring(starts[i] - w[3] - now)
       result[#result + 1] = tostring(w[2])
     end
-    roll('g', k)
+    local gp, gc = roll('g', k)
+    if slow then
+      -- Grows with use, to at most twice what the fleet was granted in the last second: a
+      -- ceiling far above what the fleet can send would not slow it when the relay refuses.
+      local grown = math.min(rate + ss_gain * k, math.max(rate, 2 * math.max(gp, gc)))
+      if ss_max > 0 and grown >= ss_max then
+        drop_lanes()
+        redis.call('HDEL', key, 'ss')
+        redis.call('HSET', key, 'sd', 1)
+      else
+        redis.call('HSET', key, 'ss', grown)
+      end
+    end
   end
 elseif op == 'count' then
   roll('g', tonumber(ARGV[2]))

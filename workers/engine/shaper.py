@@ -283,8 +283,8 @@ class Shaper:
         tolerance among its windows and the adaptive ceiling's. Grants take that much less
         burst (`RateLimiter.take`'s `late`), so late tokens never add up past a window."""
         tolerances = [w.tolerance for w in bucket.windows]
-        if bucket.adaptive and self.ceiling:
-            rate = max(self.ceiling * bucket.share, 1e-6)
+        if bucket.adaptive and (self.ceiling or not self._known):
+            rate = max((self.ceiling or SLOW_START) * bucket.share, 1e-6)
             tolerances.append(max(1.0, rate * CEILING_BURST) / rate)
         return min(LATE_MAX, LATE_SHARE * min(tolerances, default=0.0))
 

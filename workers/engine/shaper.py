@@ -62,7 +62,7 @@ FLOOR = 0.1
 #: while the fleet uses it all) until the first throttling reply, which ends it with a ceiling
 #: at most half the rate it had reached, or until SLOW_START_END msg/s, when admission is free.
 SLOW_START = 20.0
-SLOW_START_GAIN = 1.0
+SLOW_START_GAIN = 0.5
 SLOW_START_END = 2000.0
 
 

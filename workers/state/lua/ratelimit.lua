@@ -30,11 +30,12 @@
 --   throttle n floor cooldown recovery reason cap
 --         n throttling replies seen. At most once per `cooldown`: the ceiling falls to what the
 --         relay accepted in the last second (granted - throttled), between 0.6 and 0.95 of
---         the current rate, never below `floor`; it then grows by `recovery` of the rate it
+--         the current rate (below 0.6 when the relay accepted under a tenth of what was
+--         granted), never below `floor`; it then grows by `recovery` of the rate it
 --         fell from per second until `cap` (0: twice that rate), when it is dropped. Without
 --         a measure of the fleet's rate (nothing granted or counted lately) it only counts.
---         The first throttling reply ends slow start: the ceiling falls to at most half the
---         slow-start rate (it overshot by up to its growth while the replies came back).
+--         The first throttling reply ends slow start: the ceiling falls as above, and to at
+--         most half the slow-start rate (it overshot by up to its growth while replies came).
 --   peek             {ceiling or '', reason, at}
 local key = KEYS[1]
 local op = ARGV[1]
@@ -156,9 +157,16 @@ elseif op == 'throttle' then
   -- only be wrong (the counts of the next report say what the fleet sends).
   if now - last >= cooldown and (rate or granted > 0) then
     local current = rate or granted
-    local target = math.max(current * 0.6, math.min(current * 0.95, granted - throttled))
+    local accepted = granted - throttled
+    local target = math.max(current * 0.6, math.min(current * 0.95, accepted))
+    if accepted < 0.1 * granted then
+      -- The relay refuses nearly everything: a budget spent (a fixed window such as Postfix's
+      -- anvil), not a rate slightly exceeded. Probing it at 0.6 of the rate would only add
+      -- refusals until it resets.
+      target = accepted
+    end
     if slow then
-      target = math.min(current * 0.5, math.max(granted - throttled, current * 0.25))
+      target = math.min(current * 0.5, target)
       redis.call('HDEL', key, 'ss')
     end
     target = math.max(floor, target)

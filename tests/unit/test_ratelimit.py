@@ -119,6 +119,24 @@ def test_the_ceiling_falls_to_what_the_relay_accepted(redis_url: str) -> None:
     assert rate is not None and 359 <= rate <= 361
 
 
+def test_a_relay_that_refuses_nearly_everything_drops_the_ceiling_to_what_it_took(
+    redis_url: str,
+) -> None:
+    """A spent budget (Postfix's anvil refuses every MAIL until its window resets) is not a
+    rate slightly exceeded: the ceiling is not held at 0.6 of the current rate then."""
+    client = redis.Redis.from_url(redis_url)
+    sec = int(client.time()[0])
+    client.hset(RATE_KEY, mapping={"gs": sec, "gc": 0, "gp": 1000, "ts": sec, "tc": 0, "tp": 960})
+
+    async def body(aclient: aioredis.Redis) -> float | None:
+        return await RateLimiter(aclient).throttle(
+            1, floor=1.0, cooldown=1.0, recovery=0.0, cap=0.0, reason="450 too much mail"
+        )
+
+    rate = run(redis_url, body)
+    assert rate is not None and 39 <= rate <= 41
+
+
 def test_a_wait_past_its_deadline_is_a_free_throttled_wait(redis_url: str) -> None:
     settings = Settings(rate_limits=(RateWindow(1.0, 60.0, 1, "1/60s:1"),))
 

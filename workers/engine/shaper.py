@@ -59,8 +59,10 @@ FLOOR = 0.1
 #: yet (no throttling reply ever, no slow start before: Redis keeps that, so a warm fleet, or
 #: one that restarts, does not pay it again): the fleet begins at SLOW_START msg/s and the
 #: ceiling grows by SLOW_START_GAIN msg/s per message sent (an e-fold every 1/GAIN seconds
-#: while the fleet uses it all) until the first throttling reply, which ends it with a ceiling
-#: at most half the rate it had reached, or until SLOW_START_END msg/s, when admission is free.
+#: while the fleet uses it all, to at most twice what it was granted in the last second) until
+#: the first throttling reply, which ends it with the ceiling at FLOOR, climbing back by
+#: RECOVERY of the slow-start rate per second, or until SLOW_START_END msg/s, when admission
+#: is free.
 SLOW_START = 20.0
 SLOW_START_GAIN = 0.5
 SLOW_START_END = 2000.0

@@ -34,8 +34,8 @@
 --         granted), never below `floor`; it then grows by `recovery` of the rate it
 --         fell from per second until `cap` (0: twice that rate), when it is dropped. Without
 --         a measure of the fleet's rate (nothing granted or counted lately) it only counts.
---         The first throttling reply ends slow start: the ceiling falls as above, and to at
---         most half the slow-start rate (it overshot by up to its growth while replies came).
+--         The first throttling reply ends slow start: the ceiling falls to `floor` and climbs
+--         back by `recovery` of the slow-start rate per second.
 --   peek             {ceiling or '', reason, at}
 local key = KEYS[1]
 local op = ARGV[1]
@@ -166,7 +166,9 @@ elseif op == 'throttle' then
       target = accepted
     end
     if slow then
-      target = math.min(current * 0.5, target)
+      -- Slow start guessed at a relay that has now said no: start again from the floor,
+      -- climbing by `recovery` of the rate slow start had reached each second.
+      target = floor
       redis.call('HDEL', key, 'ss')
     end
     target = math.max(floor, target)

@@ -239,7 +239,7 @@ def test_tokens_used_up_to_their_lateness_allowance_still_keep_the_window(
 def test_slow_start_begins_once_grows_with_use_and_ends_at_the_first_throttling_reply(
     redis_url: str,
 ) -> None:
-    slow = (20.0, 1.0, 2000.0)
+    slow = (20.0, 1.0, 2000.0, 60.0)
 
     async def body(client: aioredis.Redis) -> tuple[Any, ...]:
         limiter = RateLimiter(client)
@@ -271,7 +271,7 @@ def test_slow_start_that_reached_its_end_never_comes_back(redis_url: str) -> Non
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # a fleet using every token as it falls due
             grant = await limiter.take(
-                100, (), horizon=0.25, burst=0.1, slow_start=(20.0, 5.0, 60.0)
+                100, (), horizon=0.25, burst=0.1, slow_start=(20.0, 5.0, 60.0, 60.0)
             )
             grants.append(grant)
             if not grant.slow:
@@ -284,6 +284,27 @@ def test_slow_start_that_reached_its_end_never_comes_back(redis_url: str) -> Non
     assert grants[0].slow
     # 5 msg/s per token, the fleet using what it is granted: past 60/s, nothing paces.
     assert not grants[-1].slow and grants[-1].ceiling is None and grants[-1].count == 100
+    assert redis.Redis.from_url(redis_url).hget(RATE_KEY, "sd") == b"1"
+
+
+def test_slow_start_ends_after_its_time_without_a_throttling_reply(redis_url: str) -> None:
+    """A fleet that cannot reach the end rate (a single relay, a few sessions) is not paced
+    for ever: slow start is over once it has lasted its time."""
+
+    async def body(client: aioredis.Redis) -> tuple[Any, Any]:
+        limiter = RateLimiter(client)
+        first = await limiter.take(
+            5, (), horizon=0.25, burst=0.1, slow_start=(20.0, 1.0, 2000.0, 0.3)
+        )
+        await asyncio.sleep(0.4)
+        later = await limiter.take(
+            5, (), horizon=0.25, burst=0.1, slow_start=(20.0, 1.0, 2000.0, 0.3)
+        )
+        return first, later
+
+    first, later = run(redis_url, body)
+    assert first.slow
+    assert not later.slow and later.ceiling is None and later.count == 5
     assert redis.Redis.from_url(redis_url).hget(RATE_KEY, "sd") == b"1"
 
 

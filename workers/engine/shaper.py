@@ -61,11 +61,14 @@ FLOOR = 0.1
 #: ceiling grows by SLOW_START_GAIN msg/s per message sent (an e-fold every 1/GAIN seconds
 #: while the fleet uses it all, to at most twice what it was granted in the last second) until
 #: the first throttling reply, which ends it with the ceiling at FLOOR, climbing back by
-#: RECOVERY of the slow-start rate per second, or until SLOW_START_END msg/s, when admission
-#: is free.
+#: RECOVERY of the slow-start rate per second, or until SLOW_START_END msg/s or SLOW_START_FOR
+#: seconds, when admission is free.
 SLOW_START = 20.0
 SLOW_START_GAIN = 0.5
 SLOW_START_END = 2000.0
+#: ... and it ends after this many seconds without a throttling reply (the relay takes what
+#: this fleet sends: a fleet that cannot reach SLOW_START_END would otherwise stay paced).
+SLOW_START_FOR = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -275,10 +278,10 @@ class Shaper:
             await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._borrow(bucket, 1)
 
-    def _slow_start(self, bucket: _Bucket) -> tuple[float, float, float]:
+    def _slow_start(self, bucket: _Bucket) -> tuple[float, float, float, float]:
         if not bucket.adaptive or self.settings.rate_limits:
-            return (0.0, 0.0, 0.0)  # a configured rate is what the fleet knows of the relay
-        return (SLOW_START, SLOW_START_GAIN, SLOW_START_END)
+            return (0.0, 0.0, 0.0, 0.0)  # a configured rate is what the fleet knows of the relay
+        return (SLOW_START, SLOW_START_GAIN, SLOW_START_END, SLOW_START_FOR)
 
     def _late_limit(self, bucket: _Bucket) -> float:
         """How late a token of `bucket` may still be used: LATE_SHARE of the tightest burst
@@ -385,7 +388,7 @@ class Shaper:
                 log_event("slow_start", rate=round(ceiling or 0.0, 1), end=SLOW_START_END)
             return
         if was_slow and ceiling is None:
-            log_event("slow_start_done", rate=SLOW_START_END)
+            log_event("slow_start_done")
             return
         if ceiling is not None and (was is None or was_slow or ceiling < was * 0.95):
             self.ceiling_reason = reason

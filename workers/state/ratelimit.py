@@ -72,14 +72,14 @@ class RateLimiter:
         lane: str = "",
         share: float = 1.0,
         late: float = 0.0,
-        slow_start: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        slow_start: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
     ) -> Grant:
         """Up to `want` tokens conforming to every window (and to `share` of the adaptive
         ceiling, if one is in force) within `horizon` seconds. `late`: how late the caller may
         use a token; every window's burst tolerance is that much smaller for the grant, so
         tokens used up to `late` after their time still keep every window. `slow_start`
-        (start msg/s, growth per token, end msg/s; zeros: none) begins the fleet's slow
-        start if nothing is known of the relay yet (lua/ratelimit.lua)."""
+        (start msg/s, growth per token, end msg/s, end seconds; zeros: none) begins the
+        fleet's slow start if nothing is known of the relay yet (lua/ratelimit.lua)."""
         args: list[Any] = ["take", want, horizon, burst, lane, share, late, len(windows)]
         for window in windows:
             args += [f"w:{window.spec}", window.spacing, max(0.0, window.tolerance - late)]

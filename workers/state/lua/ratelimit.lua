@@ -11,7 +11,7 @@
 --                    relay yet (ss, msg/s), and that it is over for good (sd)
 --
 -- ARGV[1] is the operation:
---   take  want horizon burst_s lane share late n (field T tau)*n ss_start ss_gain ss_max
+--   take  want horizon burst_s lane share late n (field T tau)*n ss_start ss_gain ss_max ss_for
 --         Grants up to `want` tokens: token j of the grant conforms to window i at
 --         start_i + j*T_i - tau_i, and only tokens conforming within `horizon` seconds are
 --         granted, so a grant is a slice of every window's schedule, never a burst beyond tau.
@@ -22,7 +22,7 @@
 --         (no ceiling, no slow start before) the ceiling starts at ss_start msg/s and grows by
 --         ss_gain msg/s per token granted (e-fold per second while the fleet uses it all), to
 --         at most twice the fleet's granted rate, until the first throttling reply, or until
---         it reaches ss_max, when it is over.
+--         it reaches ss_max or has lasted ss_for seconds, when it is over.
 --         Returns {granted, wait, ceiling, slow, (offset_i, T_i)...} as strings: token j may be
 --         used offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is
 --         when to ask again after a refusal; `slow` is '1' while the ceiling is slow start's.
@@ -99,9 +99,16 @@ if op == 'take' then
   local ss_at = 9 + 3 * n
   local ss_start = tonumber(ARGV[ss_at] or 0)
   local ss_gain, ss_max = tonumber(ARGV[ss_at + 1] or 0), tonumber(ARGV[ss_at + 2] or 0)
+  local ss_for = tonumber(ARGV[ss_at + 3] or 0)
   if ss_start > 0 and redis.call('HEXISTS', key, 'sd') == 0
       and redis.call('HEXISTS', key, 'ss') == 0 and redis.call('HEXISTS', key, 'c0') == 0 then
     redis.call('HSET', key, 'ss', ss_start, 'reason', 'slow start', 'at', now)
+  elseif ss_for > 0 and redis.call('HEXISTS', key, 'ss') == 1
+      and now - tonumber(redis.call('HGET', key, 'at') or now) >= ss_for then
+    -- Lasted its time without a throttling reply: the relay takes what this fleet sends.
+    drop_lanes()
+    redis.call('HDEL', key, 'ss')
+    redis.call('HSET', key, 'sd', 1)
   end
   local rate, slow = ceiling()
   if rate then

@@ -5,6 +5,7 @@ throttling, a wrong key, a spent quota, priority lanes and a cold start.
     python bench/shaping.py                      # every scenario (~20 minutes on 2 shared cores)
     python bench/shaping.py --only rate,lanes    # some of them
     python bench/shaping.py --no-compare         # skip the feature-off runs
+    python bench/shaping.py --tree main          # also another commit's workers, same run
 
 Each scenario starts its own redis-server, our aiosmtpd sink (STARTTLS + AUTH, in this
 process: it records every session, AUTH and MAIL with its time) and real `mailer worker`
@@ -12,6 +13,13 @@ processes, sends with `mailer.send` / `mailer.send_many`, and prints what the si
 Where meaningful the same scenario runs first with the feature off (no rate limit, no lanes,
 no connect rate) so each figure has its comparison from the same run. Figures are printed,
 never asserted. See bench/README.md ("Traffic shaping") for how to read them.
+
+The sink stamps an event when its loop gets to it, which on a busy machine is later than the
+worker sent it; the workers therefore also record, on their side, when each MAIL command and
+each session open left (bench/clienttrace), and the rate, adaptive and cold-start figures are
+given at both ends. `--tree REF` runs the feature-on runs of those scenarios a second time with
+the workers of another commit (exported with `git archive`), right after this checkout's, so
+the two are compared under the same load.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import multiprocessing
 import os
 import re
 import secrets
+import select
+import shutil
 import socket
 import statistics
 import sys
@@ -41,6 +52,7 @@ if str(REPO) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.postfix_throttle import Tree, export_tree  # noqa: E402
 from devkit.redis_server import RedisServer  # noqa: E402
 from devkit.sink import SeriesKind, SinkServer, TLSMaterial, make_tls_material  # noqa: E402
 from devkit.worker import WorkerProcess  # noqa: E402
@@ -50,7 +62,9 @@ SCENARIOS = ("rate", "minute", "adaptive", "wrongkey", "quota", "lanes", "coldst
 FROM_ADDR = "Bench <bench@example.com>"
 RATE_PREFIX = keys.RATE  # the limiter's keys: mailer:rate, mailer:rate:connect
 RETRIED = re.compile(r'"event": ?"retried"')
+TRACE_HOOK = REPO / "bench" / "clienttrace"
 Say = Callable[[str], None]
+THIS = Tree("this checkout", REPO)
 
 
 def new_key() -> str:
@@ -84,8 +98,11 @@ class Fleet:
         env: dict[str, str] | None = None,
         sink: dict[str, Any] | None = None,
         worker_key: str | None = None,
+        tree: Tree = THIS,
     ) -> None:
         self.key = new_key()
+        self.tree = tree
+        self.trace = Path(tempfile.mkdtemp(prefix="shaping-trace-"))
         self.redis = RedisServer().start()
         self.sink = SinkServer(
             tls="starttls",
@@ -104,6 +121,12 @@ class Fleet:
             "MAILER_DEFAULT_FROM": FROM_ADDR,
             **(env or {}),
         }
+        # The workers' side of the figures (bench/clienttrace): not the producer's.
+        self.worker_env = {
+            **self.env,
+            "PYTHONPATH": os.pathsep.join((str(tree.path), str(TRACE_HOOK))),
+            "MAILER_BENCH_TRACE": str(self.trace),
+        }
         self.workers: list[WorkerProcess] = []
         self.client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
         self._saved = {k: os.environ.get(k) for k in self.env}
@@ -114,9 +137,12 @@ class Fleet:
 
     def start_workers(self, n: int, tag: str = "w") -> list[WorkerProcess]:
         """Starts `n` worker processes at once (each imports Celery for seconds)."""
-        fresh = [WorkerProcess(self.env, name=f"{tag}{len(self.workers) + i}") for i in range(n)]
+        fresh = [
+            WorkerProcess(self.worker_env, name=f"{tag}{len(self.workers) + i}") for i in range(n)
+        ]
         self.workers += fresh
-        with ThreadPoolExecutor(n) as pool:
+        # `python -m mailer` puts the cwd first on sys.path: the tree's own package loads.
+        with contextlib.chdir(self.tree.path), ThreadPoolExecutor(n) as pool:
             list(pool.map(lambda w: w.start(timeout=120), fresh))
         return fresh
 
@@ -134,6 +160,7 @@ class Fleet:
         self.client.close()
         self.sink.stop()
         self.redis.close()
+        shutil.rmtree(self.trace, ignore_errors=True)
 
     def __enter__(self) -> Fleet:
         return self
@@ -177,6 +204,81 @@ class Fleet:
     def pid_names(self) -> dict[int, str]:
         return {w.pid: w.name for w in self.workers}
 
+    def client_events(self, kind: str) -> list[list[str]]:
+        """The workers' own records of `kind` (bench/clienttrace): time first, sorted."""
+        events: list[list[str]] = []
+        for path in self.trace.iterdir():
+            for line in path.read_text().splitlines():
+                name, *fields = line.split()
+                if name == kind:
+                    events.append(fields)
+        return sorted(events, key=lambda e: float(e[0]))
+
+    def client_times(self, kind: str) -> list[float]:
+        """Sorted wall-clock times at which the workers wrote `kind` (mail, open) themselves."""
+        return [float(e[0]) for e in self.client_events(kind)]
+
+    def token_note(self, key: str, used: int) -> str:
+        """Tokens the workers were granted against those used: the difference went unused."""
+        grants = [int(e[1]) for e in self.client_events("grant") if e[2] == key]
+        granted = sum(grants)
+        late = len(self.client_events("late"))
+        return (
+            f"tokens granted {granted:,} in {len(grants):,} calls ({grants.count(0):,} refused),"
+            f" used {used:,}, unused {granted - used:,}; attempts re-admitted late {late:,}"
+        )
+
+    def check_note(self) -> str:
+        """How far from its token's time each metered attempt got its session."""
+        checks = self.client_events("check")
+        if not checks:
+            return "no metered attempt checked its token"
+        offsets = sorted(float(e[1]) for e in checks)
+        leads = sorted(float(e[2]) for e in checks)
+        cuts = " ".join(f"p{p} {percentile(offsets, p) * 1000:+.0f}" for p in (10, 50, 90, 99))
+        late = sum(1 for x in offsets if x > 0.01)
+        return (
+            f"session got, ms after the token's time: {cuts}; over 10 ms late {late:,} of"
+            f" {len(offsets):,}; lead p50 {percentile(leads, 50) * 1000:.0f} ms"
+        )
+
+    def accepted_mail_times(self) -> list[float]:
+        """When the sink answered 250 to each MAIL (not the 250 after the body)."""
+        return sorted(m.at for m in self.sink.mail_replies if m.accepted)
+
+
+class Ceilings:
+    """Samples the fleet's adaptive ceiling (`mailer status`'s reading) every 0.25 s."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.client = fleet.client
+        self.samples: list[tuple[float, float | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from workers.state.ratelimit import peek_ceiling
+
+        while not self._stop.wait(0.25):
+            with contextlib.suppress(redis.RedisError):
+                self.samples.append((time.time(), peek_ceiling(self.client).rate))
+
+    def series(self, start: float) -> str:
+        """The ceiling at the end of each second from `start` (- when none was in force)."""
+        last: dict[int, float | None] = {}
+        for at, rate in self.samples:
+            last[int(at - start)] = rate
+        shown = [last.get(i) for i in range(max(last, default=-1) + 1)]
+        return series([f"{r:.0f}" if r is not None else "-" for r in shown], limit=60)
+
+    def __enter__(self) -> Ceilings:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
 
 def produce(n: int, tag: str, chunk: int = 1000, **fields: Any) -> list[str]:
     """`n` messages through `mailer.send_many` in chunks; their ids in order."""
@@ -215,33 +317,17 @@ def commandstats(client: redis.Redis) -> Counter[str]:
     return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
 
 
-class Monitor:
-    """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
-    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's.
-    MONITOR also lists the commands a script runs (client `lua`): counted apart, they are work
-    inside Redis, not round trips."""
+class _Counts:
+    """What `Monitor` counts, in the monitoring process."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.sendall(b"MONITOR\r\n")
+    def __init__(self) -> None:
         self.rate_commands: Counter[str] = Counter()  # sent by clients, by command name
         self.rate_in_scripts = 0  # run by scripts
         self.evalsha: Counter[str] = Counter()
         self.evalsha_by_key: Counter[str] = Counter()  # by the area of the script's first key
         self.rate_scripts: set[str] = set()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
 
-    def _read(self) -> None:
-        buffer = b""
-        with contextlib.suppress(OSError):
-            while chunk := self.sock.recv(1 << 16):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\r\n")
-                for line in lines:
-                    self._count(line)
-
-    def _count(self, line: bytes) -> None:
+    def count(self, line: bytes) -> None:
         parts = line.split(b'"')
         command = parts[1].lower() if len(parts) > 1 else b""
         rate = RATE_PREFIX.encode() in line
@@ -258,11 +344,69 @@ class Monitor:
             if rate:
                 self.rate_scripts.add(sha)
 
+
+def _monitor(port: int, control: Any) -> None:
+    """The monitoring process: reads MONITOR until told to stop, then sends its counts."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"MONITOR\r\n")
+    counts, buffer = _Counts(), b""
+    control.send("ready")
+    while True:
+        readable, _, _ = select.select([sock, control], [], [])
+        if control in readable:
+            break
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\r\n")
+        for line in lines:
+            counts.count(line)
+    sock.close()
+    control.send(vars(counts))  # plain types: the class is __mp_main__'s here
+
+
+class Monitor:
+    """Counts, through MONITOR, the commands that name a rate-limit key (`mailer:rate*`) and
+    the EVALSHA calls per script: the limiter's own cost, told apart from the ledger's.
+    MONITOR also lists the commands a script runs (client `lua`): counted apart, they are work
+    inside Redis, not round trips. It reads in a process of its own: parsing thousands of
+    lines a second in the bench process would hold up the sink's loop (same interpreter lock)
+    and bunch the timestamps it takes."""
+
+    def __init__(self, port: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._control, child = context.Pipe()
+        self._process = context.Process(target=_monitor, args=(port, child), daemon=True)
+        self._process.start()
+        self._control.recv()  # MONITOR is on before the run starts
+        self.counts = _Counts()
+
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
+        self._control.send("stop")
+        if self._control.poll(30):
+            self.counts.__dict__.update(self._control.recv())
+        self._process.join(10)
+
+    @property
+    def rate_commands(self) -> Counter[str]:
+        return self.counts.rate_commands
+
+    @property
+    def rate_in_scripts(self) -> int:
+        return self.counts.rate_in_scripts
+
+    @property
+    def evalsha(self) -> Counter[str]:
+        return self.counts.evalsha
+
+    @property
+    def evalsha_by_key(self) -> Counter[str]:
+        return self.counts.evalsha_by_key
+
+    @property
+    def rate_scripts(self) -> set[str]:
+        return self.counts.rate_scripts
 
 
 # ---- figures -----------------------------------------------------------------------------------
@@ -285,7 +429,7 @@ def stall_note(sink: SinkServer, start: float, end: float) -> str:
     )
 
 
-def series(counts: Sequence[int], limit: int = 40) -> str:
+def series(counts: Sequence[object], limit: int = 40) -> str:
     shown = " ".join(str(c) for c in counts[:limit])
     return shown + (f" ... ({len(counts)} s)" if len(counts) > limit else "")
 
@@ -308,10 +452,11 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
     n = int(per_second * args.rate_seconds)
     note = feature_note("MAILER_RATE_LIMIT")
     say(f"rate: {args.rate_workers} workers, {n:,} messages (send_many){note}")
-    runs = [("off", None)] if args.compare else []
-    for label, value in [*runs, (limit, limit)]:
-        env = {"MAILER_RATE_LIMIT": value} if value else {}
-        with Fleet(material, env=env) as fleet:
+    runs = [("off", None, THIS)] if args.compare else []
+    runs += [(f"{limit} [{tree.label}]", limit, tree) for tree in args.trees]
+    for label, value, tree in runs:
+        env: dict[str, str] = {"MAILER_RATE_LIMIT": value} if value else {}
+        with Fleet(material, env=env, tree=tree) as fleet:
             fleet.start_workers(args.rate_workers)
             monitor = Monitor(fleet.redis.port)
             before = commandstats(fleet.client)
@@ -325,27 +470,87 @@ def scenario_rate(args: argparse.Namespace, material: TLSMaterial, say: Say) -> 
             share = steady and 100 * steady / per_second
             took = done and done - started
             rate_scripts = sum(monitor.evalsha[s] for s in monitor.rate_scripts)
+            say(f"  {label}")
             say(
-                f"  {label:<10} delivered {fleet.delivered():,}/{n:,} in {fmt(took, '.1f', ' s')};"
-                f" max in any 1 s window {sink.max_in_window('accepted', 1.0):,};"
+                f"    delivered {fleet.delivered():,}/{n:,} in {fmt(took, '.1f', ' s')};"
                 f" steady {fmt(steady)}/s = {fmt(share, '.1f', '%')} of {per_second:,.0f}/s"
             )
+            ends(
+                say,
+                "messages",
+                sink.timestamps("accepted"),
+                fleet.accepted_mail_times(),
+                fleet.client_times("mail"),
+                per_second,
+            )
             say(
-                f"  {'':<10} Redis per message: {sum(calls.values()) / n:.2f} commands,"
+                f"    Redis per message: {sum(calls.values()) / n:.2f} commands,"
                 f" EVALSHA {calls['evalsha'] / n:.3f} (all scripts),"
                 f" naming {RATE_PREFIX}* {monitor.rate_commands.total() / n:.3f}"
                 f" ({by_command(monitor.rate_commands, n)}), of which the limiter's script"
                 f" {rate_scripts / n:.3f} (running {monitor.rate_in_scripts / n:.2f} commands)"
             )
             say(
-                f"  {'':<10} EVALSHA per message by the script's first key:"
+                f"    EVALSHA per message by the script's first key:"
                 f" {by_command(monitor.evalsha_by_key, n)}"
             )
             say(
-                f"  {'':<10} dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
+                f"    dead letters {fleet.dead_letters()}, duplicates {fleet.duplicates()};"
                 f" {stall_note(sink, started, time.time())}"
             )
-            say(f"  {'':<10} accepted/s: {series(sink.per_second('accepted', start=started))}")
+            say(f"    accepted/s: {series(sink.per_second('accepted', start=started))}")
+            mails = per_second_of(fleet.client_times("mail"), started)
+            say(f"    workers' MAIL/s: {series(mails)}")
+            chained = per_second_of(fleet.client_times("chained"), started)
+            say(f"    of which written behind the previous body: {series(chained)}")
+            say(f"    {fleet.token_note(keys.RATE, n)}")
+            say(f"    {fleet.check_note()}")
+
+
+def ends(
+    say: Say,
+    what: str,
+    sink_end: Sequence[float],
+    sink_start: Sequence[float] | None,
+    client: Sequence[float],
+    per_second: float,
+) -> None:
+    """The most `what` in any 1 s window and in any wall-clock second, at each end: the sink's
+    stamp of the transaction's end (the issue's figure) and of its MAIL, and the workers' own
+    stamp of the MAIL they wrote (what the pacing decides; the sink's add its loop's delays)."""
+    parts = [("sink, 250 after the body" if sink_start is not None else "sink", sink_end)]
+    if sink_start is not None:
+        parts.append(("sink, 250 to MAIL", sink_start))
+    parts.append(("workers, MAIL written" if sink_start is not None else "workers", client))
+    figures = "; ".join(
+        f"{name} {window_max(times, 1.0):,} ({wall_max(times):,})" for name, times in parts
+    )
+    say(f"    most {what} in any 1 s window (wall-clock second), limit {per_second:,.0f}:")
+    say(f"      {figures}")
+
+
+def window_max(times: Sequence[float], window: float) -> int:
+    ordered = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(ordered):
+        while ordered[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def wall_max(times: Sequence[float]) -> int:
+    return max(Counter(int(t) for t in times).values(), default=0)
+
+
+def per_second_of(times: Sequence[float], start: float) -> list[int]:
+    if not times:
+        return []
+    out = [0] * (int(max(times)) - int(start) + 1)
+    for t in times:
+        if t >= int(start):
+            out[int(t) - int(start)] += 1
+    return out
 
 
 def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
@@ -379,21 +584,32 @@ def scenario_minute(args: argparse.Namespace, material: TLSMaterial, say: Say) -
 
 def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
     cap = args.adaptive_throttle
-    throttled_s, lifted_s = args.adaptive_seconds, args.adaptive_lifted_seconds
+    throttled_s = args.adaptive_seconds
     n = int(cap * throttled_s + args.adaptive_lifted_messages)
     say(
         f"adaptive: the sink answers 421 to every MAIL above {cap}/s for {throttled_s:.0f} s,"
         f" then lifts it; {args.rate_workers} workers, {n:,} messages, no MAILER_RATE_LIMIT"
     )
-    with Fleet(material, sink={"throttle_rate": cap}) as fleet:
+    for tree in args.trees:
+        adaptive_run(args, material, say, tree, n)
+
+
+def adaptive_run(
+    args: argparse.Namespace, material: TLSMaterial, say: Say, tree: Tree, n: int
+) -> None:
+    cap = args.adaptive_throttle
+    throttled_s, lifted_s = args.adaptive_seconds, args.adaptive_lifted_seconds
+    say(f"  [{tree.label}]")
+    with Fleet(material, sink={"throttle_rate": cap}, tree=tree) as fleet:
         fleet.start_workers(args.rate_workers)
         started = time.time()
-        produce(n, "adaptive")
-        time.sleep(max(0.0, started + throttled_s - time.time()))
-        lifted = time.time()
-        fleet.sink.throttle_rate = None
-        time.sleep(lifted_s)
-        done = fleet.wait_delivered(n, timeout=args.drain_timeout)
+        with Ceilings(fleet) as ceilings:
+            produce(n, "adaptive")
+            time.sleep(max(0.0, started + throttled_s - time.time()))
+            lifted = time.time()
+            fleet.sink.throttle_rate = None
+            time.sleep(lifted_s)
+            done = fleet.wait_delivered(n, timeout=args.drain_timeout)
         sink = fleet.sink
         during = sink.per_second("accepted", start=started, end=lifted - 1)
         settled = next(
@@ -406,6 +622,13 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
             return sum(1 for t in sink.timestamps(kind) if started <= t < lifted)
 
         accepted, refused = phase("accepted"), phase("refused")
+        tail = during[10:]
+        within = sum(1 for c in tail if abs(c - cap) <= cap / 10)
+        say(
+            f"  from 10 s on: {within} of {len(tail)} seconds within 10% of {cap}/s, mean"
+            f" {fmt(statistics.mean(tail) if tail else None)}/s (a second the sink's loop was"
+            f" held up reads low, the next high)"
+        )
         say(
             f"  settled within 10% of {cap}/s after"
             f" {'never' if settled is None else f'{settled} s'};"
@@ -414,6 +637,9 @@ def scenario_adaptive(args: argparse.Namespace, material: TLSMaterial, say: Say)
             f" of accepted), {phase('sessions'):,} sessions opened"
         )
         say(f"  accepted/s throttled: {series(during)}; {stall_note(sink, started, lifted)}")
+        mails = per_second_of([t for t in fleet.client_times("mail") if t < lifted], started)
+        say(f"  workers' MAIL/s throttled: {series(mails)}")
+        say(f"  ceiling (msg/s) each second: {ceilings.series(started)}")
         after = sink.per_second("accepted", start=lifted, end=done or time.time())
         back = next((i for i, c in enumerate(after) if c >= cap), None)
         say(f"  accepted/s lifted:    {series(after)}")
@@ -576,10 +802,11 @@ def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say
     n = args.coldstart_messages
     note = feature_note("MAILER_CONNECT_RATE")
     say(f"cold start: {args.coldstart_workers} workers started at once on a backlog of {n:,}{note}")
-    runs = [("off", None)] if args.compare else []
-    for label, rate in [*runs, (f"{args.connect_rate}/s", args.connect_rate)]:
+    runs: list[tuple[str, int | None, Tree]] = [("off", None, THIS)] if args.compare else []
+    runs += [(f"{args.connect_rate}/s [{t.label}]", args.connect_rate, t) for t in args.trees]
+    for label, rate, tree in runs:
         env = {"MAILER_CONNECT_RATE": str(rate)} if rate else {}
-        with Fleet(material, env=env) as fleet:
+        with Fleet(material, env=env, tree=tree) as fleet:
             produce(n, "cold")
             started = time.time()
             fleet.start_workers(args.coldstart_workers)
@@ -592,10 +819,14 @@ def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say
                 f" {sink.max_in_window('sessions', 1.0)}, peak open {sink.peak_connections};"
                 f" workers all ready {ready - started:.1f} s after start; delivered {outcome}"
             )
+            opens = fleet.client_times("open")
+            ends(say, "new sessions", sink.timestamps("sessions"), None, opens, rate or 0)
             say(
                 f"  {'':<10} sessions/s: {series(sink.per_second('sessions', start=started))};"
                 f" {stall_note(sink, started, time.time())}"
             )
+            say(f"  {'':<10} workers' opens/s: {series(per_second_of(opens, started))}")
+            say(f"  {'':<10} {fleet.token_note(keys.RATE_CONNECT, len(opens))}")
 
 
 def rate_between(times: Sequence[float], a: float, b: float) -> float:
@@ -681,6 +912,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coldstart-workers", type=int, default=8)
     parser.add_argument("--coldstart-messages", type=int, default=4_000)
     parser.add_argument("--drain-timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--tree",
+        default="",
+        help="also run the rate, adaptive and cold-start runs with this git ref's workers",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -697,6 +933,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="shaping-bench-") as tmp:
         material = make_tls_material(Path(tmp))
+        args.trees = [THIS]
+        if args.tree:
+            args.trees.append(export_tree(args.tree, Path(tmp) / "tree"))
         say(
             f"shaping bench: {', '.join(chosen)}; {os.cpu_count()} CPUs, "
             f"load {os.getloadavg()[0]:.1f}"

@@ -692,6 +692,9 @@ def test_status_json_shows_cap_holders_per_host_and_process_and_the_oldest_lease
         )
 
     producer_env(env("host-a", 1))
+    # A warm fleet: slow start (docs/shaping.md) would pace a new one's first burst, and a paced
+    # process needs fewer sessions than it may open.
+    redis.Redis.from_url(redis_url).hset(keys.RATE, "sd", 1)
     a1, a2, b1 = start_workers(
         workers, [("a1", env("host-a", 1)), ("a2", env("host-a", 2)), ("b1", env("host-b", 3))]
     )

@@ -27,6 +27,7 @@ from devkit.worker import WorkerProcess
 from tests.support.helpers import fate, ids_at, wait_until
 from tests.support.relay import Relay
 from workers.state.deadletters import DeadLetters
+from workers.state.ratelimit import RATE_KEY, peek_ceiling
 
 pytestmark = pytest.mark.shaping
 
@@ -106,6 +107,29 @@ def test_throttling_replies_lose_nothing_and_deliver_once(
     ids = send_many(400, "throttled")
     assert_all_once(r, ids, started)
     assert r.sink.timestamps("refused"), "the throttle was never hit: the test proves nothing"
+    assert dead_letters(r) == 0
+
+
+def test_slow_start_paces_a_new_fleet_until_its_relay_first_throttles_it(
+    relay: MakeRelay, workers: StartWorker
+) -> None:
+    """No MAILER_RATE_LIMIT and a relay nobody has measured: the fleet starts paced by slow
+    start, the relay's first throttling reply ends it for good (Redis keeps that, for the
+    whole fleet), and nothing is lost or sent twice."""
+    reply = "451 4.7.1 Message rate exceeded, throttled"
+    r = relay(sink={"throttle_rate": 30, "throttle_reply": reply, "record_data": False})
+    started = start(workers, r.env, 2)
+    ids = send_many(400, "slow")
+    assert_all_once(r, ids, started)
+    assert r.sink.timestamps("refused"), "the throttle was never hit: the test proves nothing"
+    assert any('"slow_start"' in line for w in started for line in w.lines), "no slow start"
+    client = redis.Redis.from_url(r.env["MAILER_BROKER_URL"])
+    try:
+        assert client.hget(RATE_KEY, "sd") == b"1", "slow start is not over for good"
+        assert client.hget(RATE_KEY, "ss") is None
+        assert "451 4.7.1" in peek_ceiling(client).reason  # the relay's reply, not "slow start"
+    finally:
+        client.close()
     assert dead_letters(r) == 0
 
 

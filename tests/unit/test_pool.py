@@ -323,3 +323,36 @@ def test_the_heap_is_trimmed_once_sessions_stop_opening(
         await pool.close(5)
 
     asyncio.run(scenario())
+
+
+def test_a_paced_fleet_never_writes_a_message_behind_another_ones_body(
+    make_sink: Callable[..., SinkServer], tls_material: TLSMaterial, api_key: str, redis_url: str
+) -> None:
+    """With a message rate, a message's commands leave when its token allows (the runtime
+    checks it when the message gets its session); writing them early behind the previous body
+    would skip that check, so a paced pool hands a busy session over only after its reply."""
+    import redis.asyncio as aioredis
+
+    from mailer.config import parse_rates
+    from workers.engine.shaper import Shaper
+    from workers.state.ratelimit import RateLimiter
+
+    sink = make_sink(tls="starttls", auth=("apikey", api_key))
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        rates = parse_rates("MAILER_RATE_LIMIT", "1000/s")
+        shaper = Shaper(Settings(rate_limits=rates), RateLimiter(client))
+        assert shaper.paced and not shaper.cautious
+        pool = pool_for(sink, tls_material, api_key)
+        pool.shaper = shaper
+        pool.start()
+        results = await asyncio.gather(*(_send(pool, n) for n in range(4)))
+        assert all(isinstance(r, Delivered) for r in results), results
+        assert pool.stats.chained == 0 and pool.stats.opened == 1
+        await pool.close(5)
+        shaper.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert len(sink.received) == 4

@@ -119,6 +119,24 @@ def test_the_ceiling_falls_to_what_the_relay_accepted(redis_url: str) -> None:
     assert rate is not None and 359 <= rate <= 361
 
 
+def test_a_relay_that_refuses_nearly_everything_drops_the_ceiling_to_what_it_took(
+    redis_url: str,
+) -> None:
+    """A spent budget (Postfix's anvil refuses every MAIL until its window resets) is not a
+    rate slightly exceeded: the ceiling is not held at 0.6 of the current rate then."""
+    client = redis.Redis.from_url(redis_url)
+    sec = int(client.time()[0])
+    client.hset(RATE_KEY, mapping={"gs": sec, "gc": 0, "gp": 1000, "ts": sec, "tc": 0, "tp": 960})
+
+    async def body(aclient: aioredis.Redis) -> float | None:
+        return await RateLimiter(aclient).throttle(
+            1, floor=1.0, cooldown=1.0, recovery=0.0, cap=0.0, reason="450 too much mail"
+        )
+
+    rate = run(redis_url, body)
+    assert rate is not None and 39 <= rate <= 41
+
+
 def test_a_wait_past_its_deadline_is_a_free_throttled_wait(redis_url: str) -> None:
     settings = Settings(rate_limits=(RateWindow(1.0, 60.0, 1, "1/60s:1"),))
 
@@ -186,3 +204,127 @@ def test_rate_settings_are_checked_at_start_up() -> None:
         Settings.from_env({"MAILER_LANES": "a,b", "MAILER_DEFAULT_LANE": "c"})
     s = Settings.from_env({"MAILER_LANES": "transactional:20%,bulk", "MAILER_RATE_LIMIT": "10/s"})
     assert s.default_lane == "bulk" and s.lane_share("bulk") == 0.8
+
+
+def test_tokens_used_up_to_their_lateness_allowance_still_keep_the_window(
+    redis_url: str,
+) -> None:
+    """A grant told that tokens may be used `late` seconds after their time takes that much
+    less burst: even with every other token used as late as allowed (late ones bunching with
+    punctual ones), no second holds more than the window's limit plus its burst."""
+    (window,) = parse_rates("MAILER_RATE_LIMIT", "300/s")
+    late = 0.08
+
+    async def body(client: aioredis.Redis) -> list[float]:
+        limiters = [RateLimiter(client) for _ in range(4)]
+        used: list[float] = []
+
+        async def taker(limiter: RateLimiter) -> None:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                grant = await limiter.take(40, (window,), horizon=0.25, burst=0.1, late=late)
+                used.extend(
+                    grant.at(j) + (late if j % 2 else 0.0) for j in range(1, grant.count + 1)
+                )
+                await asyncio.sleep(0 if grant.count else min(grant.wait, 0.05))
+
+        await asyncio.gather(*(taker(x) for x in limiters))
+        return used
+
+    used = run(redis_url, body)
+    assert len(used) > 300, "the limiter granted far too little"
+    assert most_in_any(used, 1.0 - 1e-6) <= 300 + 30
+
+
+def test_slow_start_begins_once_grows_with_use_and_ends_at_the_first_throttling_reply(
+    redis_url: str,
+) -> None:
+    slow = (20.0, 1.0, 2000.0, 60.0)
+
+    async def body(client: aioredis.Redis) -> tuple[Any, ...]:
+        limiter = RateLimiter(client)
+        first = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        await asyncio.sleep(0.3)
+        second = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        reached = float(await client.hget(RATE_KEY, "ss") or 0)
+        after = await limiter.throttle(
+            3, reason="450 4.7.1 too much mail", floor=0.1, cooldown=1.0, recovery=0.0, cap=0.0
+        )
+        third = await limiter.take(50, (), horizon=0.25, burst=0.1, slow_start=slow)
+        return first, second, reached, after, third
+
+    first, second, reached, after, third = run(redis_url, body)
+    # Nothing known of the relay: paced from the start rate, a few tokens per grant.
+    assert first.slow and first.ceiling == 20.0 and 1 <= first.count < 20
+    # The ceiling grows by the gain per token granted, to at most twice the granted rate.
+    assert second.slow and 20.0 <= second.ceiling <= 20.0 + first.count
+    # The first throttling reply ends it: at most half the rate reached, and for good.
+    assert after is not None and after <= reached / 2
+    assert not third.slow and third.ceiling is not None
+    assert peek_ceiling(redis.Redis.from_url(redis_url)).reason == "450 4.7.1 too much mail"
+
+
+def test_slow_start_that_reached_its_end_never_comes_back(redis_url: str) -> None:
+    async def body(client: aioredis.Redis) -> list[Any]:
+        limiter = RateLimiter(client)
+        grants = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # a fleet using every token as it falls due
+            grant = await limiter.take(
+                100, (), horizon=0.25, burst=0.1, slow_start=(20.0, 5.0, 60.0, 60.0)
+            )
+            grants.append(grant)
+            if not grant.slow:
+                break
+            due = grant.at(grant.count) if grant.count else time.monotonic() + grant.wait
+            await asyncio.sleep(max(0.001, due - time.monotonic()))
+        return grants
+
+    grants = run(redis_url, body)
+    assert grants[0].slow
+    # 5 msg/s per token, the fleet using what it is granted: past 60/s, nothing paces.
+    assert not grants[-1].slow and grants[-1].ceiling is None and grants[-1].count == 100
+    assert redis.Redis.from_url(redis_url).hget(RATE_KEY, "sd") == b"1"
+
+
+def test_slow_start_ends_after_its_time_without_a_throttling_reply(redis_url: str) -> None:
+    """A fleet that cannot reach the end rate (a single relay, a few sessions) is not paced
+    for ever: slow start is over once it has lasted its time."""
+
+    async def body(client: aioredis.Redis) -> tuple[Any, Any]:
+        limiter = RateLimiter(client)
+        first = await limiter.take(
+            5, (), horizon=0.25, burst=0.1, slow_start=(20.0, 1.0, 2000.0, 0.3)
+        )
+        await asyncio.sleep(0.4)
+        later = await limiter.take(
+            5, (), horizon=0.25, burst=0.1, slow_start=(20.0, 1.0, 2000.0, 0.3)
+        )
+        return first, later
+
+    first, later = run(redis_url, body)
+    assert first.slow
+    assert not later.slow and later.ceiling is None and later.count == 5
+    assert redis.Redis.from_url(redis_url).hget(RATE_KEY, "sd") == b"1"
+
+
+def test_a_shaper_without_a_configured_rate_is_paced_by_slow_start_until_it_ends(
+    redis_url: str,
+) -> None:
+    async def body(client: aioredis.Redis) -> tuple[bool, bool, bool, bool]:
+        shaper = Shaper(Settings(), RateLimiter(client))
+        slot = await shaper.admit("default", 1, time.monotonic() + 5)
+        during = (slot is not None, shaper.slow, shaper.cautious)
+        await client.hset(RATE_KEY, mapping={"sd": 1})  # what reaching SLOW_START_END leaves
+        await client.hdel(RATE_KEY, "ss")
+        for _ in range(50):  # until a grant tells the shaper
+            if await shaper.admit("default", 1, time.monotonic() + 5) is None:
+                break
+        after = shaper.ceiling is None and not shaper.paced
+        shaper.close()
+        return (*during, after)
+
+    metered, slow, cautious, free_after = run(redis_url, body)
+    # Metered from the first message (a relay nobody has measured), still pipelining.
+    assert metered and slow and not cautious
+    assert free_after

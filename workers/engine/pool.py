@@ -250,8 +250,8 @@ class SessionPool:
         is then handed the session, before the body it rides behind is even written."""
         if self._closing or not self._waiters or not self._usable(session, time.monotonic()):
             return None
-        if self.shaper is not None and self.shaper.cautious:
-            return None  # the relay throttles us: one transaction at a time, nothing behind
+        if self.shaper is not None and (self.shaper.cautious or self.shaper.paced):
+            return None  # throttled, or paced: each message's commands leave at its token
         if self.budget is not None and self.budget.over_share(self):
             return None  # another relay waits for a session: this one goes back (`_checkin`)
         while self._waiters and self._waiters[0].future.done():
@@ -390,10 +390,8 @@ class SessionPool:
             if lease is None:
                 self.stats.lease_waits += 1
                 raise Failure(Kind.NO_LEASE, None, "fleet connection cap reached", Phase.CONNECT)
-            if self.shaper is not None:
-                await self.shaper.connect(deadline)
             session = Session(self.settings, lease)
-            await self._login(session)
+            await self._login(session, deadline)
             if session.lease_expired():  # stalled mid-handshake: the lease may be gone
                 session.abort()
                 raise Failure(Kind.RECONNECT, None, "lease expired while connecting", Phase.CONNECT)
@@ -408,12 +406,15 @@ class SessionPool:
         self._busy.add(session)
         return session
 
-    async def _login(self, session: Session) -> None:
+    async def _login(self, session: Session, deadline: float) -> None:
         """Opens `session`; one at a time until a login of this process succeeded. After a
         refused login (a bad or revoked key, the quota spent) no session of this process tries
         again for most of a probe interval: the fleet's breaker lets one probe through per
-        interval, and this keeps the opens already under way from adding failed logins."""
+        interval, and this keeps the opens already under way from adding failed logins. The
+        session-open rate is asked right before the connect, past that gate: a token taken
+        before it would be used late, and late opens bunch."""
         if self._logged_in:
+            await self._connect_rate(deadline)
             try:
                 await session.open()
             except Failure as failure:
@@ -425,12 +426,17 @@ class SessionPool:
             if refused is not None and time.monotonic() < refused[0]:
                 f = refused[1]  # a fresh one: the runtime annotates the failure it is given
                 raise Failure(f.kind, f.code, f.text, f.phase)
+            await self._connect_rate(deadline)
             try:
                 await session.open()
             except Failure as failure:
                 self._refused(failure)
                 raise
             self._logged_in, self._login_refused = True, None
+
+    async def _connect_rate(self, deadline: float) -> None:
+        if self.shaper is not None:
+            await self.shaper.connect(deadline)
 
     def _refused(self, failure: Failure) -> None:
         if failure.kind not in (Kind.AUTH, Kind.QUOTA):

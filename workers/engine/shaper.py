@@ -36,10 +36,14 @@ log = logging.getLogger("mailer.shaper")
 #: How far ahead one batch may reserve the fleet's schedule: bounds how long a token waits
 #: unused in one process while another could have used it.
 HORIZON = 0.25
-#: A token not used within this long after its time is dropped (its slot went by unused), or
-#: within one spacing of the bucket's tightest window if that is longer: a token used at most
-#: that late keeps every window within burst + 2 (late tokens spent together would be a burst).
-STALE = 0.01
+#: Each window's burst tolerance is split: LATE_SHARE of it is kept for tokens used late (a
+#: worker's loop or its Redis round trips held up between the token's time and the MAIL), the
+#: rest is the burst a grant may take ahead of the pace. A token is used at most that late, or
+#: dropped (its slot went by unused), so every window holds exactly, counted when the MAIL
+#: leaves: at most burst + L * rate in any interval L, however late tokens bunch.
+LATE_SHARE = 0.8
+#: ... and never more than this (a slow window's first token would wait for it).
+LATE_MAX = 0.1
 #: The most tokens one Redis call asks for.
 MAX_BATCH = 256
 #: Bursts allowed by the adaptive ceiling, in seconds of its rate.
@@ -53,6 +57,20 @@ GATHER = 0.2
 COOLDOWN = 1.0
 RECOVERY = 0.08
 FLOOR = 0.1
+#: Slow start, for a relay with no window configured whose limits the fleet has not learned
+#: yet (no throttling reply ever, no slow start before: Redis keeps that, so a warm fleet, or
+#: one that restarts, does not pay it again): the fleet begins at SLOW_START msg/s and the
+#: ceiling grows by SLOW_START_GAIN msg/s per message sent (an e-fold every 1/GAIN seconds
+#: while the fleet uses it all, to at most twice what it was granted in the last second) until
+#: the first throttling reply, which ends it with the ceiling at FLOOR, climbing back by
+#: RECOVERY of the slow-start rate per second, or until SLOW_START_END msg/s or SLOW_START_FOR
+#: seconds, when admission is free.
+SLOW_START = 20.0
+SLOW_START_GAIN = 0.5
+SLOW_START_END = 2000.0
+#: ... and it ends after this many seconds without a throttling reply (the relay takes what
+#: this fleet sends: a fleet that cannot reach SLOW_START_END would otherwise stay paced).
+SLOW_START_FOR = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -92,13 +110,18 @@ class Shaper:
         self.relay = relay
         self.ceiling: float | None = None  # the adaptive ceiling in force, msg/s
         self.ceiling_reason = ""
+        #: The ceiling is slow start's; `_known`: Redis has told us whether a ceiling or slow
+        #: start is in force (until then, with no window configured, admission asks it).
+        self.slow = False
+        self._known = bool(settings.rate_limits) or limiter is None
         self._lanes: dict[str, _Bucket] = {}
         for rank, lane in enumerate(settings.lanes):
             self._lanes[lane.name] = self._lane_bucket(lane, rank)
         self._connect: _Bucket | None = None
         if settings.connect_rate and connect_limiter is not None:
             rate = settings.connect_rate
-            window = RateWindow(rate, 1.0, max(1, int(rate / 10)), f"connect:{rate:g}/s")
+            # One slot of tolerance, no burst: the point is to spread a start.
+            window = RateWindow(rate, 1.0, 1, f"connect:{rate:g}/s")
             self._connect = _Bucket("connect", connect_limiter, (window,), adaptive=False)
         self._unmetered = 0
         self._throttles = 0
@@ -116,12 +139,22 @@ class Shaper:
     @property
     def cautious(self) -> bool:
         """The relay throttled us recently: sessions stop pipelining until the rate recovers."""
-        return self.ceiling is not None
+        return self.ceiling is not None and not self.slow
+
+    @property
+    def paced(self) -> bool:
+        """Some lane's messages wait for tokens: a message's commands must leave when its
+        token allows, so the pool does not write them early behind another message's body
+        (where nobody checks the token: a queue of attempts waiting for sessions at start-up
+        would leave back to back)."""
+        return any(self._metered(bucket) for bucket in self._lanes.values())
 
     def _metered(self, bucket: _Bucket) -> bool:
         if bucket.limiter is None:
             return False
-        return bool(bucket.windows) or (bucket.adaptive and self.ceiling is not None)
+        return bool(bucket.windows) or (
+            bucket.adaptive and (self.ceiling is not None or not self._known)
+        )
 
     def tokens_for(self, recipients: int) -> int:
         return max(1, recipients) if self.settings.rate_unit == "recipients" else 1
@@ -145,7 +178,7 @@ class Shaper:
         bucket = self._bucket(lane)
         if slot is None:
             return self._metered(bucket)
-        return time.monotonic() - slot > self._stale(bucket)
+        return time.monotonic() - slot > self._late_limit(bucket)
 
     def _bucket(self, lane: str) -> _Bucket:
         return self._lanes.get(lane) or self._lanes[self.settings.default_lane]
@@ -155,9 +188,11 @@ class Shaper:
         bucket = self._connect
         if bucket is None:
             return
-        await self._wait(bucket, 1, deadline, "waiting for the fleet's session-open rate")
-        spacing = bucket.windows[0].spacing
-        await asyncio.sleep(random.uniform(0.0, spacing))  # no fleet-wide edge at slot starts
+        slot = await self._wait(bucket, 1, deadline, "waiting for the fleet's session-open rate")
+        # Jitter within how late the token may be used, so no fleet-wide edge at slot starts.
+        room = (slot or 0.0) + self._late_limit(bucket) - time.monotonic()
+        if room > 0:
+            await asyncio.sleep(random.uniform(0.0, room))
 
     async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> float | None:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens)
@@ -188,9 +223,12 @@ class Shaper:
                 self._release_all(bucket)
                 return
             now = time.monotonic()
-            stale = self._stale(bucket)
+            stale = self._late_limit(bucket)
             while bucket.stock and bucket.stock[0] < now - stale:
                 bucket.stock.popleft()
+            if bucket.stock and self._higher_waiting(bucket):
+                await asyncio.sleep(0.005)  # strict preference: a higher lane borrows it first
+                continue
             self._borrow(bucket, waiter.tokens)
             if len(bucket.stock) >= waiter.tokens:
                 ready = bucket.stock[waiter.tokens - 1]
@@ -218,6 +256,8 @@ class Shaper:
                 burst=CEILING_BURST,
                 lane=bucket.name if bucket.adaptive else "",
                 share=bucket.share,
+                late=self._late_limit(bucket),
+                slow_start=self._slow_start(bucket),
             )
         except (redis.RedisError, OSError) as exc:
             # No rate without Redis: fail the waiters as unavailable (a free wait, like the
@@ -231,7 +271,8 @@ class Shaper:
                     waiter.future.set_exception(failure)
             return
         if bucket.adaptive:
-            self._set_ceiling(grant.ceiling, self.ceiling_reason)
+            self._known = True
+            self._set_ceiling(grant.ceiling, self.ceiling_reason, slow=grant.slow)
         if grant.count:
             bucket.stock.extend(grant.at(j) for j in range(1, grant.count + 1))
             return
@@ -242,11 +283,20 @@ class Shaper:
             await asyncio.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._borrow(bucket, 1)
 
-    def _stale(self, bucket: _Bucket) -> float:
-        spacings = [w.spacing for w in bucket.windows]
-        if bucket.adaptive and self.ceiling:
-            spacings.append(1.0 / max(self.ceiling * bucket.share, 1e-6))
-        return max(STALE, min(spacings, default=STALE))
+    def _slow_start(self, bucket: _Bucket) -> tuple[float, float, float, float]:
+        if not bucket.adaptive or self.settings.rate_limits:
+            return (0.0, 0.0, 0.0, 0.0)  # a configured rate is what the fleet knows of the relay
+        return (SLOW_START, SLOW_START_GAIN, SLOW_START_END, SLOW_START_FOR)
+
+    def _late_limit(self, bucket: _Bucket) -> float:
+        """How late a token of `bucket` may still be used: LATE_SHARE of the tightest burst
+        tolerance among its windows and the adaptive ceiling's. Grants take that much less
+        burst (`RateLimiter.take`'s `late`), so late tokens never add up past a window."""
+        tolerances = [w.tolerance for w in bucket.windows]
+        if bucket.adaptive and (self.ceiling or not self._known):
+            rate = max((self.ceiling or SLOW_START) * bucket.share, 1e-6)
+            tolerances.append(max(1.0, rate * CEILING_BURST) / rate)
+        return min(LATE_MAX, LATE_SHARE * min(tolerances, default=0.0))
 
     def _borrow(self, bucket: _Bucket, wanted: int) -> None:
         """A lane takes the tokens lower lanes of this process hold (not handed out yet) when
@@ -284,16 +334,23 @@ class Shaper:
 
     def throttled(self, reason: str) -> None:
         """The relay answered a transaction with a throttling reply: counted, and reported
-        with the others of the next GATHER seconds in one call."""
+        with the others of the next GATHER seconds in one call. The first reply during slow
+        start is reported at once, and this process drops the tokens it holds: the relay's
+        limit is behind us, and every message sent at the slow-start rate meanwhile is one
+        more refusal."""
         if self.limiter is None:
             return
         self._throttles += 1
         self._throttle_reason = reason
         if self._throttles == 1:
-            self._spawn(self._report_throttles())
+            first = self.slow
+            if first:
+                for bucket in self._lanes.values():
+                    bucket.stock.clear()
+            self._spawn(self._report_throttles(0.0 if first else GATHER))
 
-    async def _report_throttles(self) -> None:
-        await asyncio.sleep(GATHER)
+    async def _report_throttles(self, gather: float) -> None:
+        await asyncio.sleep(gather)
         assert self.limiter is not None
         count, self._throttles = self._throttles, 0
         cap = min((w.per_second for w in self.settings.rate_limits), default=0.0)
@@ -327,10 +384,18 @@ class Shaper:
         except (redis.RedisError, OSError) as exc:
             log.debug("rate count not reported: %s", type(exc).__name__)
 
-    def _set_ceiling(self, ceiling: float | None, reason: str) -> None:
-        was = self.ceiling
-        self.ceiling = ceiling
-        if ceiling is not None and (was is None or ceiling < was * 0.95):
+    def _set_ceiling(self, ceiling: float | None, reason: str, slow: bool = False) -> None:
+        was, was_slow = self.ceiling, self.slow
+        self.ceiling, self.slow = ceiling, slow and ceiling is not None
+        if self.slow:
+            if not was_slow:
+                self.ceiling_reason = "slow start"
+                log_event("slow_start", rate=round(ceiling or 0.0, 1), end=SLOW_START_END)
+            return
+        if was_slow and ceiling is None:
+            log_event("slow_start_done")
+            return
+        if ceiling is not None and (was is None or was_slow or ceiling < was * 0.95):
             self.ceiling_reason = reason
             log_event(
                 "throttled",

@@ -34,6 +34,7 @@ class Grant:
     ceiling: float | None  # the adaptive ceiling in force (msg/s), None when there is none
     received: float  # monotonic time of the reply
     schedule: tuple[tuple[float, float], ...]  # per window: (offset of token 0, spacing)
+    slow: bool = False  # the ceiling is slow start's (nothing known of the relay yet)
 
     def at(self, j: int) -> float:
         if not self.schedule:
@@ -70,21 +71,29 @@ class RateLimiter:
         burst: float,
         lane: str = "",
         share: float = 1.0,
+        late: float = 0.0,
+        slow_start: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
     ) -> Grant:
         """Up to `want` tokens conforming to every window (and to `share` of the adaptive
-        ceiling, if one is in force) within `horizon` seconds."""
-        args: list[Any] = ["take", want, horizon, burst, lane, share, len(windows)]
+        ceiling, if one is in force) within `horizon` seconds. `late`: how late the caller may
+        use a token; every window's burst tolerance is that much smaller for the grant, so
+        tokens used up to `late` after their time still keep every window. `slow_start`
+        (start msg/s, growth per token, end msg/s, end seconds; zeros: none) begins the
+        fleet's slow start if nothing is known of the relay yet (lua/ratelimit.lua)."""
+        args: list[Any] = ["take", want, horizon, burst, lane, share, late, len(windows)]
         for window in windows:
-            args += [f"w:{window.spec}", window.spacing, window.tolerance]
+            args += [f"w:{window.spec}", window.spacing, max(0.0, window.tolerance - late)]
+        args += list(slow_start)
         reply = await self._script(keys=[self.key], args=args)
         received = time.monotonic()
         values = [float(x) if x not in (b"", "") else None for x in reply]
         count = int(values[0] or 0)
-        pairs = values[3:]
+        pairs = values[4:]
         schedule = tuple(
             (float(pairs[i] or 0.0), float(pairs[i + 1] or 0.0)) for i in range(0, len(pairs), 2)
         )
-        return Grant(count, float(values[1] or 0.0), values[2], received, schedule)
+        slow = values[3] is not None
+        return Grant(count, float(values[1] or 0.0), values[2], received, schedule, slow)
 
     async def count(self, used: int) -> float | None:
         """Tokens used without a window to ask (for the measure the adaptive ceiling starts

@@ -7,23 +7,35 @@
 --   a:<lane>         the adaptive window's TAT (per lane: a lane's share of the ceiling)
 --   gs gc gp         granted: the second of `gc`, granted in it, granted in the second before
 --   ts tc tp         throttling replies, counted the same way
+--   ss sd            slow start: the ceiling in force while the fleet knows nothing of the
+--                    relay yet (ss, msg/s), and that it is over for good (sd)
 --
 -- ARGV[1] is the operation:
---   take  want horizon burst_s lane share n (field T tau)*n
+--   take  want horizon burst_s lane share late n (field T tau)*n ss_start ss_gain ss_max ss_for
 --         Grants up to `want` tokens: token j of the grant conforms to window i at
 --         start_i + j*T_i - tau_i, and only tokens conforming within `horizon` seconds are
 --         granted, so a grant is a slice of every window's schedule, never a burst beyond tau.
---         `share` scales the adaptive ceiling for the lane (1 = the whole ceiling).
---         Returns {granted, wait, ceiling, (offset_i, T_i)...} as strings: token j may be used
---         offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is when
---         to ask again after a refusal.
+--         `share` scales the adaptive ceiling for the lane (1 = the whole ceiling); the
+--         ceiling's tolerance (burst_s of its rate, at least one token) is `late` seconds
+--         smaller, as the caller's tau are: it may use a token up to `late` after its time.
+--         Slow start (ss_start > 0: no window configured): while nothing is known of the relay
+--         (no ceiling, no slow start before) the ceiling starts at ss_start msg/s and grows by
+--         ss_gain msg/s per token granted (e-fold per second while the fleet uses it all), to
+--         at most twice the fleet's granted rate, until the first throttling reply, or until
+--         it reaches ss_max or has lasted ss_for seconds, when it is over.
+--         Returns {granted, wait, ceiling, slow, (offset_i, T_i)...} as strings: token j may be
+--         used offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is
+--         when to ask again after a refusal; `slow` is '1' while the ceiling is slow start's.
 --   count n          n tokens used without asking (no window configured): for the measure.
 --   throttle n floor cooldown recovery reason cap
 --         n throttling replies seen. At most once per `cooldown`: the ceiling falls to what the
 --         relay accepted in the last second (granted - throttled), between 0.6 and 0.95 of
---         the current rate, never below `floor`; it then grows by `recovery` of the rate it
+--         the current rate (below 0.6 when the relay accepted under a tenth of what was
+--         granted), never below `floor`; it then grows by `recovery` of the rate it
 --         fell from per second until `cap` (0: twice that rate), when it is dropped. Without
 --         a measure of the fleet's rate (nothing granted or counted lately) it only counts.
+--         The first throttling reply ends slow start: the ceiling falls to `floor` and climbs
+--         back by `recovery` of the slow-start rate per second.
 --   peek             {ceiling or '', reason, at}
 local key = KEYS[1]
 local op = ARGV[1]
@@ -48,19 +60,27 @@ local function roll(prefix, n)
   return p, c / math.max(0.25, now - sec)
 end
 
+local function drop_lanes()
+  local fields = redis.call('HKEYS', key)
+  for _, f in ipairs(fields) do
+    if string.sub(f, 1, 2) == 'a:' then redis.call('HDEL', key, f) end
+  end
+end
+
+-- The ceiling in force (msg/s) or nil, and whether it is slow start's.
 local function ceiling()
-  local c = redis.call('HMGET', key, 'c0', 't0', 'step', 'cmax')
-  if not c[1] then return nil end
+  local c = redis.call('HMGET', key, 'c0', 't0', 'step', 'cmax', 'ss')
+  if not c[1] then
+    if c[5] then return tonumber(c[5]), true end
+    return nil, false
+  end
   local rate = tonumber(c[1]) + math.max(0, now - tonumber(c[2])) * tonumber(c[3])
   if rate >= tonumber(c[4]) then
-    local lanes = redis.call('HKEYS', key)
-    for _, f in ipairs(lanes) do
-      if string.sub(f, 1, 2) == 'a:' then redis.call('HDEL', key, f) end
-    end
+    drop_lanes()
     redis.call('HDEL', key, 'c0', 't0', 'step', 'cmax')
-    return nil
+    return nil, false
   end
-  return rate
+  return rate, false
 end
 
 local result
@@ -70,15 +90,31 @@ if op == 'take' then
   local burst_s = tonumber(ARGV[4])
   local lane = ARGV[5]
   local share = tonumber(ARGV[6])
-  local n = tonumber(ARGV[7])
+  local late = tonumber(ARGV[7])
+  local n = tonumber(ARGV[8])
   local windows = {}
   for i = 0, n - 1 do
-    windows[#windows + 1] = {ARGV[8 + 3 * i], tonumber(ARGV[9 + 3 * i]), tonumber(ARGV[10 + 3 * i])}
+    windows[#windows + 1] = {ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i])}
   end
-  local rate = ceiling()
+  local ss_at = 9 + 3 * n
+  local ss_start = tonumber(ARGV[ss_at] or 0)
+  local ss_gain, ss_max = tonumber(ARGV[ss_at + 1] or 0), tonumber(ARGV[ss_at + 2] or 0)
+  local ss_for = tonumber(ARGV[ss_at + 3] or 0)
+  if ss_start > 0 and redis.call('HEXISTS', key, 'sd') == 0
+      and redis.call('HEXISTS', key, 'ss') == 0 and redis.call('HEXISTS', key, 'c0') == 0 then
+    redis.call('HSET', key, 'ss', ss_start, 'reason', 'slow start', 'at', now)
+  elseif ss_for > 0 and redis.call('HEXISTS', key, 'ss') == 1
+      and now - tonumber(redis.call('HGET', key, 'at') or now) >= ss_for then
+    -- Lasted its time without a throttling reply: the relay takes what this fleet sends.
+    drop_lanes()
+    redis.call('HDEL', key, 'ss')
+    redis.call('HSET', key, 'sd', 1)
+  end
+  local rate, slow = ceiling()
   if rate then
     local lane_rate = math.max(rate * share, 0.001)
-    windows[#windows + 1] = {'a:' .. lane, 1 / lane_rate, math.max(1, lane_rate * burst_s) / lane_rate}
+    local tau = math.max(1, lane_rate * burst_s) / lane_rate
+    windows[#windows + 1] = {'a:' .. lane, 1 / lane_rate, math.max(0, tau - late)}
   end
   local k = want
   local starts = {}
@@ -91,14 +127,26 @@ if op == 'take' then
     wait = math.max(wait, start + w[2] - w[3] - now - horizon)
   end
   if k < 0 then k = 0 end
-  result = {tostring(k), tostring(wait), rate and tostring(rate) or ''}
+  result = {tostring(k), tostring(wait), rate and tostring(rate) or '', slow and '1' or ''}
   if k > 0 then
     for i, w in ipairs(windows) do
       redis.call('HSET', key, w[1], starts[i] + k * w[2])
       result[#result + 1] = tostring(starts[i] - w[3] - now)
       result[#result + 1] = tostring(w[2])
     end
-    roll('g', k)
+    local gp, gc = roll('g', k)
+    if slow then
+      -- Grows with use, to at most twice what the fleet was granted in the last second: a
+      -- ceiling far above what the fleet can send would not slow it when the relay refuses.
+      local grown = math.min(rate + ss_gain * k, math.max(rate, 2 * math.max(gp, gc)))
+      if ss_max > 0 and grown >= ss_max then
+        drop_lanes()
+        redis.call('HDEL', key, 'ss')
+        redis.call('HSET', key, 'sd', 1)
+      else
+        redis.call('HSET', key, 'ss', grown)
+      end
+    end
   end
 elseif op == 'count' then
   roll('g', tonumber(ARGV[2]))
@@ -111,12 +159,25 @@ elseif op == 'throttle' then
   local gp, gc = roll('g', 0)
   local throttled, granted = math.max(tp, tc), math.max(gp, gc)
   local last = tonumber(redis.call('HGET', key, 'd') or 0)
-  local rate = ceiling()
+  local rate, slow = ceiling()
   -- No decrease without a measure of what we send: a ceiling guessed from nothing could
   -- only be wrong (the counts of the next report say what the fleet sends).
   if now - last >= cooldown and (rate or granted > 0) then
     local current = rate or granted
-    local target = math.max(current * 0.6, math.min(current * 0.95, granted - throttled))
+    local accepted = granted - throttled
+    local target = math.max(current * 0.6, math.min(current * 0.95, accepted))
+    if accepted < 0.1 * granted then
+      -- The relay refuses nearly everything: a budget spent (a fixed window such as Postfix's
+      -- anvil), not a rate slightly exceeded. Probing it at 0.6 of the rate would only add
+      -- refusals until it resets.
+      target = accepted
+    end
+    if slow then
+      -- Slow start guessed at a relay that has now said no: start again from the floor,
+      -- climbing by `recovery` of the rate slow start had reached each second.
+      target = floor
+      redis.call('HDEL', key, 'ss')
+    end
     target = math.max(floor, target)
     -- Recovered (and dropped) at the configured rate, or, with none, at twice the rate the
     -- first decrease of this episode fell from: a later decrease keeps that point, or a
@@ -128,7 +189,7 @@ elseif op == 'throttle' then
     end
     top = math.max(top, target * 1.05)
     redis.call('HSET', key, 'c0', target, 't0', now, 'step', current * recovery, 'cmax', top,
-      'd', now, 'reason', reason, 'at', now)
+      'd', now, 'reason', reason, 'at', now, 'sd', 1)
     rate = target
   end
   result = {rate and tostring(rate) or ''}

@@ -232,7 +232,9 @@ def _relays(settings: Settings, state: redis.Redis, everything: bool) -> dict[st
         if name == DEFAULT_RELAY:
             leases = max(leases, fleet - named)
         counts = activity.get(name, dict.fromkeys(OUTCOMES, 0))
-        trouble = circuit.open or ceiling.rate is not None
+        # A ceiling the relay's throttling set is trouble; slow start's (a new fleet) is not.
+        throttled = ceiling.rate is not None and ceiling.reason != "slow start"
+        trouble = circuit.open or throttled
         rows.append(
             {
                 "name": name,

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import redis
@@ -73,6 +73,34 @@ def relay_on(name: str, sink: SinkServer, tls: TLSMaterial, key: str, **extra: A
         ca_file=str(tls.ca_file),
         **extra,
     )
+
+
+class Tenants(NamedTuple):
+    """A worker whose `default` relay is one sink, and two named relays on two more."""
+
+    settings: Settings
+    a: Relay
+    b: Relay
+    sink_a: SinkServer
+    sink_b: SinkServer
+
+
+def tenants(
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls: TLSMaterial,
+    delays: tuple[float, float] = (0.0, 0.0),
+    caps: tuple[int | None, int | None] = (None, None),
+    **settings_extra: Any,
+) -> Tenants:
+    keys_ = [new_key() for _ in range(3)]
+    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
+    sink_a = make_sink(tls="starttls", auth=("apikey", keys_[1]), mail_delay=delays[0])
+    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[2]), mail_delay=delays[1])
+    settings = base_settings(redis_url, default, tls, keys_[0], **settings_extra)
+    a = relay_on("tenant-a", sink_a, tls, keys_[1], max_connections=caps[0])
+    b = relay_on("tenant-b", sink_b, tls, keys_[2], max_connections=caps[1])
+    return Tenants(settings, a, b, sink_a, sink_b)
 
 
 def message(relay: str | None = None, n: int = 0) -> dict[str, Any]:
@@ -284,15 +312,15 @@ def test_a_relays_own_cap_and_the_fleet_cap_both_hold(
     tls_material: TLSMaterial,
     engine: Build,
 ) -> None:
-    keys_ = [new_key() for _ in range(3)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_a = make_sink(tls="starttls", auth=("apikey", keys_[1]), mail_delay=0.2)
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[2]), mail_delay=0.2)
-    settings = base_settings(
-        redis_url, default, tls_material, keys_[0], max_connections=3, worker_connections=8
+    settings, a, b, sink_a, sink_b = tenants(
+        redis_url,
+        make_sink,
+        tls_material,
+        delays=(0.2, 0.2),
+        caps=(2, None),
+        max_connections=3,
+        worker_connections=8,
     )
-    a = relay_on("tenant-a", sink_a, tls_material, keys_[1], max_connections=2)
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[2])
     assert [lim.name for lim in limits_for(a, settings)] == ["smtp", "relay:tenant-a"]
     assert limits_for(b, settings)[1] == Limit("relay:tenant-b", 3)  # the fleet's, counted
     rt, _ = engine(settings, (a, b))
@@ -328,13 +356,9 @@ def test_a_relay_at_the_budget_retires_another_relays_least_recently_used_idle_s
     tls_material: TLSMaterial,
     engine: Build,
 ) -> None:
-    keys_ = [new_key() for _ in range(3)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_a = make_sink(tls="starttls", auth=("apikey", keys_[1]), mail_delay=0.3)
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[2]))
-    settings = base_settings(redis_url, default, tls_material, keys_[0], worker_connections=2)
-    a = relay_on("tenant-a", sink_a, tls_material, keys_[1])
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[2])
+    settings, a, b, sink_a, sink_b = tenants(
+        redis_url, make_sink, tls_material, delays=(0.3, 0.0), worker_connections=2
+    )
     rt, _ = engine(settings, (a, b))
     assert all(
         isinstance(o, Result) for o in rt.deliver_many([message("tenant-a", n) for n in (1, 2)])
@@ -357,13 +381,9 @@ def test_a_relay_waiting_at_the_budget_gets_a_session_from_a_busy_relay_over_its
     tls_material: TLSMaterial,
     engine: Build,
 ) -> None:
-    keys_ = [new_key() for _ in range(3)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_a = make_sink(tls="starttls", auth=("apikey", keys_[1]), mail_delay=0.5)
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[2]))
-    settings = base_settings(redis_url, default, tls_material, keys_[0], worker_connections=2)
-    a = relay_on("tenant-a", sink_a, tls_material, keys_[1])
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[2])
+    settings, a, b, sink_a, sink_b = tenants(
+        redis_url, make_sink, tls_material, delays=(0.5, 0.0), worker_connections=2
+    )
     rt, _ = engine(settings, (a, b))
     outcomes: dict[int, Result | Failure] = {}
     done = threading.Event()
@@ -444,13 +464,9 @@ def test_relays_waiting_for_leases_share_one_wakeup_subscription(
     tls_material: TLSMaterial,
     engine: Build,
 ) -> None:
-    keys_ = [new_key() for _ in range(3)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_a = make_sink(tls="starttls", auth=("apikey", keys_[1]), mail_delay=0.5)
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[2]), mail_delay=0.5)
-    settings = base_settings(redis_url, default, tls_material, keys_[0])
-    a = relay_on("tenant-a", sink_a, tls_material, keys_[1], max_connections=1)
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[2], max_connections=1)
+    settings, a, b, sink_a, sink_b = tenants(
+        redis_url, make_sink, tls_material, delays=(0.5, 0.5), caps=(1, 1)
+    )
     rt, _ = engine(settings, (a, b))
     finished = threading.Semaphore(0)
     # Two each: what a relay with a cap of one may keep waiting here (Runtime._uncrowded).

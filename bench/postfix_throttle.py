@@ -281,6 +281,23 @@ def per_minute(times: Sequence[float], start: float) -> list[int]:
     return out
 
 
+TIMELINE = 20
+
+
+def per_second(times: Sequence[float], start: float) -> str:
+    out = [0] * TIMELINE
+    for t in times:
+        if 0 <= t - start < TIMELINE:
+            out[int(t - start)] += 1
+    return " ".join(f"{n:3d}" for n in out)
+
+
+def ceiling_at(ceilings: Sequence[tuple[float, float | None]], at: float) -> str:
+    """The last sampled ceiling at `at` (msg/s), '-' for none."""
+    rate = next((r for t, r in reversed(ceilings) if t <= at), None)
+    return "  -" if rate is None else f"{rate:3.0f}"
+
+
 # ---- one run -----------------------------------------------------------------------------------
 
 
@@ -485,6 +502,13 @@ def report(
     )
     say(f"  delivered per minute: {per_minute(sent_times, started)}")
     say(f"  refused per minute:   {per_minute(refused_times, started)}")
+    if refused_times:
+        first = min(refused_times)
+        say(f"  from 3 s before the first refusal, per second ({TIMELINE} s):")
+        say(f"    delivered: {per_second(sent_times, first - 3)}")
+        say(f"    refused:   {per_second(refused_times, first - 3)}")
+        marks = [first - 3 + i for i in range(TIMELINE)]
+        say(f"    ceiling:   {' '.join(ceiling_at(ceilings, t) for t in marks)}")
     if anvil:
         say(f"  anvil: {'; '.join(anvil)}")
     say(

@@ -511,10 +511,11 @@ class Runtime:
 
             async def on_session(slot: float | None = slot) -> None:
                 if shaper.late(lane, slot):
-                    await shaper.admit(lane, tokens, time.monotonic() + self.settings.lease_wait)
+                    wait = time.monotonic() + self.settings.lease_wait
+                    await shaper.admit(lane, tokens, wait, holding=True)
 
             try:
-                return await self._attempt(parts, payload, released, attempts, on_session)
+                result = await self._attempt(parts, payload, released, attempts, on_session)
             except Failure as failure:
                 if failure.kind is not Kind.THROTTLED or tries == THROTTLED_TRIES:
                     raise
@@ -522,6 +523,10 @@ class Runtime:
                     raise
                 if failure.attempt:
                     released = f"{released} {failure.attempt}".strip()
+            else:
+                if result.status == "sent":
+                    shaper.accepted(slot)
+                return result
         raise AssertionError("unreachable")
 
     async def _attempt(

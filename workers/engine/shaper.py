@@ -57,14 +57,22 @@ GATHER = 0.2
 COOLDOWN = 1.0
 RECOVERY = 0.08
 FLOOR = 0.1
+#: A refusal that says nothing of the relay's rate (slow start's first, or a relay refusing
+#: nearly everything: a spent budget) starts a probe: PROBE of the rate the ceiling would fall
+#: to (at most PROBE_MAX msg/s), halving while refused, until a message admitted during the
+#: probe is delivered. Refusals that lasted less than LONG_REFUSAL seconds were a per-second
+#: limit (the ceiling comes back to that rate); longer ones a budget spent early (it comes
+#: back to the rate the relay accepted over the whole cycle).
+PROBE = 0.05
+PROBE_MAX = 5.0
+LONG_REFUSAL = 2.0
 #: Slow start, for a relay with no window configured whose limits the fleet has not learned
 #: yet (no throttling reply ever, no slow start before: Redis keeps that, so a warm fleet, or
 #: one that restarts, does not pay it again): the fleet begins at SLOW_START msg/s and the
 #: ceiling grows by SLOW_START_GAIN msg/s per message sent (an e-fold every 1/GAIN seconds
 #: while the fleet uses it all, to at most twice what it was granted in the last second) until
-#: the first throttling reply, which ends it with the ceiling at FLOOR, climbing back by
-#: RECOVERY of the slow-start rate per second, or until SLOW_START_END msg/s or SLOW_START_FOR
-#: seconds, when admission is free.
+#: the first throttling reply, which ends it with a probe (above), or until SLOW_START_END
+#: msg/s or SLOW_START_FOR seconds, when admission is free.
 SLOW_START = 20.0
 SLOW_START_GAIN = 0.5
 SLOW_START_END = 2000.0
@@ -113,6 +121,10 @@ class Shaper:
         #: The ceiling is slow start's; `_known`: Redis has told us whether a ceiling or slow
         #: start is in force (until then, with no window configured, admission asks it).
         self.slow = False
+        #: The ceiling is a probe's since this monotonic time (None: it is not): a message
+        #: admitted after it and delivered tells Redis the relay takes mail again.
+        self._probe_since: float | None = None
+        self._accepting = False
         self._known = bool(settings.rate_limits) or limiter is None
         self._lanes: dict[str, _Bucket] = {}
         for rank, lane in enumerate(settings.lanes):
@@ -126,6 +138,7 @@ class Shaper:
         self._unmetered = 0
         self._throttles = 0
         self._throttle_reason = ""
+        self._reported = 0.0  # monotonic time of the last throttling report
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -161,14 +174,20 @@ class Shaper:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, lane: str, tokens: int, deadline: float) -> float | None:
+    async def admit(
+        self, lane: str, tokens: int, deadline: float, *, holding: bool = False
+    ) -> float | None:
         """Returns when the fleet's rate lets this attempt start (the time its token allows,
-        None when nothing is metered); THROTTLED past `deadline`."""
+        None when nothing is metered); THROTTLED past `deadline`. `holding`: the attempt
+        already holds a session (its token went by while it waited for one): it goes first,
+        or at a slow rate the sessions would sit with attempts queued behind waiters that
+        have tokens and no session."""
         bucket = self._bucket(lane)
         if not self._metered(bucket):
             self._count(tokens)
             return None
-        return await self._wait(bucket, tokens, deadline, "waiting for the fleet's message rate")
+        what = "waiting for the fleet's message rate"
+        return await self._wait(bucket, tokens, deadline, what, first=holding)
 
     def late(self, lane: str, slot: float | None) -> bool:
         """The token an attempt was admitted with went by while it waited for a session (a
@@ -194,9 +213,14 @@ class Shaper:
         if room > 0:
             await asyncio.sleep(random.uniform(0.0, room))
 
-    async def _wait(self, bucket: _Bucket, tokens: int, deadline: float, what: str) -> float | None:
+    async def _wait(
+        self, bucket: _Bucket, tokens: int, deadline: float, what: str, first: bool = False
+    ) -> float | None:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tokens)
-        bucket.waiters.append(waiter)
+        if first:
+            bucket.waiters.appendleft(waiter)
+        else:
+            bucket.waiters.append(waiter)
         self._serve(bucket)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -236,7 +260,10 @@ class Shaper:
                     bucket.stock.popleft()
                 if ready > now:
                     await asyncio.sleep(ready - now)
-                bucket.waiters.popleft()
+                if bucket.waiters and bucket.waiters[0] is waiter:
+                    bucket.waiters.popleft()
+                elif waiter in bucket.waiters:  # one holding a session went ahead meanwhile
+                    bucket.waiters.remove(waiter)
                 if not waiter.future.done():
                     waiter.future.set_result(ready)
                 continue
@@ -273,6 +300,8 @@ class Shaper:
         if bucket.adaptive:
             self._known = True
             self._set_ceiling(grant.ceiling, self.ceiling_reason, slow=grant.slow)
+            first = grant.at(1) if grant.count else grant.received
+            self._probing(grant.probing, min(first, grant.received))
         if grant.count:
             bucket.stock.extend(grant.at(j) for j in range(1, grant.count + 1))
             return
@@ -343,15 +372,22 @@ class Shaper:
         self._throttles += 1
         self._throttle_reason = reason
         if self._throttles == 1:
-            first = self.slow
-            if first:
-                for bucket in self._lanes.values():
-                    bucket.stock.clear()
-            self._spawn(self._report_throttles(0.0 if first else GATHER))
+            if self.slow:
+                self._drop_stock()
+            # The first reply after a quiet spell goes at once; a burst's others gather.
+            quiet = time.monotonic() - self._reported >= GATHER
+            self._spawn(self._report_throttles(0.0 if quiet else GATHER))
+
+    def _drop_stock(self) -> None:
+        """Tokens granted at a rate the relay has just refused: each would be one more
+        refusal."""
+        for bucket in self._lanes.values():
+            bucket.stock.clear()
 
     async def _report_throttles(self, gather: float) -> None:
         await asyncio.sleep(gather)
         assert self.limiter is not None
+        self._reported = time.monotonic()
         count, self._throttles = self._throttles, 0
         cap = min((w.per_second for w in self.settings.rate_limits), default=0.0)
         try:
@@ -362,11 +398,42 @@ class Shaper:
                 cooldown=COOLDOWN,
                 recovery=RECOVERY,
                 cap=cap,
+                probe=PROBE,
+                long=LONG_REFUSAL,
+                probe_max=PROBE_MAX,
             )
         except (redis.RedisError, OSError) as exc:
             log.warning("could not report throttling to Redis: %s", type(exc).__name__)
             return
         self._set_ceiling(ceiling, self._throttle_reason)
+
+    def _probing(self, probing: bool, since: float) -> None:
+        if not probing:
+            self._probe_since = None
+        elif self._probe_since is None:
+            self._probe_since = since
+
+    def accepted(self, slot: float | None) -> None:
+        """A message admitted at `slot` was delivered. During a probe, one admitted after the
+        probe began is the news that the relay takes mail again: reported at once (one report
+        at a time), so the whole fleet's ceiling is restored."""
+        since = self._probe_since
+        if since is None or slot is None or slot < since or self._accepting or not self.limiter:
+            return
+        self._accepting = True
+        self._spawn(self._report_accept())
+
+    async def _report_accept(self) -> None:
+        assert self.limiter is not None
+        try:
+            ceiling = await self.limiter.accept()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("probe success not reported: %s", type(exc).__name__)
+            return
+        finally:
+            self._accepting = False
+        self._probe_since = None
+        self._set_ceiling(ceiling, self.ceiling_reason)
 
     def _count(self, tokens: int) -> None:
         if self.limiter is None:
@@ -387,6 +454,8 @@ class Shaper:
     def _set_ceiling(self, ceiling: float | None, reason: str, slow: bool = False) -> None:
         was, was_slow = self.ceiling, self.slow
         self.ceiling, self.slow = ceiling, slow and ceiling is not None
+        if ceiling is not None and was is not None and ceiling < was * 0.5:
+            self._drop_stock()  # a probe began: what this process holds is the old rate's
         if self.slow:
             if not was_slow:
                 self.ceiling_reason = "slow start"

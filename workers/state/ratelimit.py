@@ -35,6 +35,7 @@ class Grant:
     received: float  # monotonic time of the reply
     schedule: tuple[tuple[float, float], ...]  # per window: (offset of token 0, spacing)
     slow: bool = False  # the ceiling is slow start's (nothing known of the relay yet)
+    probing: bool = False  # the ceiling is a probe's (the relay refused nearly everything)
 
     def at(self, j: int) -> float:
         if not self.schedule:
@@ -86,14 +87,23 @@ class RateLimiter:
         args += list(slow_start)
         reply = await self._script(keys=[self.key], args=args)
         received = time.monotonic()
-        values = [float(x) if x not in (b"", "") else None for x in reply]
+        state = reply[3].decode() if isinstance(reply[3], bytes) else str(reply[3])
+        values = [float(x) if x not in (b"", "") else None for i, x in enumerate(reply) if i != 3]
+        values.insert(3, None)
         count = int(values[0] or 0)
         pairs = values[4:]
         schedule = tuple(
             (float(pairs[i] or 0.0), float(pairs[i + 1] or 0.0)) for i in range(0, len(pairs), 2)
         )
-        slow = values[3] is not None
-        return Grant(count, float(values[1] or 0.0), values[2], received, schedule, slow)
+        return Grant(
+            count,
+            float(values[1] or 0.0),
+            values[2],
+            received,
+            schedule,
+            slow=state == "1",
+            probing=state == "p",
+        )
 
     async def count(self, used: int) -> float | None:
         """Tokens used without a window to ask (for the measure the adaptive ceiling starts
@@ -110,10 +120,23 @@ class RateLimiter:
         cooldown: float,
         recovery: float,
         cap: float,
+        probe: float = 0.05,
+        long: float = 2.0,
+        probe_max: float = 5.0,
     ) -> float | None:
-        """`replies` throttling replies seen; returns the ceiling now in force."""
+        """`replies` throttling replies seen; returns the ceiling now in force. `probe`,
+        `long`, `probe_max`: the probe a refusal that says nothing of the relay's rate starts
+        (lua/ratelimit.lua)."""
         args: list[Any] = ["throttle", replies, floor, cooldown, recovery, reason[:200], cap]
+        args += [probe, long, probe_max]
         reply = await self._script(keys=[self.key], args=args)
+        return _rate(reply[0])
+
+
+    async def accept(self) -> float | None:
+        """A message admitted during a probe was delivered: the relay takes mail again, and the
+        ceiling is restored (lua/ratelimit.lua). Returns the ceiling now in force."""
+        reply = await self._script(keys=[self.key], args=["accept"])
         return _rate(reply[0])
 
 

@@ -9,6 +9,10 @@
 --   ts tc tp         throttling replies, counted the same way
 --   ss sd            slow start: the ceiling in force while the fleet knows nothing of the
 --                    relay yet (ss, msg/s), and that it is over for good (sd)
+--   cs ca            the cycle: when it began (the first grant, or the last restore) and the
+--                    tokens the relay accepted since (granted - throttled): its long-run rate
+--   pd rr pl pr      a probe: since pd the ceiling is a trickle of probes; rr is the rate to
+--                    restore; pl, pr: how long a refusal is long, the recovery
 --
 -- ARGV[1] is the operation:
 --   take  want horizon burst_s lane share late n (field T tau)*n ss_start ss_gain ss_max ss_for
@@ -23,19 +27,29 @@
 --         ss_gain msg/s per token granted (e-fold per second while the fleet uses it all), to
 --         at most twice the fleet's granted rate, until the first throttling reply, or until
 --         it reaches ss_max or has lasted ss_for seconds, when it is over.
---         Returns {granted, wait, ceiling, slow, (offset_i, T_i)...} as strings: token j may be
---         used offset_i + j*T_i seconds from now on window i (the latest of them); `wait` is
---         when to ask again after a refusal; `slow` is '1' while the ceiling is slow start's.
+--         Returns {granted, wait, ceiling, state, (offset_i, T_i)...} as strings: token j may
+--         be used offset_i + j*T_i seconds from now on window i (the latest of them); `wait`
+--         is when to ask again after a refusal; `state` is '1' while the ceiling is slow
+--         start's, 'p' while it is a probe's.
 --   count n          n tokens used without asking (no window configured): for the measure.
---   throttle n floor cooldown recovery reason cap
+--   throttle n floor cooldown recovery reason cap probe long probe_max
 --         n throttling replies seen. At most once per `cooldown`: the ceiling falls to what the
 --         relay accepted in the last second (granted - throttled), between 0.6 and 0.95 of
---         the current rate (below 0.6 when the relay accepted under a tenth of what was
---         granted), never below `floor`; it then grows by `recovery` of the rate it
---         fell from per second until `cap` (0: twice that rate), when it is dropped. Without
---         a measure of the fleet's rate (nothing granted or counted lately) it only counts.
---         The first throttling reply ends slow start: the ceiling falls to `floor` and climbs
---         back by `recovery` of the slow-start rate per second.
+--         the rate the fleet sends, never below `floor`; it then grows by `recovery` of the
+--         rate it fell from per second until `cap` (0: twice that rate), when it is dropped.
+--         Without a measure of the fleet's rate (nothing granted or counted lately) it only
+--         counts. Two cases say nothing yet of the relay's rate: the first throttling reply
+--         of slow start, and a relay that accepted under a tenth of what it was granted (a
+--         spent budget, or a rate far exceeded). Both start a probe: the ceiling falls at
+--         once to `probe` of the rate it would fall to (at least `floor`, at most
+--         `probe_max`), halving each
+--         cooldown while the relay refuses everything, until a worker reports a probe
+--         delivered (`accept`). The ceiling is then restored: to the rate it would have fallen to if the refusals lasted less than
+--         `long` seconds (a per-second limit), else to the cycle's long-run accepted rate (a
+--         budget per minute or hour, spent early: its reset is the next cycle), growing then
+--         by `recovery` of that rate per cycle length, not per second (a budget a little
+--         faster each second would be spent early again).
+--   accept           a message admitted during a probe was delivered: the ceiling is restored.
 --   peek             {ceiling or '', reason, at}
 local key = KEYS[1]
 local op = ARGV[1]
@@ -43,8 +57,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local sec = tonumber(t[1])
 
--- Adds n to this second's count of `prefix`; returns the last full second's count and this
--- second's count scaled to a whole second (a rate either way).
+-- Adds n to this second's count of `prefix`; returns the last full second's count, this
+-- second's count scaled to a whole second (a rate either way), and this second's count.
 local function roll(prefix, n)
   local s = tonumber(redis.call('HGET', key, prefix .. 's') or 0)
   local c = tonumber(redis.call('HGET', key, prefix .. 'c') or 0)
@@ -57,7 +71,7 @@ local function roll(prefix, n)
     p, c = 0, n
   end
   redis.call('HSET', key, prefix .. 's', sec, prefix .. 'c', c, prefix .. 'p', p)
-  return p, c / math.max(0.25, now - sec)
+  return p, c / math.max(0.25, now - sec), c
 end
 
 local function drop_lanes()
@@ -81,6 +95,41 @@ local function ceiling()
     return nil, false
   end
   return rate, false
+end
+
+-- What the ceiling in force is: '1' slow start's, 'p' a probe's, '' a measured rate's.
+local function state()
+  if redis.call('HEXISTS', key, 'pd') == 1 then return 'p' end
+  if redis.call('HEXISTS', key, 'ss') == 1 and redis.call('HEXISTS', key, 'c0') == 0 then
+    return '1'
+  end
+  return ''
+end
+
+-- The cycle's accepted count: n tokens granted (or, negative, refused).
+local function cycle(n)
+  if redis.call('HEXISTS', key, 'cs') == 0 then
+    redis.call('HSET', key, 'cs', now, 'ca', 0)
+  end
+  redis.call('HINCRBYFLOAT', key, 'ca', n)
+end
+
+-- A probe went through: the relay takes mail again. The ceiling is restored and a new cycle
+-- begins.
+local function restore()
+  local p = redis.call('HMGET', key, 'pd', 'rr', 'pl', 'pr', 'cs', 'ca', 'c0')
+  if not p[1] then return end
+  local target = tonumber(p[2])
+  local step = target * tonumber(p[4])
+  if now - tonumber(p[1]) >= tonumber(p[3]) then
+    local span = math.max(1, now - tonumber(p[5] or now))
+    target = math.min(target, math.max(0, tonumber(p[6] or 0)) / span)
+    step = target * tonumber(p[4]) / span
+  end
+  target = math.max(target, tonumber(p[7] or 0))
+  drop_lanes()  -- the probe's spacing would hold the first grants at the trickle
+  redis.call('HDEL', key, 'pd', 'rr', 'pl', 'pr')
+  redis.call('HSET', key, 'c0', target, 't0', now, 'step', step, 'cs', now, 'ca', 0, 'at', now)
 end
 
 local result
@@ -127,7 +176,7 @@ if op == 'take' then
     wait = math.max(wait, start + w[2] - w[3] - now - horizon)
   end
   if k < 0 then k = 0 end
-  result = {tostring(k), tostring(wait), rate and tostring(rate) or '', slow and '1' or ''}
+  result = {tostring(k), tostring(wait), rate and tostring(rate) or '', state()}
   if k > 0 then
     for i, w in ipairs(windows) do
       redis.call('HSET', key, w[1], starts[i] + k * w[2])
@@ -135,6 +184,7 @@ if op == 'take' then
       result[#result + 1] = tostring(w[2])
     end
     local gp, gc = roll('g', k)
+    cycle(k)
     if slow then
       -- Grows with use, to at most twice what the fleet was granted in the last second: a
       -- ceiling far above what the fleet can send would not slow it when the relay refuses.
@@ -150,49 +200,60 @@ if op == 'take' then
   end
 elseif op == 'count' then
   roll('g', tonumber(ARGV[2]))
+  cycle(tonumber(ARGV[2]))
   local rate = ceiling()
   result = {rate and tostring(rate) or ''}
 elseif op == 'throttle' then
   local n, floor, cooldown = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local recovery, reason, cap = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-  local tp, tc = roll('t', n)
-  local gp, gc = roll('g', 0)
+  local probe, long, probe_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  -- Counted, not scaled up: a second's first moments scaled to a whole second overstate it.
+  local tp, _, tc = roll('t', n)
+  local gp, _, gc = roll('g', 0)
+  cycle(-n)
   local throttled, granted = math.max(tp, tc), math.max(gp, gc)
   local last = tonumber(redis.call('HGET', key, 'd') or 0)
   local rate, slow = ceiling()
+  local probing = redis.call('HEXISTS', key, 'pd') == 1
   -- No decrease without a measure of what we send: a ceiling guessed from nothing could
   -- only be wrong (the counts of the next report say what the fleet sends).
-  if now - last >= cooldown and (rate or granted > 0) then
+  if probing then
+    if now - last >= cooldown and granted > 0 and granted - throttled < 0.1 * granted then
+      -- Still refused: probe half as often.
+      rate = math.max(floor, rate * 0.5)
+      redis.call('HSET', key, 'c0', rate, 't0', now, 'd', now, 'reason', reason, 'at', now)
+    end
+  elseif (now - last >= cooldown or slow) and (rate or granted > 0) then
     local current = rate or granted
+    local sending = math.min(current, math.max(granted, 1))
     local accepted = granted - throttled
-    local target = math.max(current * 0.6, math.min(current * 0.95, accepted))
-    if accepted < 0.1 * granted then
-      -- The relay refuses nearly everything: a budget spent (a fixed window such as Postfix's
-      -- anvil), not a rate slightly exceeded. Probing it at 0.6 of the rate would only add
-      -- refusals until it resets.
-      target = accepted
-    end
-    if slow then
-      -- Slow start guessed at a relay that has now said no: start again from the floor,
-      -- climbing by `recovery` of the rate slow start had reached each second.
-      target = floor
-      redis.call('HDEL', key, 'ss')
-    end
-    target = math.max(floor, target)
+    local target = math.max(sending * 0.6, math.min(sending * 0.95, accepted))
+    local start_probe = slow or accepted < 0.1 * granted
+    if slow then redis.call('HDEL', key, 'ss') end
     -- Recovered (and dropped) at the configured rate, or, with none, at twice the rate the
     -- first decrease of this episode fell from: a later decrease keeps that point, or a
     -- ceiling at the floor would lift after a few seconds and let the fleet burst again.
     local top = cap
     if top <= 0 then
       top = tonumber(redis.call('HGET', key, 'cmax') or 0)
-      if not rate or top <= 0 then top = 2 * current end
+      if not rate or top <= 0 or slow then top = 2 * current end
     end
+    target = math.max(floor, target)
     top = math.max(top, target * 1.05)
-    redis.call('HSET', key, 'c0', target, 't0', now, 'step', current * recovery, 'cmax', top,
-      'd', now, 'reason', reason, 'at', now, 'sd', 1)
+    if start_probe then
+      -- The relay's rate is not known yet: a trickle of probes until one goes through.
+      redis.call('HSET', key, 'pd', now, 'rr', target, 'pl', long, 'pr', recovery)
+      target = math.max(floor, math.min(target * probe, probe_max))
+    end
+    redis.call('HSET', key, 'c0', target, 't0', now, 'step', start_probe and 0 or current * recovery,
+      'cmax', top, 'd', now, 'reason', reason, 'at', now, 'sd', 1)
     rate = target
   end
-  result = {rate and tostring(rate) or ''}
+  result = {rate and tostring(rate) or '', state()}
+elseif op == 'accept' then
+  restore()
+  local rate = ceiling()
+  result = {rate and tostring(rate) or '', state()}
 else
   local rate = ceiling()
   local info = redis.call('HMGET', key, 'reason', 'at')

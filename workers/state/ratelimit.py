@@ -132,7 +132,6 @@ class RateLimiter:
         reply = await self._script(keys=[self.key], args=args)
         return _rate(reply[0])
 
-
     async def accept(self) -> float | None:
         """A message admitted during a probe was delivered: the relay takes mail again, and the
         ceiling is restored (lua/ratelimit.lua). Returns the ceiling now in force."""

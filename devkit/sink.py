@@ -652,6 +652,7 @@ class SinkServer:
         pipelining: bool = True,
         throttle_rate: int | None = None,
         throttle_reply: str = THROTTLE_REPLY,
+        throttle_window: float = 1.0,
         auth_failure_reply: str = BAD_CREDENTIALS_REPLY,
         peer_pids: bool = False,
         auth_file: Path | str | None = None,
@@ -682,6 +683,11 @@ class SinkServer:
         answered ``throttle_reply`` (a ``421`` one then closes the connection). None: no limit.
         Assign at run time to impose or lift it."""
         self.throttle_reply = throttle_reply
+        self.throttle_window = throttle_window
+        """The throttle's window, seconds. 1: wall-clock seconds (a rate). Longer: counted as
+        Postfix's anvil counts, from the first MAIL after the previous window ended (a budget:
+        once ``throttle_rate`` MAILs got on, every MAIL is refused until the window ends)."""
+        self._window_end = 0.0
         self.auth_failure_reply = auth_failure_reply
         """The reply to AUTH with credentials other than ``auth`` (replace ``auth`` at run time
         to revoke a key, and again to restore it)."""
@@ -700,6 +706,8 @@ class SinkServer:
                 raise ValueError(f"{name} must be a 4xx or 5xx reply line, got {reply!r}")
         if throttle_rate is not None and throttle_rate < 0:
             raise ValueError(f"throttle_rate must be >= 0 or None, got {throttle_rate}")
+        if throttle_window < 1.0:
+            raise ValueError(f"throttle_window must be >= 1 second, got {throttle_window}")
 
         self._cond = threading.Condition()
         self._received: list[Received] = []
@@ -952,13 +960,17 @@ class SinkServer:
             return time.monotonic() < self._quota_until
 
     def _over_rate(self) -> str | None:
-        """The throttle reply if this MAIL is above ``throttle_rate`` in the current second."""
+        """The throttle reply if this MAIL is above ``throttle_rate`` in the current window."""
         limit = self.throttle_rate
         if limit is None:
             return None
         second = int(time.time())
+        now = time.monotonic()
         with self._cond:
-            if second != self._rate_second:
+            if self.throttle_window > 1.0:
+                if now >= self._window_end:
+                    self._window_end, self._rate_count = now + self.throttle_window, 0
+            elif second != self._rate_second:
                 self._rate_second, self._rate_count = second, 0
             self._rate_count += 1
             over = self._rate_count > limit

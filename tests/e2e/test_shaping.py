@@ -133,6 +133,36 @@ def test_slow_start_paces_a_new_fleet_until_its_relay_first_throttles_it(
     assert dead_letters(r) == 0
 
 
+def test_a_spent_budget_is_probed_and_the_fleet_comes_back_at_the_budgets_rate(
+    relay: MakeRelay, workers: StartWorker
+) -> None:
+    """A relay counting a budget in a fixed window, as Postfix's anvil does (60 MAILs per 6 s
+    here, then every MAIL refused until the window ends): the fleet does not climb back into
+    the spent window second after second; a trickle of probes finds the window's end, the
+    first one delivered brings the whole fleet back (`probe_passed`), and nothing is lost,
+    sent twice or dead-lettered."""
+    reply = "450 4.7.1 Error: too much mail from 127.0.0.1"
+    r = relay(
+        sink={
+            "throttle_rate": 60,
+            "throttle_window": 6.0,
+            "throttle_reply": reply,
+            "record_data": False,
+        }
+    )
+    started = start(workers, r.env, 2)
+    ids = send_many(240, "budget")
+    assert_all_once(r, ids, started)
+    refused = len(r.sink.timestamps("refused"))
+    assert refused, "the budget was never spent: the test proves nothing"
+    # Four windows' worth: the fleet came back after each spent window (a probe delivered).
+    passed = [line for w in started for line in w.lines if '"probe_passed"' in line]
+    assert passed, "no probe brought the fleet back"
+    # Probes, not a fleet pressing on a spent window (each refusal is one MAIL it counts).
+    assert refused < len(ids) // 2, f"{refused} MAILs refused for {len(ids)} messages"
+    assert dead_letters(r) == 0
+
+
 # ---- fleet-wide limits -------------------------------------------------------------------------
 
 

@@ -433,6 +433,9 @@ class Shaper:
         finally:
             self._accepting = False
         self._probe_since = None
+        if ceiling is None or self.ceiling is None or ceiling > self.ceiling:
+            rate = None if ceiling is None else round(ceiling, 1)
+            log_event("probe_passed", rate=rate, relay=self.relay)
         self._set_ceiling(ceiling, self.ceiling_reason)
 
     def _count(self, tokens: int) -> None:

@@ -19,13 +19,15 @@ worker sent it; the workers therefore also record, on their side, when each MAIL
 each session open left (bench/clienttrace), and the rate, adaptive and cold-start figures are
 given at both ends. `--tree REF` runs the feature-on runs of those scenarios a second time with
 the workers of another commit (exported with `git archive`), right after this checkout's, so
-the two are compared under the same load.
+the two are compared under the same load. `SHAPING_KEEP_TRACE=1` keeps those records (a
+`shaping-trace-*` folder in the temp dir) for a closer look.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import multiprocessing
 import os
@@ -35,6 +37,7 @@ import select
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -160,7 +163,8 @@ class Fleet:
         self.client.close()
         self.sink.stop()
         self.redis.close()
-        shutil.rmtree(self.trace, ignore_errors=True)
+        if not os.environ.get("SHAPING_KEEP_TRACE"):
+            shutil.rmtree(self.trace, ignore_errors=True)
 
     def __enter__(self) -> Fleet:
         return self
@@ -298,6 +302,89 @@ def produce(n: int, tag: str, chunk: int = 1000, **fields: Any) -> list[str]:
             ]
         )
     return ids
+
+
+class Arrivals:
+    """Our id -> when the sink first answered 250 to it, read incrementally: the sink's loop
+    runs in this process, and copying 100,000 records every 0.1 s held it up for its GIL."""
+
+    def __init__(self, sink: SinkServer) -> None:
+        self.sink = sink
+        self.read = 0
+        self.ids: dict[str, float] = {}
+
+    def update(self) -> dict[str, float]:
+        new = self.sink.received_since(self.read)
+        self.read += len(new)
+        for r in new:
+            if r.message_id is not None:
+                self.ids.setdefault(r.message_id.split("@", 1)[0], r.received_at)
+        return self.ids
+
+
+#: The transactional burst runs in its own process, as an application's would: in this one,
+#: 1,000 `mailer.send` calls in a loop took the GIL from the sink's loop thread, which then
+#: stamped the 250s late.
+BURST = """
+import json, sys, time, mailer
+n, lane = int(sys.argv[1]), sys.argv[2]
+extra = {"lane": lane} if lane else {}
+out = {}
+for i in range(n):
+    at = time.time()
+    out[mailer.send(to=f"tx{i}@example.com", subject=f"tx {i}", text="hi\\n", **extra)] = at
+print(json.dumps(out))
+"""
+
+
+def burst(env: dict[str, str], n: int, lane: str) -> dict[str, float]:
+    """`n` transactional `mailer.send` calls from another process: id -> enqueue time."""
+    done = subprocess.run(
+        [sys.executable, "-c", BURST, str(n), lane],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return {str(k): float(v) for k, v in json.loads(done.stdout).items()}
+
+
+def stages(fleet: Fleet, enqueued: dict[str, float], arrived: dict[str, float]) -> str:
+    """Where a transactional message's time went (p50/p99, ms), from the workers' own records:
+    enqueue -> the worker's engine (broker, Celery), -> past its attempts gate, -> its MAIL
+    written (tokens, session), -> the sink's 250 (the transaction, the sink's loop)."""
+    by_tx: dict[str, dict[str, float]] = {}
+    for kind in ("fetched", "dispatched", "engine", "arrive", "mail"):
+        for event in fleet.client_events(kind):
+            if len(event) > 1:
+                by_tx.setdefault(event[1], {}).setdefault(kind, float(event[0]))
+    spans: dict[str, list[float]] = {
+        "fetched": [], "dispatched": [], "engine": [], "gate": [], "mail": [], "250": []
+    }  # fmt: skip
+    tx_of = {mid: i for i, mid in enumerate(enqueued)}  # the burst sent tx0, tx1, ... in order
+    for mid, at in enqueued.items():
+        times = by_tx.get(f"tx{tx_of[mid]}", {})
+        if {"fetched", "dispatched", "engine", "arrive", "mail"} <= times.keys() and mid in arrived:
+            spans["fetched"].append(times["fetched"] - at)
+            spans["dispatched"].append(times["dispatched"] - times["fetched"])
+            spans["engine"].append(times["engine"] - times["dispatched"])
+            spans["gate"].append(times["arrive"] - times["engine"])
+            spans["mail"].append(times["mail"] - times["arrive"])
+            spans["250"].append(arrived[mid] - times["mail"])
+    if not spans["engine"]:
+        return "stages: no worker records (bench/clienttrace)"
+    return "stages, ms p50/p99: " + ", ".join(
+        f"{name} {percentile(v, 50) * 1000:.0f}/{percentile(v, 99) * 1000:.0f}"
+        for name, v in (
+            ("enqueue->Celery's handler", spans["fetched"]),
+            ("->dispatch thread", spans["dispatched"]),
+            ("->engine", spans["engine"]),
+            ("->past the gate", spans["gate"]),
+            ("->MAIL", spans["mail"]),
+            ("->250", spans["250"]),
+        )
+    )
 
 
 def local_ids(sink: SinkServer) -> dict[str, float]:
@@ -737,7 +824,6 @@ def scenario_quota(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
 
 
 def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:
-    import mailer
 
     bulk_n, tx_n = args.lanes_bulk, args.lanes_transactional
     note = feature_note("MAILER_LANES")
@@ -757,29 +843,26 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
             bulk_ids = set(produce(bulk_n, "bulk"))
             time.sleep(args.lanes_warm)
             sink = fleet.sink
-            if len(bulk_ids & local_ids(sink).keys()) >= bulk_n:
+            arrivals = Arrivals(sink)
+            if len(bulk_ids & arrivals.update().keys()) >= bulk_n:
                 say(f"  {label:<10} the bulk backlog drained before the burst: raise --lanes-bulk")
                 continue
-            lane: dict[str, Any] = {"lane": "transactional"} if lanes else {}
-            enqueued: dict[str, float] = {}
-            burst = time.time()
-            for i in range(tx_n):
-                at = time.time()
-                mid = mailer.send(to=f"tx{i}@example.com", subject=f"tx {i}", text="hi\n", **lane)
-                enqueued[mid] = at
+            started = time.time()
+            enqueued = burst(fleet.env, tx_n, "transactional" if lanes else "")
             deadline = time.monotonic() + args.drain_timeout + bulk_n / 100
-            while time.monotonic() < deadline and not enqueued.keys() <= local_ids(sink).keys():
+            while time.monotonic() < deadline and not enqueued.keys() <= arrivals.update().keys():
                 time.sleep(0.1)
             time.sleep(5)  # the "5 s after" window
-            arrived = local_ids(sink)
+            arrived = arrivals.update()
             latencies = [arrived[i] - at for i, at in enqueued.items() if i in arrived]
             tx_done = max((arrived[i] for i in enqueued if i in arrived), default=time.time())
             bulk_times = sorted(t for i, t in arrived.items() if i in bulk_ids)
             bulk_left = bulk_n - sum(1 for t in bulk_times if t <= tx_done)
-            before = rate_between(bulk_times, burst - 5, burst)
-            during = rate_between(bulk_times, burst, tx_done)
+            burst_at = min(enqueued.values(), default=started)
+            before = rate_between(bulk_times, burst_at - 5, burst_at)
+            during = rate_between(bulk_times, burst_at, tx_done)
             share = 100 * during / before if before else None
-            total = during + len(latencies) / (tx_done - burst) if tx_done > burst else None
+            total = during + len(latencies) / (tx_done - burst_at) if tx_done > burst_at else None
             after = rate_between(bulk_times, tx_done, tx_done + 5)
             p50 = percentile(latencies, 50) if latencies else None
             p99 = percentile(latencies, 99) if latencies else None
@@ -789,13 +872,21 @@ def scenario_lanes(args: argparse.Namespace, material: TLSMaterial, say: Say) ->
                 f" max {fmt(max(latencies, default=None), '.3f', ' s')};"
                 f" bulk still queued when the last one arrived: {bulk_left:,}"
             )
+            span = max(enqueued.values(), default=burst_at) - burst_at
+            floor = tx_n / before - span if before else None
+            say(
+                f"  {'':<10} enqueued in {span:.2f} s; at the fleet's rate before the burst"
+                f" ({before:,.0f} msg/s) the last one cannot arrive less than"
+                f" {fmt(floor, '.2f', ' s')} after its enqueue even with all of it"
+            )
             say(
                 f"  {'':<10} bulk msg/s: before {before:,.0f}, during the transactional burst"
                 f" {during:,.0f} ({fmt(share, '.0f', '%')} of before; with the transactional"
                 f" ones {fmt(total)}), 5 s after {after:,.0f};"
                 f" duplicates {fleet.duplicates()}, dead letters {fleet.dead_letters()}"
             )
-            say(f"  {'':<10} {stall_note(sink, burst - 5, tx_done + 5)}")
+            say(f"  {'':<10} {stall_note(sink, burst_at - 5, tx_done + 5)}")
+            say(f"  {'':<10} {stages(fleet, enqueued, arrived)}")
 
 
 def scenario_coldstart(args: argparse.Namespace, material: TLSMaterial, say: Say) -> None:

@@ -1061,6 +1061,12 @@ class SinkServer:
         with self._cond:
             return list(self._received)
 
+    def received_since(self, index: int) -> list[Received]:
+        """The accepted messages from ``index`` on (``received`` is append-only): a reader
+        polling a long run copies only what is new."""
+        with self._cond:
+            return self._received[index:]
+
     @property
     def ambiguous(self) -> list[Received]:
         """Messages recorded as accepted whose connection we dropped before the 250."""

@@ -6,7 +6,13 @@ is later than the client sent it, and events that waited together are stamped to
 tell the fleet's pacing from that, each worker appends, per event, the wall-clock time at
 which it wrote it to `<folder>/<pid>`:
 
-    mail <t>     a MAIL command written (MAIL leaves with no await after this point)
+    mail <t> [tx]  a MAIL command written (MAIL leaves with no await after this point); `tx`:
+                 the local part of its first recipient when it starts with "tx" (the lanes
+                 scenario's transactional messages)
+    fetched <t> tx ... such a message handed by Celery to the stream (workers/strategy.py)
+    dispatched <t> tx ... taken by the stream's dispatch thread
+    engine <t> tx  ... such a message reached the worker's engine (broker and Celery behind it)
+    arrive <t> tx  ... and got past the process's attempts gate (lanes ranked)
     chained <t>  ... of those, one written behind the previous message's body (hand-over)
     open <t>     a session starts connecting (after the session-open rate let it)
     grant <t> <n> <key>   the rate limiter granted n tokens of `key` (n may be 0: refused)
@@ -28,7 +34,14 @@ from types import ModuleType
 from typing import Any
 
 FOLDER = os.environ.get("MAILER_BENCH_TRACE", "")
-TARGETS = ("workers.engine.session", "workers.state.ratelimit", "workers.engine.shaper")
+TARGETS = (
+    "workers.engine.session",
+    "workers.state.ratelimit",
+    "workers.engine.shaper",
+    "workers.engine.runtime",
+    "workers.strategy",
+    "workers.broker",
+)
 
 
 class _Trace:
@@ -50,6 +63,12 @@ def _patch(module: ModuleType, record: _Trace) -> None:
         _patch_limiter(module, record)
     elif module.__name__ == "workers.engine.shaper":
         _patch_shaper(module, record)
+    elif module.__name__ == "workers.engine.runtime":
+        _patch_runtime(module, record)
+    elif module.__name__ == "workers.strategy":
+        _patch_strategy(module, record)
+    elif module.__name__ == "workers.broker":
+        _patch_broker(module, record)
     else:
         _patch_session(module, record)
 
@@ -82,12 +101,87 @@ def _patch_shaper(module: ModuleType, record: _Trace) -> None:
     shaper.late = traced_late
 
 
+def _tx(rcpt_to: Any) -> tuple[str, ...]:
+    first = str(rcpt_to[0]) if rcpt_to else ""
+    return (first.split("@", 1)[0],) if first.startswith("tx") else ()
+
+
+def _patch_runtime(module: ModuleType, record: _Trace) -> None:
+    runtime = module.Runtime
+    admitted = runtime._admitted
+
+    async def traced_admitted(self: Any, parts: Any, payload: Any, *args: Any, **kw: Any) -> Any:
+        tx = _tx(payload.get("rcpt_to"))
+        if tx:
+            record("arrive", *tx)
+        return await admitted(self, parts, payload, *args, **kw)
+
+    runtime._admitted = traced_admitted
+    for name in ("_streamed", "adeliver"):
+        _trace_entry(runtime, name, record)
+
+
+def _patch_broker(module: ModuleType, record: _Trace) -> None:
+    channel = module.Channel
+    deliver, take = channel._deliver_moved, channel._take_more
+    start = channel._brpop_start
+
+    def traced_deliver(self: Any, queue: str, item: bytes, queues: Any) -> None:
+        record("moved", queue)
+        deliver(self, queue, item, queues)
+
+    def traced_take(self: Any, queues: Any) -> int:
+        n: int = take(self, queues)
+        if n:
+            record("took", n, queues[0])
+        return n
+
+    def traced_start(self: Any, *args: Any, **kwargs: Any) -> None:
+        start(self, *args, **kwargs)
+        record("poll", int(bool(getattr(self, "_top_fetch", False))))
+
+    channel._deliver_moved, channel._take_more = traced_deliver, traced_take
+    channel._brpop_start = traced_start
+
+
+def _patch_strategy(module: ModuleType, record: _Trace) -> None:
+    stream = module.Stream
+    put, start = stream.put, stream._start
+
+    def traced_put(self: Any, job: Any) -> None:
+        tx = _tx(job.payload.get("rcpt_to"))
+        if tx:
+            record("fetched", *tx)
+        put(self, job)
+
+    def traced_start(self: Any, jobs: Any) -> None:
+        for job in jobs:
+            tx = _tx(job.payload.get("rcpt_to"))
+            if tx:
+                record("dispatched", *tx)
+        start(self, jobs)
+
+    stream.put, stream._start = traced_put, traced_start
+
+
+def _trace_entry(cls: Any, name: str, record: _Trace) -> None:
+    inner = getattr(cls, name)
+
+    async def traced(self: Any, payload: Any, *args: Any, **kw: Any) -> Any:
+        tx = _tx(payload.get("rcpt_to"))
+        if tx:
+            record("engine", *tx)
+        return await inner(self, payload, *args, **kw)
+
+    setattr(cls, name, traced)
+
+
 def _patch_session(module: ModuleType, record: _Trace) -> None:
     commands = module._commands
 
-    def traced_commands(*args: Any, **kwargs: Any) -> Any:
-        out = commands(*args, **kwargs)
-        record("mail")
+    def traced_commands(mail_from: Any, rcpt_to: Any, *args: Any, **kwargs: Any) -> Any:
+        out = commands(mail_from, rcpt_to, *args, **kwargs)
+        record("mail", *_tx(rcpt_to))
         return out
 
     module._commands = traced_commands  # type: ignore[attr-defined]

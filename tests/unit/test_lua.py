@@ -81,3 +81,20 @@ def test_the_wheel_carries_every_script(tmp_path: Path) -> None:
     assert Path(installed["file"]).is_relative_to(site)
     expected = {p.stem: p.read_text(encoding="utf-8") for p in LUA.glob("*.lua")}
     assert installed["scripts"] == expected
+
+
+def test_every_command_a_script_calls_is_in_the_documented_acl_rule() -> None:
+    """Redis checks a script's commands against the caller's ACL: a command the README's rule
+    (README, Production Redis) does not grant fails the script for every fleet that applied
+    it, which only an end-to-end run under that user would otherwise show."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    rule = readme.split("<!-- acl-rule:", 1)[1].split("```", 2)[1]
+    granted = {m.lower() for m in re.findall(r"\+([a-z|]+)", rule)}
+    called: dict[str, set[str]] = {}
+    for path in LUA.glob("*.lua"):
+        for command in re.findall(r"redis\.call\('([A-Za-z]+)'", path.read_text()):
+            called.setdefault(command.lower(), set()).add(path.name)
+    missing = {c: sorted(files) for c, files in called.items() if c not in granted}
+    assert called and missing == {}, f"not in the README's ACL rule: {missing}"

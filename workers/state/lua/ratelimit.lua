@@ -111,7 +111,7 @@ local function cycle(n)
   if redis.call('HEXISTS', key, 'cs') == 0 then
     redis.call('HSET', key, 'cs', now, 'ca', 0)
   end
-  redis.call('HINCRBYFLOAT', key, 'ca', n)
+  redis.call('HINCRBY', key, 'ca', n)  -- whole tokens (and in the documented ACL rule)
 end
 
 -- A probe went through: the relay takes mail again. The ceiling is restored and a new cycle
@@ -122,8 +122,10 @@ local function restore()
   local target = tonumber(p[2])
   local step = target * tonumber(p[4])
   if now - tonumber(p[1]) >= tonumber(p[3]) then
+    -- A long refusal: the rate of the second before it says nothing (a budget spent early
+    -- in its window); the cycle's does.
     local span = math.max(1, now - tonumber(p[5] or now))
-    target = math.min(target, math.max(0, tonumber(p[6] or 0)) / span)
+    target = math.max(0, tonumber(p[6] or 0)) / span
     step = target * tonumber(p[4]) / span
   end
   target = math.max(target, tonumber(p[7] or 0))

@@ -288,7 +288,10 @@ class Channel(ReusedClient, kredis.Channel):
         room, in the same poll (one round trip for many messages instead of two per message);
         how many."""
         n = TAKE_MAX
-        limits = (self.qos.can_consume_max_estimate(), room() if room is not None else None)
+        limits: tuple[int | None, ...] = (
+            self.qos.can_consume_max_estimate(),
+            room() if room is not None else None,
+        )
         if self._top_fetch and top_room is not None:
             limits = (top_room(),)  # the highest lane's own room (see `QoS.can_consume`)
         for limit in limits:

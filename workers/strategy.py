@@ -377,7 +377,10 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     broker.room = partial(_room, streamed, 2 * settings.worker_connections)
     top = wire.queue_for(settings.lanes[0].name) if len(settings.lanes) > 1 else None
     if top is not None:
-        broker.top_room = partial(_top_room, streamed, 2 * settings.worker_connections)
+        # Twice the others' room: the highest lane's messages wait in this process (at the
+        # attempts gate, ranked first) rather than in Redis, where no worker sees them
+        # (bench/README.md, "Probes instead of the floor": lanes).
+        broker.top_room = partial(_top_room, streamed, 4 * settings.worker_connections)
 
     def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         payload = None if callbacks else plain_first_attempt(message)

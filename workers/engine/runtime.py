@@ -97,37 +97,49 @@ ATTEMPTS_PER_SESSION = 2
 class Gate:
     """A counting semaphore whose waiters are served by rank (a lane's priority: 0 first), then
     in arrival order: a transactional attempt takes the next free slot, not the one after every
-    attempt of a bulk batch already waiting. A freed slot is handed to the waiter directly."""
+    attempt of a bulk batch already waiting. A freed slot is handed to the waiter directly.
 
-    def __init__(self, size: int) -> None:
+    `reserve`: slots only rank 0 may take once the others are spent. Every slot may be held by
+    a bulk attempt in the middle of its transaction, and a transactional one would then wait
+    for one of them to end (0.3 s at the median in bench/shaping.py's lanes run); the pool
+    gives it the next free session anyway."""
+
+    def __init__(self, size: int, reserve: int = 0) -> None:
         self._free = size
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._reserve = reserve
+        self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._arrivals = itertools.count()
 
     def locked(self) -> bool:
         return self._free <= 0
 
     async def acquire(self, rank: int = 0) -> bool:
+        """Returns whether the slot is one of the reserve's (give it back with `release`)."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            return False
+        if rank == 0 and self._reserve > 0:
+            self._reserve -= 1
             return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (rank, next(self._arrivals), future))
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self.release()  # handed a slot just as we were cancelled: pass it on
+                self.release(future.result())  # handed a slot as we were cancelled: pass it on
             raise
-        return True
 
-    def release(self) -> None:
-        while self._waiters:
+    def release(self, reserved: bool = False) -> None:
+        while self._waiters and (not reserved or self._waiters[0][0] == 0):
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
-                future.set_result(None)
+                future.set_result(reserved)
                 return
-        self._free += 1
+        if reserved:
+            self._reserve += 1
+        else:
+            self._free += 1
 
 
 #: A message the relay throttles waits for the fleet's rate again, in this process, this many
@@ -433,7 +445,9 @@ class Runtime:
         a higher lane go first (see `Gate`)."""
         gate: Gate | None = getattr(self, "_gate", None)
         if gate is None:
-            gate = self._gate = Gate(ATTEMPTS_PER_SESSION * self.settings.worker_connections)
+            size = ATTEMPTS_PER_SESSION * self.settings.worker_connections
+            reserve = self.settings.worker_connections if len(self._ranks) > 1 else 0
+            gate = self._gate = Gate(size, reserve)
         return gate
 
     def _rank(self, payload: Mapping[str, Any]) -> int:
@@ -447,11 +461,11 @@ class Runtime:
         parts.active += 1  # no await since `route` returned: the sweep cannot drop them first
         gate = self.gate
         try:
-            await gate.acquire(self._rank(payload))
+            reserved = await gate.acquire(self._rank(payload))
             try:
                 result = await self._admitted(parts, payload, released, attempts)
             finally:
-                gate.release()
+                gate.release(reserved)
         except Failure as failure:
             failure.relay = failure.relay or parts.name
             raise
@@ -477,17 +491,19 @@ class Runtime:
                 async def room() -> bool:
                     return await gate.acquire(rank)
 
-                async def give_back(_: bool) -> None:
-                    gate.release()
+                async def give_back(reserved: bool) -> None:
+                    gate.release(reserved)
 
-                if await _unless(draining, room(), give_back) is None:
+                got = await _unless(draining, room(), give_back)
+                if got is None:
                     return Result("not_started")
+                reserved = got
             else:
-                await gate.acquire(rank)
+                reserved = await gate.acquire(rank)
             try:
                 result = await self._admitted(parts, payload, "")
             finally:
-                gate.release()
+                gate.release(reserved)
         except Failure as failure:
             failure.relay = failure.relay or parts.name
             raise

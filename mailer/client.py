@@ -86,6 +86,29 @@ class Mailer:
                 f"X-SMTPAPI does: {', '.join(blockers)} (docs/profiles.md)",
             )
 
+    def _publish(
+        self,
+        rendered: Rendered,
+        message: Message,
+        lane: str,
+        due: float | None,
+        ignore_suppressions: bool,
+        relay: object,
+    ) -> None:
+        """One rendered message onto its lane's queue (or the schedule), through the relay
+        it names once that relay is checked and can send it."""
+        via = self.relay(relay)
+        self.check_portable(rendered, via)
+        payload = to_payload(
+            rendered,
+            lane,
+            due,
+            ignore_suppressions=ignore_suppressions,
+            asm_group=group_of(message),
+            relay=via,
+        )
+        self.publisher.send(payload, send_at=due)
+
     def send_message(
         self,
         message: Message,
@@ -100,17 +123,7 @@ class Mailer:
         lane = self.lane(lane)
         due = due_time(send_at)
         rendered = self.render(message)
-        via = self.relay(relay)
-        self.check_portable(rendered, via)
-        payload = to_payload(
-            rendered,
-            lane,
-            due,
-            ignore_suppressions=ignore_suppressions,
-            asm_group=group_of(message),
-            relay=via,
-        )
-        self.publisher.send(payload, send_at=due)
+        self._publish(rendered, message, lane, due, ignore_suppressions, relay)
         return rendered.id
 
     def send(self, **fields: Any) -> str:
@@ -209,20 +222,7 @@ class Mailer:
         message = message_from_mapping(fields)
         rendered = self.render(message)
 
-        def publish() -> None:
-            via = self.relay(relay)
-            self.check_portable(rendered, via)
-            payload = to_payload(
-                rendered,
-                lane,
-                due,
-                ignore_suppressions=ignore,
-                asm_group=group_of(message),
-                relay=via,
-            )
-            self.publisher.send(payload, send_at=due)
-
-        await asyncio.to_thread(publish)
+        await asyncio.to_thread(self._publish, rendered, message, lane, due, ignore, relay)
         return rendered.id
 
     async def asend_many(

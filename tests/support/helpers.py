@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 import redis
+import redis.asyncio as aioredis
 
-from devkit.sink import SinkServer
+from devkit.sink import SinkServer, TLSMaterial
 from devkit.worker import WorkerProcess
+from mailer.config import Secret, Settings
 from workers.state.deadletters import DeadLetters
 from workers.state.keys import LEDGER_PREFIX
+
+T = TypeVar("T")
+
+
+def run_async(redis_url: str, body: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
+    """`body` on a fresh event loop with an asyncio Redis client it does not have to close."""
+
+    async def main() -> T:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return await body(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def sink_settings(sink: SinkServer, tls: TLSMaterial, key: str, **extra: Any) -> Settings:
+    """Settings for in-process sessions against `sink` (STARTTLS, AUTH with `key`); `extra`
+    overrides or adds settings (timeouts default to 5 s)."""
+    fields: dict[str, Any] = {"smtp_timeout": 5.0, "data_timeout": 5.0, **extra}
+    return Settings(
+        smtp_host="localhost",
+        smtp_port=sink.port,
+        smtp_tls="starttls",
+        smtp_password=Secret(key),
+        smtp_ca_file=str(tls.ca_file),
+        **fields,
+    )
 
 
 def ids_at(sink: SinkServer) -> Counter[str]:

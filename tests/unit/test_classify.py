@@ -13,7 +13,8 @@ import aiosmtplib
 import pytest
 
 from devkit.sink import FaultPlan, SinkServer, TLSMaterial
-from mailer.config import Secret, Settings
+from mailer.config import Settings
+from tests.support.helpers import sink_settings
 from workers.engine.classify import (
     CIRCUIT_KINDS,
     WAIT_KINDS,
@@ -231,15 +232,7 @@ KEY = "SG.classify-test-key"
 
 
 def _settings(sink: SinkServer, tls: TLSMaterial, key: str = KEY) -> Settings:
-    return Settings(
-        smtp_host="localhost",
-        smtp_port=sink.port,
-        smtp_tls="starttls",
-        smtp_password=Secret(key),
-        smtp_ca_file=str(tls.ca_file),
-        smtp_timeout=5.0,
-        data_timeout=5.0,
-    )
+    return sink_settings(sink, tls, key)
 
 
 MESSAGE = b"From: s@example.com\r\nTo: a@example.com\r\nSubject: t\r\n\r\nhello\r\n"

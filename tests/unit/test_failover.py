@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -18,6 +18,8 @@ from devkit.sink import FaultPlan, SinkServer, TLSMaterial
 from mailer.config import Secret, Settings
 from mailer.message import Message
 from mailer.relays import Relay
+from tests.support.helpers import run_async as run
+from tests.support.helpers import sink_settings
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.failover import Route, Router, transient
 from workers.engine.session import Session, wire_body
@@ -26,17 +28,6 @@ from workers.state.trouble import TroubleRuns
 
 T = TypeVar("T")
 KEY = "SG.failover-test-key"
-
-
-def run(redis_url: str, body: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
-    async def main() -> T:
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def calls(client: redis.Redis, command: str) -> int:
@@ -272,15 +263,7 @@ def test_the_probe_interval_must_fit_the_runs_ttl(redis_url: str) -> None:
 
 
 def _settings(sink: SinkServer, tls: TLSMaterial, key: str = KEY) -> Settings:
-    return Settings(
-        smtp_host="localhost",
-        smtp_port=sink.port,
-        smtp_tls="starttls",
-        smtp_password=Secret(key),
-        smtp_ca_file=str(tls.ca_file),
-        smtp_timeout=5.0,
-        data_timeout=5.0,
-    )
+    return sink_settings(sink, tls, key)
 
 
 async def _attempt(settings: Settings, rcpt: str = "a@example.com") -> Failure:

@@ -19,7 +19,7 @@ import aiosmtplib
 import pytest
 
 from devkit.sink import FaultPlan, SinkServer, TLSMaterial
-from mailer.config import Secret, Settings
+from tests.support.helpers import sink_settings
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.loop import new_loop
 from workers.engine.protocol import PipeliningProtocol, adopt
@@ -64,15 +64,7 @@ class Run:
     ) -> None:
         self.sink = sink
         self.session = Session(
-            Settings(
-                smtp_host="localhost",
-                smtp_port=sink.port,
-                smtp_tls="starttls",
-                smtp_password=Secret(key),
-                smtp_ca_file=str(tls.ca_file),
-                smtp_timeout=timeout,
-                data_timeout=10.0,
-            ),
+            sink_settings(sink, tls, key, smtp_timeout=timeout, data_timeout=10.0),
             lease,
         )
         self.steps = 0

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from devkit.sink import FaultPlan, SinkServer, TLSMaterial
-from mailer.config import Secret, Settings
+from mailer.config import Settings
+from tests.support.helpers import sink_settings
 from workers.engine.classify import Failure, Kind, Phase
 from workers.engine.pool import SessionPool
 from workers.engine.session import Delivered, Session, wire_body
@@ -52,18 +53,8 @@ class Leases:
 
 
 def pool_for(sink: SinkServer, tls: TLSMaterial, key: str, **settings: object) -> SessionPool:
-    return SessionPool(
-        Settings(
-            smtp_host="localhost",
-            smtp_port=sink.port,
-            smtp_tls="starttls",
-            smtp_password=Secret(key),
-            smtp_ca_file=str(tls.ca_file),
-            smtp_timeout=10.0,
-            **{"worker_connections": 1, **settings},  # type: ignore[arg-type]
-        ),
-        Leases(),
-    )
+    extra = {"smtp_timeout": 10.0, "worker_connections": 1, **settings}
+    return SessionPool(sink_settings(sink, tls, key, **extra), Leases())
 
 
 async def queued(pool: SessionPool, n: int) -> None:

@@ -7,29 +7,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 from mailer.config import RateWindow, Settings, parse_rates
+from tests.support.helpers import run_async as run
 from workers.engine.classify import Failure, Kind
 from workers.engine.shaper import Shaper
 from workers.state.ratelimit import RATE_KEY, RateLimiter, peek_ceiling
-
-T = TypeVar("T")
-
-
-def run(redis_url: str, body: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
-    async def main() -> T:
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
 
 
 def most_in_any(times: list[float], width: float) -> int:

@@ -103,6 +103,31 @@ def tenants(
     return Tenants(settings, a, b, sink_a, sink_b)
 
 
+class OneTenant(NamedTuple):
+    """A worker whose `default` relay is one sink, and the relay `tenant-b` on another."""
+
+    settings: Settings
+    b: Relay
+    default: SinkServer
+    sink_b: SinkServer
+    key_b: str
+
+
+def one_tenant(
+    redis_url: str,
+    make_sink: Callable[..., SinkServer],
+    tls: TLSMaterial,
+    cap: int | None = None,
+    **settings_extra: Any,
+) -> OneTenant:
+    key_default, key_b = new_key(), new_key()
+    default = make_sink(tls="starttls", auth=("apikey", key_default))
+    sink_b = make_sink(tls="starttls", auth=("apikey", key_b))
+    settings = base_settings(redis_url, default, tls, key_default, **settings_extra)
+    b = relay_on("tenant-b", sink_b, tls, key_b, max_connections=cap)
+    return OneTenant(settings, b, default, sink_b, key_b)
+
+
 def message(relay: str | None = None, n: int = 0) -> dict[str, Any]:
     payload: dict[str, Any] = dict(
         to_payload(
@@ -424,11 +449,9 @@ def test_idle_relay_parts_are_dropped_and_a_changed_spec_gets_fresh_parts(
     engine: Build,
     events: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    keys_ = [new_key() for _ in range(2)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[1]))
-    settings = base_settings(redis_url, default, tls_material, keys_[0], session_idle_timeout=0.3)
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[1], max_connections=4)
+    settings, b, _, sink_b, key_b = one_tenant(
+        redis_url, make_sink, tls_material, cap=4, session_idle_timeout=0.3
+    )
     rt, source = engine(settings, (b,))
     rt.relays.idle_after = 0.2
     client = redis.Redis.from_url(redis_url)
@@ -447,7 +470,7 @@ def test_idle_relay_parts_are_dropped_and_a_changed_spec_gets_fresh_parts(
     assert second is not None and second is not first
     rt.relays.idle_after = 3600.0
 
-    changed = relay_on("tenant-b", sink_b, tls_material, keys_[1], max_connections=2)
+    changed = relay_on("tenant-b", sink_b, tls_material, key_b, max_connections=2)
     source.put(changed)  # what a reload does: the version moves, the spec differs
     assert wait_until(lambda: rt.relays.get_nowait("tenant-b") is not second, timeout=30)
     assert attempt(message("tenant-b", 3))[0] == "sent"
@@ -492,13 +515,9 @@ def test_a_message_for_a_relay_not_configured_or_unusable_waits_and_expires_nami
     engine: Build,
     events: list[tuple[str, dict[str, Any]]],
 ) -> None:
-    keys_ = [new_key() for _ in range(2)]
-    default = make_sink(tls="starttls", auth=("apikey", keys_[0]))
-    sink_b = make_sink(tls="starttls", auth=("apikey", keys_[1]))
-    settings = base_settings(
-        redis_url, default, tls_material, keys_[0], circuit_probe_interval=60.0
+    settings, b, default, sink_b, _ = one_tenant(
+        redis_url, make_sink, tls_material, circuit_probe_interval=60.0
     )
-    b = relay_on("tenant-b", sink_b, tls_material, keys_[1])
     rt, source = engine(settings, (b,))
 
     ghost = message("ghost")
